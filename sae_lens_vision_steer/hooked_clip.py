@@ -14,7 +14,9 @@ from typing import Any, Callable
 import open_clip
 import torch
 import torch.nn as nn
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
@@ -110,8 +112,8 @@ class HookedCLIP(HookedRootModule):
         self.blocks = nn.ModuleList(HookedViTBlock(b) for b in visual.transformer.resblocks)
         self.hook_ln_post = HookPoint()
         self.hook_image_embed = HookPoint()
-        self.preprocess = preprocess or open_clip.image_transform_v2(
-            open_clip.PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip_model)), is_train=False
+        self.preprocess = preprocess or image_transform_v2(
+            PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip_model)), is_train=False
         )
         self.tokenizer = tokenizer or self._default_tokenizer(model_name, clip_model)
         d_model = visual.class_embedding.shape[-1]

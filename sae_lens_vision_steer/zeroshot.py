@@ -40,8 +40,8 @@ def accuracy_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, n_skipped:
     pred = topk[:, 0]
     correct1 = (pred == labels_N).float()
     correct5 = (topk == labels_N[:, None]).any(dim=1).float()
-    counts = torch.bincount(labels_N, minlength=n_classes).float()
-    hits = torch.bincount(labels_N, weights=correct1, minlength=n_classes)
+    counts = torch.bincount(labels_N, minlength=n_classes).double()
+    hits = torch.bincount(labels_N, weights=correct1.double(), minlength=n_classes)
     per_class = torch.where(counts > 0, 100 * hits / counts.clamp(min=1), torch.full_like(counts, float("nan")))
     return ZeroShotResult(
         top1=100 * correct1.mean().item(),

@@ -1,0 +1,175 @@
+"""Shared machinery for interventions that replace tokens at SAE hook points of a `HookedCLIP`.
+
+An intervention owns one or more *sites* (an SAE and the hook it sits on). At each site it picks the
+chosen token positions out of the activation, maps them through `transform` (VS2 steering, an SAE
+reconstruction, ...), writes them back into a copy of the activation, and records which tokens it
+changed so that coverage can be read afterwards without a device sync inside the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+from sae_lens import SAE
+
+from ..hooked_clip import HookedCLIP
+from ..sae_metadata import check_sae_fits_hook, sae_hook_name
+
+Positions = Union[str, Sequence[int]]  # "cls" | "all" | "patches" | explicit token indices
+HookFn = Callable[..., torch.Tensor]
+
+# SAELens applies these normalisations at run time in encode/decode with per-call state, so the
+# decoder is not affine in the code and `decode(c) - b_dec` is not the code's contribution.
+_RUNTIME_NORMALISATIONS = ("layer_norm", "constant_norm_rescale")
+
+
+def check_positions(positions: Positions) -> Positions:
+    if isinstance(positions, str):
+        if positions not in ("cls", "all", "patches"):
+            raise ValueError(f"positions must be 'cls', 'all', 'patches' or a list of token indices, got {positions!r}")
+        return positions
+    idx = list(positions)
+    if not idx or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+        raise ValueError(f"positions must be a non-empty list of token indices, got {positions!r}")
+    return tuple(idx)
+
+
+def check_affine_decoder(sae: SAE) -> None:
+    """VS2 and the reconstruction baselines use `decode(c) = lin(c) + b_dec`; refuse SAEs where that fails."""
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    if norm in _RUNTIME_NORMALISATIONS:
+        raise ValueError(
+            f"SAE uses run-time normalize_activations={norm!r}, so its decoder is not affine in the code; "
+            "steering needs an SAE with normalize_activations='none' (fold the normalisation first)"
+        )
+    if getattr(sae.cfg, "reshape_activations", "none") != "none":
+        raise ValueError("SAE reshapes its activations (hook_z); vision steering expects [..., d_in] residual tokens")
+
+
+def check_finite(**values: float) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+
+@dataclass
+class Site:
+    """One SAE on one hook, with the per-site state the hook function needs."""
+
+    sae: SAE
+    hook_name: str
+    fvu_threshold: float | None = None
+    mean_D: torch.Tensor | None = None  # activation mean for the FVU gate (on the SAE's device)
+
+
+class TokenIntervention:
+    """Base class: hook functions that rewrite the chosen positions of each site's activation.
+
+    Subclasses implement `transform(x_PD, site) -> (new_x_PD, changed_P)`, where `P` stands for any
+    leading shape and `changed_P` is a bool mask of the tokens actually changed (for coverage).
+    """
+
+    def __init__(self, saes: SAE | Sequence[SAE], hook_names: str | Sequence[str | None] | None = None,
+                 positions: Positions = "cls"):
+        sae_list = [saes] if isinstance(saes, SAE) else list(saes)
+        if not sae_list:
+            raise ValueError("need at least one SAE")
+        if hook_names is None or isinstance(hook_names, str):
+            names: list[str | None] = [hook_names] * len(sae_list)
+            if isinstance(hook_names, str) and len(sae_list) > 1:
+                raise ValueError("one hook_name given for several SAEs; pass one hook name per SAE")
+        else:
+            names = list(hook_names)
+            if len(names) != len(sae_list):
+                raise ValueError(f"{len(sae_list)} SAEs but {len(names)} hook names")
+        for sae in sae_list:
+            check_affine_decoder(sae)
+        self.sites = [Site(sae, sae_hook_name(sae, name)) for sae, name in zip(sae_list, names)]
+        if len({s.hook_name for s in self.sites}) != len(self.sites):
+            raise ValueError(f"two SAEs on the same hook: {[s.hook_name for s in self.sites]}")
+        self.positions = check_positions(positions)
+        self._last_changed: dict[str, torch.Tensor] = {}
+        # Running totals since `reset_coverage()`, kept as device tensors: no sync in the hook.
+        self._changed_total: dict[str, torch.Tensor] = {}
+        self._seen_total: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ subclass interface
+    def transform(self, x_PD: torch.Tensor, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def hook_names(self) -> list[str]:
+        return [s.hook_name for s in self.sites]
+
+    def validate(self, model: HookedCLIP) -> None:
+        """Clear errors when a hook does not exist on `model` or an SAE's width does not match it."""
+        for site in self.sites:
+            check_sae_fits_hook(site.sae, model, site.hook_name)
+
+    def fwd_hooks(self, model: HookedCLIP | None = None) -> list[tuple[str, HookFn]]:
+        """`[(hook_name, fn), ...]` for `model.hooks(fwd_hooks=...)`, `run_with_hooks` or `add_hook`.
+        With `model`, the hooks are validated against it first."""
+        if model is not None:
+            self.validate(model)
+        return [(site.hook_name, self._make_hook(site)) for site in self.sites]
+
+    def _make_hook(self, site: Site) -> HookFn:
+        def hook(act: torch.Tensor, hook=None) -> torch.Tensor:  # noqa: ARG001 (TransformerLens signature)
+            return self.apply_at_site(act, site)
+
+        hook.__name__ = f"{type(self).__name__}@{site.hook_name}"
+        return hook
+
+    def apply_at_site(self, act: torch.Tensor, site: Site) -> torch.Tensor:
+        """Rewrite the chosen positions of one hook activation (`[B, T, D]`, or `[B, D]` for pooled hooks)."""
+        if act.ndim == 2 or self.positions == "all":
+            new, changed = self.transform(act, site)
+            self._record(site, changed)
+            return new.to(act.dtype)
+        if self.positions == "cls":
+            new, changed = self.transform(act[:, 0], site)
+            out = act.clone()  # a copy: other hooks may hold a reference to `act`
+            out[:, 0] = new.to(act.dtype)
+        else:
+            idx = slice(1, None) if self.positions == "patches" else list(self.positions)
+            new, changed = self.transform(act[:, idx], site)
+            out = act.clone()
+            out[:, idx] = new.to(act.dtype)
+        self._record(site, changed)
+        return out
+
+    # ------------------------------------------------------------------ coverage
+    def _record(self, site: Site, changed: torch.Tensor) -> None:
+        name = site.hook_name
+        self._last_changed[name] = changed
+        count = changed.sum()
+        self._changed_total[name] = self._changed_total[name] + count if name in self._changed_total else count
+        self._seen_total[name] = self._seen_total.get(name, 0) + changed.numel()
+
+    def reset_coverage(self) -> None:
+        self._last_changed.clear()
+        self._changed_total.clear()
+        self._seen_total.clear()
+
+    @property
+    def coverage_by_hook(self) -> dict[str, float]:
+        """Fraction of tokens changed at each hook in the last call (NaN for a hook not yet run)."""
+        return {s.hook_name: (self._last_changed[s.hook_name].float().mean().item()
+                              if s.hook_name in self._last_changed else float("nan")) for s in self.sites}
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of tokens changed in the last call, averaged over the hooks."""
+        vals = list(self.coverage_by_hook.values())
+        return sum(vals) / len(vals)
+
+    @property
+    def total_coverage(self) -> float:
+        """Fraction of tokens changed over every call since construction or `reset_coverage()`."""
+        fracs = [self._changed_total[n].item() / self._seen_total[n] if self._seen_total.get(n) else float("nan")
+                 for n in self.hook_names]
+        return sum(fracs) / len(fracs)
