@@ -62,7 +62,11 @@ def _select_topn_stable(scores_QM: torch.Tensor, ids_QM: torch.Tensor, n: int,
         keep_QM = torch.ones_like(scores_QM, dtype=torch.bool)
         n = m
     else:
-        thresh_Q1 = scores_QM.topk(n, dim=1).values[:, -1:]
+        top = scores_QM.topk(n, dim=1)
+        thresh_Q1 = top.values[:, -1:]
+        if bool(((scores_QM >= thresh_Q1).sum(dim=1) == n).all()):
+            # Fast path: no tie straddles the cut-off, so topk's choice is the unique answer.
+            return _sort_score_desc_id_asc(top.values, ids_QM.gather(1, top.indices))
         above_QM = scores_QM > thresh_Q1
         tied_QM = scores_QM == thresh_Q1
         n_needed_Q1 = n - above_QM.sum(dim=1, keepdim=True)
@@ -76,8 +80,10 @@ def _select_topn_stable(scores_QM: torch.Tensor, ids_QM: torch.Tensor, n: int,
             take_QM = torch.zeros_like(tied_QM).scatter_(1, order_QM, take_sorted_QM)
         keep_QM = above_QM | take_QM
     # Exactly n True per row, so the masked selection reshapes to [Q, n].
-    sel_scores = scores_QM[keep_QM].reshape(-1, n)
-    sel_ids = ids_QM[keep_QM].reshape(-1, n)
+    return _sort_score_desc_id_asc(scores_QM[keep_QM].reshape(-1, n), ids_QM[keep_QM].reshape(-1, n))
+
+
+def _sort_score_desc_id_asc(sel_scores: torch.Tensor, sel_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Stable two-key sort: by id first, then stably by score descending.
     by_id = sel_ids.argsort(dim=1, stable=True)
     sel_scores, sel_ids = sel_scores.gather(1, by_id), sel_ids.gather(1, by_id)
