@@ -1,0 +1,340 @@
+"""Publish a trained vision SAE to the Hugging Face Hub, and load one back (from the Hub or a folder).
+
+The Hub layout is SAELens' (`upload_saes_to_huggingface`): `<sae_id>/cfg.json`,
+`<sae_id>/sae_weights.safetensors`, `<sae_id>/sparsity.safetensors` (and `runner_cfg.json` if present),
+so `sae_lens.SAE.from_pretrained(repo_id, sae_id)` loads a published SAE with no code from this package.
+We add a model card (README.md) at the root.
+
+Why not call `upload_saes_to_huggingface` itself: it (1) calls `create_repo(repo_id)` with no way to make
+the repository private, (2) uploads each SAE with `HfApi.upload_folder`, which with `hf_xet` installed
+(huggingface_hub >= 1) may split an upload into several commits, and (3) writes its default README in a
+second commit, and only when no README exists, so a re-published SAE keeps a stale card. An upload
+interrupted between those commits leaves a repository with weights but no (or a wrong) card. We keep its
+layout and file allow-list and make exactly one `HfApi.create_commit` holding every file, so a failed
+upload changes nothing and a retry redoes the same commit (unchanged files are skipped by the Hub client).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from sae_lens import SAE
+from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+
+from .model_card import is_vision_steer_card, load_eval_results, merge_model_card, sae_card_section
+from .sae_metadata import vision_metadata
+
+# The files of one SAE folder that go to the Hub: SAELens' upload allow-list, in upload order.
+SAE_FILES = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, RUNNER_CFG_FILENAME)
+README = "README.md"
+EVAL_RESULTS_FILENAME = "results.json"
+_SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*(/[A-Za-z0-9][A-Za-z0-9._+=-]*)*$")
+
+
+@dataclass(frozen=True)
+class VisionSAEInfo:
+    """Where a loaded SAE came from, and the vision metadata from its `cfg.metadata`."""
+
+    source: str  # Hub repo id or local path, as given
+    sae_id: str | None
+    folder: Path  # local folder holding cfg.json (in the HF cache for Hub repos)
+    revision: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # `sae_metadata.vision_metadata(sae)`
+
+    @property
+    def hook_name(self) -> str | None:
+        return self.metadata.get("hook_name")
+
+    @property
+    def model_name(self) -> str | None:
+        return self.metadata.get("model_name")
+
+    @property
+    def pretrained(self) -> str | None:
+        return self.metadata.get("pretrained")
+
+    @property
+    def positions(self) -> Any:
+        return self.metadata.get("positions")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    repo_id: str
+    sae_id: str
+    revision: str
+    files: tuple[str, ...]  # paths in the repository, as uploaded (or written by a dry run)
+    deleted: tuple[str, ...] = ()  # stale files of an earlier upload of this sae_id, removed in the same commit
+    commit_url: str | None = None
+    dry_run_dir: Path | None = None
+    eval_results: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    # SAE.from_pretrained treats an unknown release with a "/" as a repo id; a release name would win.
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo id {repo_id!r} should look like ORG/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"invalid repo id {repo_id!r}: {e}") from None
+    if repo_id in get_pretrained_saes_directory():
+        raise ValueError(f"{repo_id!r} is a SAELens release name; SAE.from_pretrained would not read the repo")
+
+
+def check_sae_id(sae_id: str) -> None:
+    if not _SAE_ID_RE.match(sae_id) or ".." in sae_id:
+        raise ValueError(
+            f"invalid sae id {sae_id!r}: use letters, digits and . _ - + = in '/'-separated parts "
+            "(it becomes a folder in the repository)"
+        )
+    if sae_id == README:
+        raise ValueError(f"sae id {sae_id!r} would clash with the model card")
+
+
+def _load_checked_sae(sae_dir: Path) -> SAE:
+    """Load the folder the way the Hub loader will, and check what the card and the steering code need."""
+    if not (sae_dir / SAE_CFG_FILENAME).is_file() or not (sae_dir / SAE_WEIGHTS_FILENAME).is_file():
+        raise FileNotFoundError(
+            f"{sae_dir} is not a SAELens SAE folder: it needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
+        )
+    sae = SAE.load_from_disk(sae_dir)
+    missing = [k for k in ("hook_name", "model_name") if not sae.cfg.metadata.get(k)]
+    if missing:
+        raise ValueError(f"{sae_dir}: the SAE's cfg.metadata lacks {missing}; it does not say which CLIP hook it is for")
+    sparsity = sae_dir / SPARSITY_FILENAME
+    if sparsity.is_file():
+        with safe_open(sparsity, framework="pt") as f:
+            # SAELens' Hub loader reads the tensor named "sparsity"; a wrong one would pass upload and fail later.
+            if "sparsity" not in f.keys() or list(f.get_slice("sparsity").get_shape()) != [sae.cfg.d_sae]:
+                raise ValueError(f"{sparsity} should hold a tensor 'sparsity' of shape [{sae.cfg.d_sae}]")
+    return sae
+
+
+def find_eval_results(sae_dir: Path, eval_results: str | Path | None | bool) -> Path | None:
+    """The results.json to put in the card: the given one, else one in or next to the SAE folder.
+
+    `eval_results=False` means none.
+    """
+    if eval_results is False:
+        return None
+    if eval_results not in (None, True):
+        path = Path(eval_results)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise FileNotFoundError(f"eval results file {path} not found")
+        return path
+    for candidate in (sae_dir / EVAL_RESULTS_FILENAME, sae_dir.parent / EVAL_RESULTS_FILENAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_results_match(results: dict[str, Any], metadata: dict[str, Any], path: Path) -> None:
+    """Refuse eval results that say they were made with another hook or model than this SAE's."""
+    config = results.get("config") or {}
+    for ours, keys in (("hook_name", ("hook_name", "hook")), ("model_name", ("model_name", "model"))):
+        for key in keys:
+            theirs = config.get(key)
+            if isinstance(theirs, str) and metadata.get(ours) and theirs != metadata[ours]:
+                raise ValueError(
+                    f"{path} was made with {key}={theirs!r} but the SAE is for {ours}={metadata[ours]!r}; "
+                    "pass the right --eval-results (or --no-eval-results)"
+                )
+
+
+# --------------------------------------------------------------------------------------------- publish
+def _stage(root: Path, sae_dir: Path, sae_id: str, card: str) -> list[str]:
+    """Write the repository files under `root` (same relative paths as on the Hub); return those paths."""
+    paths = []
+    (root / sae_id).mkdir(parents=True, exist_ok=True)
+    for name in SAE_FILES:
+        src = sae_dir / name
+        if src.is_file():
+            shutil.copyfile(src, root / sae_id / name)
+            paths.append(f"{sae_id}/{name}")
+    (root / README).write_text(card, encoding="utf-8")
+    paths.append(README)
+    return paths
+
+
+def _card_section(repo_id: str, sae_id: str, sae: SAE, eval_path: Path | None, revision: str) -> str:
+    cfg = sae.cfg
+    sae_cfg = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": getattr(cfg, "k", None), "architecture": cfg.architecture()}
+    meta = vision_metadata(sae)
+    results = None
+    if eval_path is not None:
+        results = load_eval_results(eval_path)
+        _check_results_match(results, meta, eval_path)
+    return sae_card_section(repo_id, sae_id, sae_cfg, meta, results, revision=revision)
+
+
+def publish_sae(
+    sae_dir: str | Path,
+    repo_id: str,
+    sae_id: str,
+    private: bool = False,
+    revision: str = "main",
+    eval_results: str | Path | None | bool = None,
+    dry_run_dir: str | Path | None = None,
+    commit_message: str | None = None,
+) -> PublishResult:
+    """Upload the SAE folder `sae_dir` to `repo_id` under `<sae_id>/`, with a model card, in one commit.
+
+    `eval_results`: a `vision-steer eval` results.json for the card; default: `results.json` in or next to
+    `sae_dir` if there is one; `False`: none. `dry_run_dir`: write the files that would be uploaded there
+    (same paths as on the Hub) and upload nothing; it must not exist or be empty.
+    The token comes from `hf auth login` or `HF_TOKEN`. Safe to re-run after a failure: one commit holds
+    everything, and a re-run with the same files changes nothing.
+    """
+    sae_dir = Path(sae_dir)
+    check_repo_id(repo_id)
+    check_sae_id(sae_id)
+    if not revision or revision != revision.strip():
+        raise ValueError(f"invalid revision {revision!r}")
+    sae = _load_checked_sae(sae_dir)
+    eval_path = find_eval_results(sae_dir, eval_results)
+    section = _card_section(repo_id, sae_id, sae, eval_path, revision)
+
+    if dry_run_dir is not None:
+        out = _write_dry_run(Path(dry_run_dir), sae_dir, sae_id, merge_model_card(None, sae_id, section))
+        files = tuple(sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()))
+        return PublishResult(repo_id, sae_id, revision, files, dry_run_dir=out, eval_results=eval_path)
+    return _upload(sae_dir, repo_id, sae_id, section, private, revision, eval_path, commit_message)
+
+
+def _write_dry_run(out: Path, sae_dir: Path, sae_id: str, card: str) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"dry-run folder {out} exists and is not empty; give a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _stage(tmp, sae_dir, sae_id, card)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)  # all files appear at once
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _upload(sae_dir: Path, repo_id: str, sae_id: str, section: str, private: bool, revision: str,
+            eval_path: Path | None, commit_message: str | None) -> PublishResult:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+
+    # HfApi finds the token itself (HF_TOKEN, then the stored login); we only check there is one.
+    if get_token() is None:
+        raise ValueError("no Hugging Face token: run `hf auth login` or set the HF_TOKEN environment variable")
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.repo_info(repo_id, revision=revision)
+    if private and not info.private:
+        raise ValueError(f"{repo_id} already exists and is public; refusing to upload with --private")
+    remote = api.list_repo_files(repo_id, revision=info.sha)
+    existing_card = None
+    if README in remote:
+        existing_card = Path(api.hf_hub_download(repo_id, README, revision=info.sha)).read_text(encoding="utf-8")
+        if not is_vision_steer_card(existing_card):
+            warnings.warn(f"{repo_id} has a README.md not written by vision-steer; replacing it (the old one stays "
+                          "in the repository history)", stacklevel=3)
+    card = merge_model_card(existing_card, sae_id, section)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _stage(Path(tmp), sae_dir, sae_id, card)
+        # Files of an earlier upload of this SAE that this one lacks (e.g. sparsity.safetensors) would
+        # otherwise sit next to the new weights and describe a different SAE.
+        stale = sorted(p for p in remote if PurePosixPath(p).parent == PurePosixPath(sae_id) and p not in paths)
+        operations = [CommitOperationDelete(path_in_repo=p) for p in stale]
+        operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(Path(tmp) / p)) for p in paths]
+        # parent_commit: if someone else committed since we read the card, fail instead of dropping their edit.
+        commit = api.create_commit(
+            repo_id, operations, commit_message=commit_message or f"Upload SAE {sae_id}",
+            revision=revision, parent_commit=info.sha,
+        )
+    return PublishResult(repo_id, sae_id, revision, tuple(paths), tuple(stale),
+                         commit_url=getattr(commit, "commit_url", None), eval_results=eval_path)
+
+
+# --------------------------------------------------------------------------------------------- load
+def _sae_folders(root: Path) -> list[str]:
+    return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob(SAE_CFG_FILENAME) if p.parent != root)
+
+
+def _resolve_folder(root: Path, sae_id: str | None, source: str) -> Path:
+    if sae_id is not None:
+        check_sae_id(sae_id)
+        folder = root / sae_id
+        if not (folder / SAE_CFG_FILENAME).is_file():
+            found = _sae_folders(root)
+            raise FileNotFoundError(f"no SAE {sae_id!r} in {source}" + (f"; it has {found}" if found else ""))
+        return folder
+    if (root / SAE_CFG_FILENAME).is_file():
+        return root
+    found = _sae_folders(root)
+    if len(found) == 1:
+        return root / found[0]
+    if not found:
+        raise FileNotFoundError(f"{source} holds no SAE ({SAE_CFG_FILENAME} not found)")
+    raise ValueError(f"{source} holds several SAEs {found}; pass sae_id")
+
+
+def load_vision_sae(
+    repo_id_or_path: str | Path,
+    sae_id: str | None = None,
+    device: str = "cpu",
+    revision: str | None = None,
+    dtype: str | None = None,
+) -> tuple[SAE, VisionSAEInfo]:
+    """Load a vision SAE and its metadata from a SAE folder, a Hub-like folder or a Hub repository.
+
+    `repo_id_or_path`: a SAELens SAE folder (`cfg.json` inside); a folder laid out like the Hub
+    (`<root>/<sae_id>/cfg.json`; `sae_id` may be left out if it holds one SAE); or a Hub repo id
+    (`sae_id` required), downloaded with `huggingface_hub.snapshot_download`, which reads the HF cache
+    when `HF_HUB_OFFLINE=1`. `revision`: branch, tag or commit of the Hub repo.
+    """
+    source = str(repo_id_or_path)
+    root = Path(repo_id_or_path).expanduser()
+    if root.exists():
+        if not root.is_dir():
+            raise ValueError(f"{root} is a file; give the SAE folder")
+    elif isinstance(repo_id_or_path, str) and repo_id_or_path.count("/") == 1 and not repo_id_or_path.startswith(
+            (".", "/", "~")):
+        if sae_id is None:
+            raise ValueError(f"loading from the Hub repo {source!r} needs sae_id (the SAE's folder in the repo)")
+        check_sae_id(sae_id)
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(repo_id_or_path, revision=revision, allow_patterns=[f"{sae_id}/*"]))
+        source = f"Hub repo {repo_id_or_path}" + (f"@{revision}" if revision else "")
+    else:
+        raise FileNotFoundError(f"{source} is neither an existing folder nor a Hub repo id (ORG/NAME)")
+    folder = _resolve_folder(root, sae_id, source)
+    sae = SAE.load_from_disk(folder, device=device, dtype=dtype)
+    resolved_id = sae_id if sae_id is not None else (None if folder == root else folder.relative_to(root).as_posix())
+    info = VisionSAEInfo(source=str(repo_id_or_path), sae_id=resolved_id, folder=folder, revision=revision,
+                         metadata=vision_metadata(sae))
+    return sae, info
+
+
+def log_feature_sparsity(info: VisionSAEInfo, device: str = "cpu") -> torch.Tensor | None:
+    """The SAE's log10 latent firing rates from `sparsity.safetensors`, if it was published with one."""
+    path = info.folder / SPARSITY_FILENAME
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt", device=device) as f:
+        return f.get_tensor("sparsity")
