@@ -1,0 +1,51 @@
+"""`vision-steer cache`: store image-tower activations at one or more hooks on disk (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .common import add_data_args, add_model_args, load_data, load_model, peak_rss_mib
+
+HELP = "cache CLIP image-tower activations to disk for SAE training"
+DESCRIPTION = (HELP + ". Running the same command again resumes an interrupted run at the first "
+               "unwritten shard, or reuses a complete cache; a folder holding a different cache is refused.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_data_args(p, split="train")
+    g = p.add_argument_group("cache")
+    g.add_argument("--hook", action="append", default=None, metavar="NAME",
+                   help="hook point to cache (repeatable); default: the final block's hook_resid_post")
+    g.add_argument("--positions", choices=["cls", "patches", "all"], default="cls", help="token positions to keep")
+    g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
+    g.add_argument("--shard-size", type=int, default=8192, help="rows per shard file")
+    g.add_argument("--out", required=True, help="cache folder")
+    g.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..activation_cache import cache_activations
+
+    t0 = time.perf_counter()
+    model = load_model(args)
+    data = load_data(args, model)
+    hooks = args.hook or [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    t1 = time.perf_counter()
+    cache = cache_activations(model, data, hooks, args.out, positions=args.positions, dtype=args.dtype,
+                              batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
+                              show_progress=not args.no_progress, overwrite=args.overwrite)
+    t2 = time.perf_counter()
+    m = cache.metadata
+    print(f"cache {cache.root}: {m['model_name']}/{m['pretrained']} on {m['dataset']}/{m['split']}, "
+          f"{m['n_images_cached']} images ({m['n_images_skipped']} skipped), {cache.n_rows} rows "
+          f"({m['positions']}, {m['dtype']}) in {cache.n_shards} shards")
+    for h in cache.hook_names:
+        s = cache.stats(h)
+        print(f"  {h}: d_in {cache.d_in(h)}, mean norm {s['mean_norm']:.3f}, "
+              f"E||x - mean||^2 {s['mean_sq_dist_to_mean']:.3f}, max |x| {s['max_abs']:.3f}")
+    print(f"time {t2 - t1:.1f} s ({m['n_images'] / max(t2 - t1, 1e-9):.1f} images/s this run; setup {t1 - t0:.1f} s), "
+          f"peak RSS {peak_rss_mib():.0f} MiB")
+    return 0
