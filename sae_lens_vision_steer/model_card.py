@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from .steering.vs2 import PAPER_GAMMA, PAPER_LAM
+
 CARD_MARKER = "<!-- vision-steer:card -->"
-# The paper's best VS2 setting for CIFAR-100 with ViT-B/32 (see paper notes); shown in the example code.
-EXAMPLE_LAM, EXAMPLE_GAMMA = 2.1, 1.5
 
 _FRONT_MATTER = """---
 library_name: saelens
@@ -180,23 +180,24 @@ def sae_card_section(
         "```python",
         "import torch",
         "from PIL import Image",
-        "from sae_lens_vision_steer import HookedCLIP, ZeroShotClassifier, load_vision_sae",
-        "from sae_lens_vision_steer.steering.vs2 import VS2Steering",
+        "from sae_lens_vision_steer import HookedCLIP, ZeroShotClassifier",
+        "from sae_lens_vision_steer.hub import load_vision_sae",
+        "from sae_lens_vision_steer.steering import VS2Steering",
         "",
         f"sae, info = load_vision_sae({_py(repo_id)}, {_py(sae_id)}{rev_arg})",
         f"model = HookedCLIP.from_pretrained({_py(metadata.get('model_name'))}, pretrained={_py(pretrained)})",
-        f"steer = VS2Steering(sae, lam={EXAMPLE_LAM}, gamma={EXAMPLE_GAMMA})",
+        f"steer = VS2Steering(sae, lam={PAPER_LAM}, gamma={PAPER_GAMMA})",
         "",
         'classifier = ZeroShotClassifier(model, ["cat", "dog", "car"])',
         'image = model.preprocess(Image.open("image.jpg").convert("RGB")).unsqueeze(0)',
         "with torch.no_grad():",
         "    plain = classifier.logits(model.encode_image(image))",
-        "    with model.hooks(fwd_hooks=steer.fwd_hooks()):",
+        "    with model.hooks(fwd_hooks=steer.fwd_hooks(model)):  # fwd_hooks(model) checks the SAE fits the hook",
         "        steered = classifier.logits(model.encode_image(image))",
-        'print("plain:", plain.softmax(-1), "steered:", steered.softmax(-1))',
+        'print("plain:", plain.softmax(-1), "steered:", steered.softmax(-1), "steered share:", steer.coverage)',
         "```",
         "",
-        f"`lam={EXAMPLE_LAM}, gamma={EXAMPLE_GAMMA}` is the paper's best setting for CIFAR-100 with ViT-B/32; tune"
+        f"`lam={PAPER_LAM}, gamma={PAPER_GAMMA}` is the paper's best setting for CIFAR-100 with ViT-B/32; tune"
         " it for other data.",
         "",
         "### Plain SAELens",
