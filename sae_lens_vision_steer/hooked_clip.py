@@ -235,7 +235,29 @@ class HookedCLIP(HookedRootModule):
         return nn.functional.normalize(embed, dim=-1) if normalize else embed
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self.clip.encode_text(tokens, normalize=normalize)
+        """open_clip's `encode_text`, trimmed to the longest prompt in the batch.
+
+        Prompts are padded to 77 tokens, but CLIP's text tower is causal and pools the EOT token, so
+        positions after the last EOT cannot change the result. Dropping them makes prompt ensembles
+        (80 templates x 200 classes) several times cheaper. Other text towers run unchanged.
+        """
+        clip = self.clip
+        trimmable = (
+            type(clip).__name__ == "CLIP" and getattr(clip, "text_pool_type", None) == "argmax"
+            and getattr(clip, "attn_mask", None) is not None
+        )
+        if not trimmable:
+            return clip.encode_text(tokens, normalize=normalize)
+        n = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the highest token id
+        tokens = tokens[:, :n]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:n].to(cast_dtype)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = clip.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return nn.functional.normalize(x, dim=-1) if normalize else x
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.device)

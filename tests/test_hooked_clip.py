@@ -126,3 +126,16 @@ def test_other_vit_configs_match(name, images):
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), model.clip.encode_image(images), atol=1e-5, rtol=0)
     assert model.cfg.n_tokens == 5
+
+
+def test_encode_text_trimmed_equals_open_clip():
+    torch.manual_seed(0)
+    model = HookedCLIP.from_pretrained("ViT-B-32", pretrained=None, embed_dim=32,
+                                       vision_cfg=TINY_CLIP_KWARGS["vision_cfg"],
+                                       text_cfg=dict(context_length=77, width=32, heads=2, layers=2))
+    tokens = model.tokenize(["a photo of a cat.", "a very blurry black and white photo of the big dog."])
+    assert tokens.shape[1] == 77
+    with torch.no_grad():
+        ours = model.encode_text(tokens, normalize=True)
+        theirs = model.clip.encode_text(tokens, normalize=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
