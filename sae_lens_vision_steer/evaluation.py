@@ -57,7 +57,8 @@ class MethodOutput:
 @dataclass
 class MethodContext:
     """Everything a method may use. `scratch` is shared by all method calls of one run (e.g. for
-    neighbour indices that several settings reuse). No labels of the evaluation set are in here."""
+    neighbour indices that several settings reuse). The evaluation set's labels are set only while a
+    method registered with `uses_eval_labels=True` (an oracle) runs, and are None otherwise."""
 
     model: HookedCLIP
     classifier: ZeroShotClassifier
@@ -70,6 +71,8 @@ class MethodContext:
     show_progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
+    zeroshot_embeds_NE: torch.Tensor | None = None  # plain CLIP image embeddings of the evaluation set
+    oracle_labels_N: torch.Tensor | None = None
 
     def require_sae(self, method: str) -> SAE:
         if self.sae is None:
@@ -83,6 +86,7 @@ class Method:
     fn: Callable[..., Any]
     kind: Literal["tokens", "pass"] = "tokens"
     needs_sae: bool = True
+    uses_eval_labels: bool = False  # oracle methods: read the evaluation labels (never label-free)
     description: str = ""
 
 
@@ -90,13 +94,15 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, kind: Literal["tokens", "pass"] = "tokens", needs_sae: bool = True,
+                    uses_eval_labels: bool = False,
                     description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: add `fn` to `METHODS` under `name` (replacing an older entry of that name)."""
     if kind not in ("tokens", "pass"):
         raise ValueError(f"method kind must be 'tokens' or 'pass', got {kind!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        METHODS[name] = Method(name, fn, kind, needs_sae, description or (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = Method(name, fn, kind, needs_sae, uses_eval_labels,
+                               description or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return deco
@@ -379,8 +385,8 @@ class Evaluator:
         self.n_backbone_passes = 1
         self.ctx = MethodContext(model, classifier, sae, hook_name, data, make_tower_tail(model, self.cached, batch_size),
                                  batch_size, num_workers, show_progress, dict(options or {}))
-        self.zeroshot: ZeroShotResult | None = None
-        self.zeroshot = self._classify_tokens(self.cached.cls_ND)
+        self.ctx.zeroshot_embeds_NE = self.ctx.tokens_to_embeds(self.cached.cls_ND)
+        self.zeroshot: ZeroShotResult = self._classify_embeds(self.ctx.zeroshot_embeds_NE)
 
     @property
     def labels_N(self) -> torch.Tensor:
@@ -400,14 +406,18 @@ class Evaluator:
         if method.needs_sae:
             self.ctx.require_sae(spec.method)
         t0 = time.perf_counter()
-        if method.kind == "pass":
-            result, coverage, info = self._score_pass(method, settings)
-        else:
-            out = method.fn(self.cached.cls_ND, self.ctx, **settings)
-            if not isinstance(out, MethodOutput) or (out.tokens is None) == (out.embeds is None):
-                raise TypeError(f"method {spec.method!r} must return MethodOutput with tokens or embeds")
-            result = self._classify_tokens(out.tokens) if out.embeds is None else self._classify_embeds(out.embeds)
-            coverage, info = out.coverage, out.info
+        self.ctx.oracle_labels_N = self.labels_N if method.uses_eval_labels else None
+        try:
+            if method.kind == "pass":
+                result, coverage, info = self._score_pass(method, settings)
+            else:
+                out = method.fn(self.cached.cls_ND, self.ctx, **settings)
+                if not isinstance(out, MethodOutput) or (out.tokens is None) == (out.embeds is None):
+                    raise TypeError(f"method {spec.method!r} must return a MethodOutput with tokens or embeds")
+                result = self._classify_tokens(out.tokens) if out.embeds is None else self._classify_embeds(out.embeds)
+                coverage, info = out.coverage, out.info
+        finally:
+            self.ctx.oracle_labels_N = None
         return _scores(result, self.zeroshot, coverage, _json_settings(settings, method), time.perf_counter() - t0, info)
 
     def _score_pass(self, method: Method, settings: dict[str, Any]) -> tuple[ZeroShotResult, float, dict[str, Any]]:
@@ -534,7 +544,6 @@ def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[floa
             settings["fvu_threshold"] = fvu_threshold
         s = evaluator.score(MethodSpec("vs2", "vs2", settings))
         top1[gi, li], cov[gi, li] = s.top1, s.coverage
-    assert evaluator.zeroshot is not None
     return SweepResult([float(v) for v in lams], [float(v) for v in gammas], top1, cov, evaluator.zeroshot.top1,
                        selected_on, len(evaluator.labels_N), time.perf_counter() - t0)
 

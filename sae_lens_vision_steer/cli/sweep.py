@@ -1,0 +1,134 @@
+"""`vision-steer sweep`: VS2 top-1 over a lambda x gamma grid from one backbone pass, and a heatmap."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .common import add_data_args, add_model_args, load_data, load_model, peak_rss_mib, write_json_atomic
+from .eval import (
+    add_steering_args,
+    check_sae_model,
+    default_out,
+    load_sae_arg,
+    print_summary,
+    resolve_fvu_threshold,
+    split_list,
+)
+
+HELP = "sweep VS2's lambda x gamma grid; heatmap of top-1 minus zero-shot"
+DESCRIPTION = (
+    "Scores VS2 on every (lambda, gamma) cell from one cached backbone pass. By default the grid is "
+    "scored on the evaluation split itself, which selects hyper-parameters on test labels (a warning "
+    "says so); --select-on train-holdout picks the cell on a held-out part of the training split and "
+    "then reports zero-shot and VS2 at that cell on the evaluation split."
+)
+EVAL_SELECTION_WARNING = (
+    "WARNING: the sweep is selected on the evaluation split itself ({split}): the best cell's accuracy "
+    "is an optimistic, test-tuned number. Use --select-on train-holdout for a fair choice."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_data_args(p)
+    add_steering_args(p, sae_required=True)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--lams", default="1,1.5,2,2.5,3", help="comma-separated lambda values")
+    g.add_argument("--gammas", default="1.25,1.5,1.75,2,2.5", help="comma-separated gamma values")
+    g.add_argument("--select-on", choices=["eval", "train-holdout"], default="eval",
+                   help="where the best cell is chosen: the evaluation split (test-tuned) or a held-out part "
+                        "of the training split")
+    g.add_argument("--train-split", default="train", help="training split for --select-on train-holdout")
+    g.add_argument("--holdout-fraction", type=float, default=0.1,
+                   help="fraction of the training split (evenly spaced, all classes) used for selection")
+    p.add_argument("--out", default=None, help="output folder (default: runs/sweep_<dataset>_<split>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evaluation import Evaluator, MethodSpec, evaluate, plot_sweep_heatmap, sweep_vs2
+    from ..zeroshot import ZeroShotClassifier
+    from ..zeroshot_resources import DEFAULT_TEMPLATES
+
+    torch.set_grad_enabled(False)
+    lams, gammas = split_list(args.lams, float), split_list(args.gammas, float)
+    if not lams or not gammas:
+        raise ValueError("--lams and --gammas need at least one value each")
+    if args.select_on == "train-holdout" and not 0 < args.holdout_fraction <= 1:
+        raise ValueError(f"--holdout-fraction must be in (0, 1], got {args.holdout_fraction}")
+    t0 = time.perf_counter()
+    model = load_model(args)
+    sae = load_sae_arg(args.sae, args.device)
+    check_sae_model(sae, args)
+    data = load_data(args, model)
+    tau, gate_cfg = resolve_fvu_threshold(args, sae)
+    templates = args.templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
+    classifier = ZeroShotClassifier(model, data.classnames, templates)
+    out = default_out(args, data, "sweep")
+
+    if args.select_on == "eval":
+        print(EVAL_SELECTION_WARNING.format(split=f"{data.dataset_id}/{data.split}"), file=sys.stderr)
+        select_data = data
+    else:
+        from ..data import load_image_dataset
+
+        full = load_image_dataset(args.dataset, split=args.train_split, data_dir=args.data_dir,
+                                  transform=model.preprocess, skip_bad_images=args.skip_bad_images)
+        select_data = full.subset(max(1, round(args.holdout_fraction * len(full))))
+        print(f"selecting on {len(select_data)} held-out images of {full.dataset_id}/{args.train_split} "
+              f"({args.holdout_fraction:g} of {len(full)})")
+        if list(select_data.classnames) != list(data.classnames):
+            raise ValueError("the training split's classes differ from the evaluation split's")
+
+    ev = Evaluator(model, select_data, sae, classifier, args.hook, args.batch_size, args.num_workers,
+                   fvu_threshold=tau)
+    sweep = sweep_vs2(ev, lams, gammas, selected_on=args.select_on)
+    lam, gamma, top1 = sweep.best
+    selection = f"{select_data.dataset_id}/{select_data.split}"
+    print(f"VS2 sweep on {selection} ({sweep.n_images} images): zero-shot top-1 {sweep.zeroshot_top1:.2f}")
+    print(format_grid(sweep))
+    print(f"best cell: lam={lam:g}, gamma={gamma:g}: top-1 {top1:.2f} ({top1 - sweep.zeroshot_top1:+.2f} vs zero-shot)"
+          + (" [selected on the evaluation split]" if args.select_on == "eval" else ""))
+
+    summary = {"config": {"model": args.model, "pretrained": None if args.random_weights else args.pretrained,
+                          "dataset": data.dataset_id, "split": data.split, "selection_data": selection,
+                          "hook_name": ev.cached.hook_name, "fvu_threshold": tau, "templates": templates,
+                          "sae_path": args.sae, "holdout_fraction": args.holdout_fraction
+                          if args.select_on == "train-holdout" else None, **gate_cfg},
+               "sweep": sweep.to_json(),
+               "timing": {"backbone_s": ev.cached.seconds, "sweep_s": sweep.seconds,
+                          "n_backbone_passes": ev.n_backbone_passes}}
+    if args.select_on == "eval":
+        summary["warning"] = EVAL_SELECTION_WARNING.format(split=selection)
+    else:
+        summary["note"] = ("the held-out images may have been part of the SAE's (label-free) training data; "
+                           "only their labels are used here, for choosing the cell")
+        final = evaluate(model, data, sae,
+                         [MethodSpec("zeroshot", "zeroshot"),
+                          MethodSpec("vs2", "vs2", {"lam": lam, "gamma": gamma}),
+                          MethodSpec("vs2_paper", "vs2", {"lam": 2.1, "gamma": 1.5})],
+                         lam=lam, gamma=gamma, fvu_threshold=tau, classifier=classifier, hook_name=args.hook,
+                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         config={"selected_on": selection, "templates": templates, **gate_cfg})
+        final.save(out)
+        print_summary(final)
+        summary["evaluation"] = {k: {"top1": v.top1, "delta_top1": v.delta_top1, "coverage": v.coverage}
+                                 for k, v in final.methods.items()}
+    summary["timing"]["total_s"] = time.perf_counter() - t0
+    summary["timing"]["peak_rss_mib"] = peak_rss_mib()
+    write_json_atomic(out / "sweep.json", summary)
+    title = (f"VS2 top-1 minus zero-shot ({sweep.zeroshot_top1:.2f}) on {selection}, {sweep.n_images} images"
+             + (" [test-tuned]" if args.select_on == "eval" else " [held-out train]"))
+    heat = plot_sweep_heatmap(sweep, out / "sweep_heatmap.png", title=title)
+    print(f"wrote {out / 'sweep.json'}, {heat}")
+    return 0
+
+
+def format_grid(sweep) -> str:
+    """Top-1 minus zero-shot, rows gamma, columns lambda."""
+    head = "gamma \\ lam " + " ".join(f"{v:>7g}" for v in sweep.lams)
+    rows = [f"{g:>11g} " + " ".join(f"{d:>+7.2f}" for d in sweep.delta_GL[i]) for i, g in enumerate(sweep.gammas)]
+    return "\n".join([head] + rows)
