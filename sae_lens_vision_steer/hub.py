@@ -142,17 +142,25 @@ def find_eval_results(sae_dir: Path, eval_results: str | Path | None | bool) -> 
     return None
 
 
-def _check_results_match(results: dict[str, Any], metadata: dict[str, Any], path: Path) -> None:
-    """Refuse eval results that say they were made with another hook or model than this SAE's."""
+def _check_results_match(results: dict[str, Any], sae: SAE, path: Path) -> None:
+    """Refuse eval results that were not made with this SAE on its pretrained CLIP model.
+
+    `vision-steer eval` records the model (`model`, `pretrained`, `random_weights`), the hook and a
+    summary of the SAE (`sae`: d_in, d_sae, k, hook_name, heldout_fvu) in `config`.
+    """
     config = results.get("config") or {}
-    for ours, keys in (("hook_name", ("hook_name", "hook")), ("model_name", ("model_name", "model"))):
-        for key in keys:
-            theirs = config.get(key)
-            if isinstance(theirs, str) and metadata.get(ours) and theirs != metadata[ours]:
-                raise ValueError(
-                    f"{path} was made with {key}={theirs!r} but the SAE is for {ours}={metadata[ours]!r}; "
-                    "pass the right --eval-results (or --no-eval-results)"
-                )
+    meta = sae.cfg.metadata
+    hint = "; pass the right --eval-results (or --no-eval-results)"
+    if config.get("random_weights"):
+        raise ValueError(f"{path} was made with a randomly initialised CLIP, not {meta.get('pretrained')!r}" + hint)
+    summary = config.get("sae") if isinstance(config.get("sae"), dict) else {}
+    ours = {"model": meta.get("model_name"), "pretrained": meta.get("pretrained"), "hook_name": meta.get("hook_name"),
+            "sae.d_in": sae.cfg.d_in, "sae.d_sae": sae.cfg.d_sae, "sae.k": getattr(sae.cfg, "k", None),
+            "sae.hook_name": meta.get("hook_name"), "sae.heldout_fvu": meta.get("heldout_fvu")}
+    for key, mine in ours.items():
+        theirs = summary.get(key[4:]) if key.startswith("sae.") else config.get(key)
+        if theirs is not None and mine is not None and theirs != mine:
+            raise ValueError(f"{path} records {key}={theirs!r} but the SAE has {mine!r}" + hint)
 
 
 # --------------------------------------------------------------------------------------------- publish
@@ -177,7 +185,7 @@ def _card_section(repo_id: str, sae_id: str, sae: SAE, eval_path: Path | None, r
     results = None
     if eval_path is not None:
         results = load_eval_results(eval_path)
-        _check_results_match(results, meta, eval_path)
+        _check_results_match(results, sae, eval_path)
     return sae_card_section(repo_id, sae_id, sae_cfg, meta, results, revision=revision)
 
 

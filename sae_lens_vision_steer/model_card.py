@@ -52,8 +52,10 @@ _EVAL_COLUMNS = (
     ("top5", "Top-5 (%)", "{:.2f}"),
     ("mean_per_class", "Mean per-class (%)", "{:.2f}"),
     ("delta_top1", "Δ top-1 (points)", "{:+.2f}"),
-    ("coverage", "Coverage", "{:.3g}"),
+    ("coverage", "Steered", "{:.1%}"),  # results.json: fraction of images steered
 )
+# Evaluation settings shown under the table (results.json `config`); local paths and seeds are left out.
+_EVAL_SETTINGS = ("dataset", "split", "n_images", "templates", "lam", "gamma", "fvu_threshold", "fvu_quantile")
 
 
 def _fmt(value: Any, spec: str = "{}") -> str:
@@ -107,9 +109,9 @@ def eval_table(results: Mapping[str, Any]) -> str:
 
 def _eval_settings(results: Mapping[str, Any]) -> str:
     config = results.get("config") or {}
-    scalars = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 80}
+    parts = [f"`{k}={config[k]}`" for k in _EVAL_SETTINGS
+             if isinstance(config.get(k), (str, int, float)) and len(str(config[k])) <= 80]
     n_classes = len(results.get("classnames") or [])
-    parts = [f"`{k}={v}`" for k, v in scalars.items()]
     if n_classes:
         parts.append(f"{n_classes} classes")
     return ", ".join(parts)
@@ -164,7 +166,7 @@ def sae_card_section(
             "### Zero-shot and steered accuracy",
             "",
             "From `vision-steer eval`" + (f" ({settings})" if settings else "") + ". Δ top-1 is against plain zero-shot"
-            " CLIP; coverage is the share of images the method steered.",
+            " CLIP; *Steered* is the share of images the method changed.",
             "",
             eval_table(eval_results),
             "",

@@ -36,8 +36,13 @@ HOOK = "blocks.1.hook_resid_post"
 META = dict(hook_name=HOOK, model_name="ViT-B-32", pretrained="openai", positions="cls", dataset="tiny-imagenet",
             split="train", n_training_samples=20000, heldout_fvu=0.31234, mean_l0=7.5, dead_fraction=0.0234,
             objective="topk")
-RESULTS = {
-    "config": {"dataset": "tiny-imagenet", "split": "val", "hook_name": HOOK},
+RESULTS = {  # the shape `vision-steer eval` writes (see also test_card_from_real_eval_results)
+    "config": {"model": "ViT-B-32", "pretrained": "openai", "dataset": "tiny-imagenet", "split": "val",
+               "n_images": 10000, "hook_name": HOOK, "lam": 2.1, "gamma": 1.5, "fvu_threshold": None,
+               "templates": "imagenet", "methods": ["zeroshot", "vs2"], "sae_path": "/home/me/runs/sae",
+               "random_weights": False, "seed": 0,
+               "sae": {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8, "hook_name": HOOK,
+                       "dataset": "tiny-imagenet", "heldout_fvu": 0.31234}},
     "methods": {
         "zeroshot": {"top1": 55.123, "top5": 80.2, "mean_per_class": 54.9, "delta_top1": None, "coverage": None,
                      "per_class_acc": [50.0, 60.0]},
@@ -150,9 +155,11 @@ def test_card_gives_the_figures_and_valid_tables(dry_run):
     for name, m in RESULTS["methods"].items():
         expect = [f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['mean_per_class']:.2f}",
                   "—" if m["delta_top1"] is None else f"{m['delta_top1']:+.2f}",
-                  "—" if m["coverage"] is None else f"{m['coverage']:.3g}"]
+                  "—" if m["coverage"] is None else f"{100 * m['coverage']:.1f}%"]
         assert acc[name] == expect
-    assert "55.12" in card and "+2.18" in card
+    assert "55.12" in card and "+2.18" in card and "95.0%" in card
+    assert "`dataset=tiny-imagenet`, `split=val`, `n_images=10000`" in card
+    assert "/home/me" not in card  # local paths from the eval config stay out of a public card
 
 
 def test_card_plain_saelens_code_loads_through_the_hub_loader(dry_run, sae_dir, monkeypatch):
@@ -221,6 +228,29 @@ def test_card_load_and_steer_code_runs_and_steers_as_vs2(dry_run, tmp_path, monk
     torch.testing.assert_close(ns["steered"], expected)
     torch.testing.assert_close(ns["plain"], plain)
     assert not torch.allclose(ns["steered"], ns["plain"])
+
+
+def test_card_from_real_eval_results(tmp_path):
+    """`vision-steer eval`'s own results.json (evaluation.evaluate on generated images) goes into the card."""
+    from sae_lens_vision_steer.data import load_image_dataset
+    from sae_lens_vision_steer.evaluation import evaluate
+
+    from conftest import write_image_folder
+
+    sae_dir = tmp_path / "sae"
+    make_sae_folder(sae_dir, pretrained=None)  # the tiny CLIP has random weights
+    model = make_tiny_clip(seed=2)
+    data = load_image_dataset("imagefolder", data_dir=write_image_folder(tmp_path / "imgs", 3, 4),
+                              transform=model.preprocess)
+    result = evaluate(model, data, SAE.load_from_disk(sae_dir), ["zeroshot", "vs2"], num_workers=0,
+                      show_progress=False, out_dir=tmp_path / "eval")
+    res = publish_sae(sae_dir, REPO, SAE_ID, eval_results=tmp_path / "eval" / "results.json",
+                      dry_run_dir=tmp_path / "out")
+    card = (res.dry_run_dir / "README.md").read_text()
+    for name, scores in result.methods.items():
+        row = f"| {name} | {scores.top1:.2f} | {scores.top5:.2f} | {scores.mean_per_class:.2f} | "
+        assert row in card, row
+    assert f"{100 * result.methods['vs2'].coverage:.1f}%" in card and "`n_images=12`" in card
 
 
 def test_card_merges_sections_of_several_saes():
@@ -429,6 +459,13 @@ def test_bad_inputs_get_clear_errors(sae_dir, tmp_path):
     other_hook.write_text(json.dumps({**RESULTS, "config": {"hook_name": "blocks.0.hook_resid_post"}}))
     with pytest.raises(ValueError, match="blocks.0.hook_resid_post"):
         publish_sae(sae_dir, REPO, SAE_ID, eval_results=other_hook, dry_run_dir=out)
+    for change in ({"random_weights": True}, {"pretrained": "laion2b_s34b_b79k"},
+                   {"sae": {**RESULTS["config"]["sae"], "d_sae": 256}},
+                   {"sae": {**RESULTS["config"]["sae"], "heldout_fvu": 0.5}}):
+        other = tmp_path / "r3.json"
+        other.write_text(json.dumps({**RESULTS, "config": {**RESULTS["config"], **change}}))
+        with pytest.raises(ValueError, match="random|pretrained|d_sae|heldout_fvu"):
+            publish_sae(sae_dir, REPO, SAE_ID, eval_results=other, dry_run_dir=out)
     broken = tmp_path / "r2.json"
     broken.write_text('{"methods": {"vs2": {"top1": "high"}}}')
     with pytest.raises(ValueError, match="should be a number"):
