@@ -1,0 +1,148 @@
+"""PASS: the prototype loss, label routing through SAELens' trainer, saving as a plain top-k SAE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE, SAETrainer, TopKSAE, TrainingSAE
+from sae_lens.config import SAETrainerConfig
+
+from sae_lens_vision_steer.pass_sae import (
+    LabelRoutingProvider,
+    PassTrainingSAE,
+    PassTrainingSAEConfig,
+    PassTrainStepInput,
+    check_pass_labels,
+    prototype_distance,
+)
+
+
+def make_pass_sae(d_in: int = 6, d_sae: int = 24, k: int = 3, n_classes: int = 3, w_aux: float = 0.8,
+                  momentum: float = 0.9, seed: int = 0) -> PassTrainingSAE:
+    torch.manual_seed(seed)
+    return PassTrainingSAE(PassTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_classes=n_classes, w_aux=w_aux,
+                                                 prototype_momentum=momentum))
+
+
+def step_input(x: torch.Tensor, labels: torch.Tensor | None) -> PassTrainStepInput:
+    return PassTrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0,
+                              is_logging_step=False, labels=labels)
+
+
+def test_prototype_loss_is_w_aux_times_distance_to_ema_class_means() -> None:
+    sae = make_pass_sae(w_aux=0.8, momentum=0.75)
+    g = torch.Generator().manual_seed(1)
+    x1, y1 = torch.randn(10, 6, generator=g), torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0, 1])  # class 2 absent
+    out1 = sae.training_forward_pass(step_input(x1, y1))
+    z1 = out1.feature_acts.detach()
+    proto = torch.zeros(3, 24)
+    for c in (0, 1):  # first sighting: the prototype is the batch's class mean
+        proto[c] = z1[y1 == c].mean(0)
+    expected1 = 0.8 * ((z1 - proto[y1]) ** 2).sum(1).mean()
+    torch.testing.assert_close(out1.losses["pass_prototype_loss"], expected1)
+    torch.testing.assert_close(sae.prototypes_CS, proto)
+    assert sae.prototype_seen_C.tolist() == [True, True, False]
+    # Total = MSE + dead-latent aux + PASS (SAELens' sum of the losses dict).
+    torch.testing.assert_close(out1.loss, sum(out1.losses.values()))
+
+    x2, y2 = torch.randn(6, 6, generator=g), torch.tensor([2, 2, 1, 1, 2, 1])  # class 0 absent, 2 new
+    out2 = sae.training_forward_pass(step_input(x2, y2))
+    z2 = out2.feature_acts.detach()
+    proto[1] = 0.75 * proto[1] + 0.25 * z2[y2 == 1].mean(0)
+    proto[2] = z2[y2 == 2].mean(0)
+    torch.testing.assert_close(sae.prototypes_CS, proto)
+    torch.testing.assert_close(out2.losses["pass_prototype_loss"], 0.8 * ((z2 - proto[y2]) ** 2).sum(1).mean())
+    # The gradient of the PASS term flows through the codes only (prototypes are buffers).
+    assert not sae.prototypes_CS.requires_grad
+
+
+def test_labels_missing_misaligned_or_unknown_fail_clearly() -> None:
+    sae = make_pass_sae()
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="needs class labels"):
+        sae.training_forward_pass(step_input(x, None))
+    with pytest.raises(RuntimeError, match="for a batch of 4"):
+        sae.training_forward_pass(step_input(x, torch.tensor([0, 1, 2])))
+    with pytest.raises(ValueError, match="-1 marks"):
+        sae.training_forward_pass(step_input(x, torch.tensor([0, 1, -1, 2])))
+    with pytest.raises(ValueError, match="2 of 5 cached rows have no label"):
+        check_pass_labels(np.array([0, -1, 3, -1, 1]))
+    assert check_pass_labels(np.array([0, 2, 1])) == 3
+    with pytest.raises(ValueError, match="n_classes"):
+        PassTrainingSAEConfig(d_in=4, d_sae=8, k=2, n_classes=0)
+
+
+def _labelled_batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - batch + 1, batch):
+            yield x[perm[i:i + batch]], y[perm[i:i + batch]]
+
+
+def test_trainer_routes_labels_and_saves_a_plain_topk_sae(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 6, generator=g)
+    y = torch.randint(0, 4, (512,), generator=g)
+    x = centres[y] + torch.randn(512, 6, generator=g)
+    sae = make_pass_sae(n_classes=4)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    used: list[tuple[torch.Tensor, torch.Tensor]] = []
+    batches = _labelled_batches(x, y, 64, seed=1)
+
+    def spy():  # what the provider handed out
+        for xb, yb in batches:
+            seen.append((xb, yb))
+            yield xb, yb
+
+    original_update = sae.update_prototypes
+
+    def recording_update(codes_BS, labels_B):  # what the loss actually paired
+        used.append((codes_BS.detach().clone(), labels_B.clone()))
+        original_update(codes_BS, labels_B)
+
+    sae.update_prototypes = recording_update  # type: ignore[method-assign]
+
+    cfg = SAETrainerConfig(total_training_samples=64 * 12, train_batch_size_samples=64, lr=1e-3, lr_end=1e-3)
+    trainer = SAETrainer(cfg, sae, LabelRoutingProvider(spy(), sae))
+    trainer.fit()
+    assert len(seen) == 12 and len(used) == 12 and bool(sae.prototype_seen_C.all())
+    for (xb, yb), (_, yu) in zip(seen, used):  # every step's labels belong to that step's activations
+        assert torch.equal(yb, yu)
+    # ... and the codes of the last step are the codes of the last batch's activations.
+    del sae.update_prototypes
+    torch.testing.assert_close(used[-1][0], sae.encode(seen[-1][0]).detach(), rtol=0.2, atol=0.05)
+    assert sae._step_labels is None  # consumed
+
+    sae.save_inference_model(tmp_path / "inf")
+    loaded = SAE.load_from_disk(tmp_path / "inf")
+    assert isinstance(loaded, TopKSAE) and loaded.cfg.architecture() == "topk"
+    assert loaded.cfg.metadata.objective == "pass" and loaded.cfg.metadata.w_aux == pytest.approx(0.8)
+    assert "prototypes_CS" not in dict(loaded.named_buffers())
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-4, atol=1e-5)
+
+    # A training checkpoint keeps the prototypes, so a resumed run continues from them.
+    sae.save_model(tmp_path / "ckpt")
+    resumed = TrainingSAE.load_from_disk(tmp_path / "ckpt")
+    assert isinstance(resumed, PassTrainingSAE)
+    torch.testing.assert_close(resumed.prototypes_CS, sae.prototypes_CS)
+    assert resumed.cfg.w_aux == pytest.approx(0.8) and resumed.cfg.n_classes == 4
+
+
+def test_provider_rejects_unlabelled_batches() -> None:
+    sae = make_pass_sae()
+    with pytest.raises(TypeError, match="labels mode"):
+        next(LabelRoutingProvider(iter([torch.randn(4, 6)]), sae))
+    with pytest.raises(ValueError, match="4 activations but 3 labels"):
+        next(LabelRoutingProvider(iter([(torch.randn(4, 6), torch.tensor([0, 1, 2]))]), sae))
+
+
+def test_prototype_distance_metric() -> None:
+    z = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    d = prototype_distance(z, y)
+    # class means (2, 0) and (0, 3): each point is 1 away -> 1; global mean (1, 1.5)
+    assert d["mean_sq_dist"] == pytest.approx(1.0)
+    total = np.mean([(1 - 1) ** 2 + 1.5**2, 2**2 + 1.5**2, 1 + 0.5**2, 1 + 2.5**2])
+    assert d["within_class_fraction"] == pytest.approx(1.0 / total)
