@@ -142,7 +142,7 @@ def _vs2(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM,
             ctx.scratch["activation_mean"] = activation_mean(sae)
         mean_D = ctx.scratch["activation_mean"]
     steered, masks = [], []
-    for chunk in tokens_ND.split(ctx.batch_size * 16):
+    for chunk in tokens_ND.split(ctx.batch_size):
         out = vs2_apply(chunk.to(sae.device), sae, lam, gamma, fvu_threshold, mean_D, preserve_norm)
         steered.append(out.steered)
         masks.append(out.steered_mask)
@@ -153,14 +153,14 @@ def _vs2(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM,
 @register_method("rec_final", description="SAE-rec final: the CLS token replaced by decode(encode(x))")
 def _rec_final(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     sae = ctx.require_sae("rec_final")
-    rec = torch.cat([sae_reconstruct(c.to(sae.device), sae) for c in tokens_ND.split(ctx.batch_size * 16)])
+    rec = torch.cat([sae_reconstruct(c.to(sae.device), sae) for c in tokens_ND.split(ctx.batch_size)])
     return MethodOutput(tokens=rec, coverage=1.0)
 
 
 @register_method("rec_final_gamma", description="SAE-rec final + gamma: the CLS token replaced by decode(gamma c)")
 def _rec_final_gamma(tokens_ND: torch.Tensor, ctx: MethodContext, *, gamma: float = PAPER_GAMMA, **_: Any) -> MethodOutput:
     sae = ctx.require_sae("rec_final_gamma")
-    rec = torch.cat([sae_reconstruct(c.to(sae.device), sae, gamma) for c in tokens_ND.split(ctx.batch_size * 16)])
+    rec = torch.cat([sae_reconstruct(c.to(sae.device), sae, gamma) for c in tokens_ND.split(ctx.batch_size)])
     return MethodOutput(tokens=rec, coverage=1.0)
 
 
@@ -458,6 +458,9 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     from .zeroshot_resources import DEFAULT_TEMPLATES
 
     specs = _as_specs(methods)
+    for spec in specs:  # fail before the backbone runs
+        if sae is None and get_method(spec.method).needs_sae:
+            raise ValueError(f"method {spec.method!r} needs an SAE (--sae)")
     if "zeroshot" not in [s.label for s in specs]:
         specs.insert(0, MethodSpec("zeroshot", "zeroshot"))
     t_start = time.perf_counter()
