@@ -109,8 +109,10 @@ def eval_table(results: Mapping[str, Any]) -> str:
 
 def _eval_settings(results: Mapping[str, Any]) -> str:
     config = results.get("config") or {}
-    parts = [f"`{k}={config[k]}`" for k in _EVAL_SETTINGS
-             if isinstance(config.get(k), (str, int, float)) and len(str(config[k])) <= 80]
+    shown = {k: config[k] for k in _EVAL_SETTINGS if isinstance(config.get(k), (str, int, float))}
+    if str(shown.get("dataset", "")).startswith("imagefolder:"):  # keep local paths out of a public card
+        shown["dataset"] = "imagefolder " + Path(shown["dataset"].split(":", 1)[1]).name
+    parts = [f"`{k}={v}`" for k, v in shown.items() if len(str(v)) <= 80]
     n_classes = len(results.get("classnames") or [])
     if n_classes:
         parts.append(f"{n_classes} classes")
@@ -133,6 +135,8 @@ def sae_card_section(
     dead = metadata.get("dead_fraction")
     data = metadata.get("dataset")
     split = metadata.get("split")
+    if isinstance(data, str) and data.startswith("imagefolder:"):  # keep local paths out of a public card
+        data = f"imagefolder {Path(data.split(':', 1)[1]).name}"
     data_text = "not recorded" if data is None else f"`{data}`" + (f", split `{split}`" if split else "")
     objective = metadata.get("objective")
     w_aux = metadata.get("w_aux")
@@ -146,7 +150,7 @@ def sae_card_section(
         ("Architecture", f"`{sae_cfg.get('architecture')}`"
          + (f", objective `{objective}`" if objective else "") + (f", w_aux {w_aux}" if w_aux is not None else "")),
         ("Training data", data_text),
-        ("Training samples", _fmt(n_samples, "{:,}")),
+        ("Training samples seen", _fmt(n_samples, "{:,}")),
         ("Held-out FVU", _fmt(metadata.get("heldout_fvu"), "{:.4f}")),
         ("L0 (mean active latents)", _fmt(metadata.get("mean_l0"), "{:.2f}")),
         ("Dead fraction", "—" if dead is None else f"{dead:.4f} ({dead:.2%} of latents)"),

@@ -251,6 +251,37 @@ def test_card_from_real_eval_results(tmp_path):
         row = f"| {name} | {scores.top1:.2f} | {scores.top5:.2f} | {scores.mean_per_class:.2f} | "
         assert row in card, row
     assert f"{100 * result.methods['vs2'].coverage:.1f}%" in card and "`n_images=12`" in card
+    assert "`dataset=imagefolder imgs`" in card and str(tmp_path) not in card
+
+
+@pytest.mark.slow
+def test_publish_a_sae_trained_by_train_sae(tmp_path):
+    """End to end: cache activations of a tiny CLIP, train with `train_sae`, dry-run publish, load back."""
+    training = pytest.importorskip("sae_lens_vision_steer.training")
+    from sae_lens_vision_steer.activation_cache import cache_activations
+    from sae_lens_vision_steer.data import load_image_dataset
+
+    from conftest import write_image_folder
+
+    model = make_tiny_clip(seed=0)
+    data = load_image_dataset("imagefolder", data_dir=write_image_folder(tmp_path / "imgs", 3, 10),
+                              transform=model.preprocess)
+    cache = cache_activations(model, data, HOOK, tmp_path / "cache", num_workers=0, batch_size=16,
+                              show_progress=False)
+    training.train_sae(cache, HOOK, k=4, expansion_factor=2, epochs=2, batch_size=8, out_dir=tmp_path / "sae",
+                       show_progress=False)
+    res = publish_sae(tmp_path / "sae", REPO, SAE_ID, dry_run_dir=tmp_path / "out")
+    assert sorted(res.files) == ["README.md", f"{SAE_ID}/cfg.json", f"{SAE_ID}/sae_weights.safetensors",
+                                 f"{SAE_ID}/sparsity.safetensors"]  # training_run.json stays local
+    meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    card = (res.dry_run_dir / "README.md").read_text()
+    assert f"| Held-out FVU | {meta['heldout_fvu']:.4f} |" in card
+    assert f"| Training samples seen | {meta['n_training_samples']:,} |" in card
+    assert str(tmp_path) not in card
+    sae, info = load_vision_sae(res.dry_run_dir, SAE_ID)
+    x = torch.randn(5, 64)
+    assert torch.equal(reconstruct(sae, x), reconstruct(SAE.load_from_disk(tmp_path / "sae"), x))
+    assert info.hook_name == HOOK and info.metadata["dead_fraction"] == meta["dead_fraction"]
 
 
 def test_card_merges_sections_of_several_saes():
