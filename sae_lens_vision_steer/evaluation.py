@@ -120,7 +120,9 @@ def _load_plugin_methods() -> None:
     """Import modules that register more methods (VS2++ and its baselines), if they exist."""
     import importlib
 
-    for mod in ("sae_lens_vision_steer.steering.vs2pp",):
+    # vs2pp_methods registers vs2pp*, clip_steer*, weighted_rag* (kept out of steering/vs2pp.py so that
+    # the steering package never imports this runner: no import cycle).
+    for mod in ("sae_lens_vision_steer.steering.vs2pp_methods",):
         try:
             importlib.import_module(mod)
         except ImportError:
@@ -316,8 +318,10 @@ class EvaluationResult:
 
 def format_table(rows: Mapping[str, MethodScores], fmt: Literal["text", "markdown"] = "text") -> str:
     header = ["method", "top-1", "top-5", "mean/class", "Δtop-1", "coverage"]
-    body = [[label, f"{s.top1:.2f}", f"{s.top5:.2f}", f"{s.mean_per_class:.2f}", f"{s.delta_top1:+.2f}",
-             f"{s.coverage:.3f}"] for label, s in rows.items()]
+    # Rows that read the evaluation labels (VS2++/CLIP-steer/RAG oracles) are marked as upper bounds.
+    body = [[label + (" (oracle upper bound)" if s.info.get("oracle_upper_bound") else ""), f"{s.top1:.2f}",
+             f"{s.top5:.2f}", f"{s.mean_per_class:.2f}", f"{s.delta_top1:+.2f}", f"{s.coverage:.3f}"]
+            for label, s in rows.items()]
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])

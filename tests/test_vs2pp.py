@@ -253,3 +253,98 @@ def test_hooks_precomputed_and_online_match_the_cached_path(tiny_clip) -> None:
     assert engine.stats["n_queries"] == 6
     with pytest.raises(RuntimeError, match="using_labels"), model.hooks(fwd_hooks=online.fwd_hooks(model)):
         model.encode_image(query_images)
+
+
+# ------------------------------------------------------------------------------------------ evaluation runner
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory, tiny_clip):
+    from conftest import write_image_folder
+    from sae_lens_vision_steer.activation_cache import cache_activations
+    from sae_lens_vision_steer.data import load_image_dataset
+
+    model = tiny_clip
+    root = tmp_path_factory.mktemp("vs2pp_eval")
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    pool_data = load_image_dataset("imagefolder", data_dir=write_image_folder(root / "train", 4, 12, seed=1),
+                                   transform=model.preprocess)
+    test_data = load_image_dataset("imagefolder", data_dir=write_image_folder(root / "test", 4, 5, seed=2),
+                                   transform=model.preprocess)
+    cache_activations(model, pool_data, [final], root / "pool", dtype="float32", num_workers=0, show_progress=False)
+    sae = make_sae(d_in=model.cfg.d_model, d_sae=128, k=8, hook=final)
+    sae.save_model(root / "sae")
+    return model, pool_data, test_data, root, sae, final
+
+
+@torch.no_grad()
+def test_eval_methods_match_the_engine_on_cached_tokens(eval_setup) -> None:
+    from sae_lens_vision_steer.evaluation import evaluate
+    from sae_lens_vision_steer.steering.vs2pp_methods import VS2PP_METHODS
+
+    model, pool_data, test_data, root, sae, final = eval_setup
+    clf = ZeroShotClassifier(model, test_data.classnames, show_progress=False)
+    res = evaluate(model, test_data, sae, list(VS2PP_METHODS), lam=2.0, gamma=1.5, classifier=clf, num_workers=0,
+                   show_progress=False, options={"pool_cache": str(root / "pool"), "n_neighbours": 10})
+    assert list(res.methods) == ["zeroshot", *VS2PP_METHODS]
+    for name in VS2PP_METHODS:
+        info = res.methods[name].info
+        assert info["oracle_upper_bound"] == name.endswith("oracle")
+        assert info["n_neighbours"] == 10 and info["retrieval_s_per_1000_queries"] > 0
+    assert "oracle upper bound" in res.methods["vs2pp_oracle"].info["rule"]
+    assert "empty_set_fallback" in res.methods["vs2pp"].info
+    table = res.table()
+    assert "vs2pp_oracle (oracle upper bound)" in table and "vs2pp (oracle" not in table
+
+    # Independent path: the engine on tokens from run_with_cache, neighbours from a fresh pool.
+    _, cache = model.run_with_cache(torch.stack([test_data[i][0] for i in range(len(test_data))]), names_filter=final)
+    x = cache[final][:, 0]
+    labels = torch.as_tensor(test_data.subset_labels)
+    pool_cls = torch.cat([model.run_with_cache(torch.stack([pool_data[i][0] for i in range(j, min(j + 16, len(pool_data)))]),
+                                               names_filter=final)[1][final][:, 0] for j in range(0, len(pool_data), 16)])
+    pool = build_retrieval_pool(clf, model.head(pool_cls), sae=sae, acts_PD=pool_cls,
+                                labels_P=torch.as_tensor(pool_data.subset_labels))
+    for name, rule in (("vs2pp", "query"), ("vs2pp_majority", "majority"), ("vs2pp_oracle", "oracle")):
+        engine = VS2PP(sae, pool, clf, VS2PPConfig(n_neighbours=10, rule=rule, lam=2.0, gamma=1.5))
+        steered = engine.steer(x, model.head(x), query_labels_Q=labels).steered
+        pred = clf.predict(model.head(steered)).numpy()
+        assert (pred == res.methods[name].predictions).all(), name
+        assert res.methods[name].info["empty_set_fallback"] == engine.stats
+    nb = pool.index.search(model.head(x), 10)
+    rag, _ = weighted_rag_embeds(model.head(x), pool, nb, alpha=0.5)
+    assert (clf.predict(rag).numpy() == res.methods["weighted_rag"].predictions).all()
+
+
+def test_eval_errors_without_pool_or_with_another_model(eval_setup, tmp_path) -> None:
+    from conftest import make_tiny_clip
+    from sae_lens_vision_steer.evaluation import evaluate
+
+    model, _, test_data, root, sae, _ = eval_setup
+    clf = ZeroShotClassifier(model, test_data.classnames, show_progress=False)
+    with pytest.raises(ValueError, match="--pool-cache"):
+        evaluate(model, test_data, sae, ["vs2pp"], classifier=clf, num_workers=0, show_progress=False)
+    other = make_tiny_clip(seed=1)
+    clf_other = ZeroShotClassifier(other, test_data.classnames, show_progress=False)
+    with pytest.raises(ValueError, match="other model weights"):
+        evaluate(other, test_data, sae, ["clip_steer"], classifier=clf_other, num_workers=0, show_progress=False,
+                 options={"pool_cache": str(root / "pool")})
+
+
+def test_cli_eval_runs_vs2pp_methods(eval_setup, tmp_path) -> None:
+    import json
+
+    from sae_lens_vision_steer.cli import main
+
+    model, _, _, root, _, _ = eval_setup
+    # The CLI builds its own tiny model from the same seed and kwargs, so the pool cache matches it.
+    from conftest import TINY_CLIP_KWARGS
+
+    args = ["eval", "--model", "ViT-B-32", "--random-weights", "--seed", "0", "--model-kwargs",
+            json.dumps(TINY_CLIP_KWARGS), "--dataset", "imagefolder", "--data-dir", str(root / "test"),
+            "--sae", str(root / "sae"), "--methods", "vs2pp,vs2pp_oracle,weighted_rag", "--pool-cache",
+            str(root / "pool"), "--n-neighbours", "7", "--num-workers", "0", "--no-plots", "--out", str(tmp_path / "ev"),
+            "--device", "cpu"]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert out["methods"]["vs2pp_oracle"]["info"]["oracle_upper_bound"] is True
+    assert out["methods"]["vs2pp"]["info"]["n_neighbours"] == 7
+    assert "(oracle upper bound)" in (tmp_path / "ev" / "results.md").read_text()
+    assert main(args[:args.index("--pool-cache")] + args[args.index("--pool-cache") + 2:]) == 2  # clear error

@@ -45,8 +45,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "other registered method (e.g. VS2++ ones)")
     p.add_argument("--layer-saes", default=None,
                    help="for rec_all: comma-separated SAE folders, or one folder holding one SAE folder per layer")
+    add_retrieval_args(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/eval_<dataset>_<split>)")
     p.add_argument("--no-plots", action="store_true", help="skip the per-class PNGs")
+
+
+def add_retrieval_args(p: argparse.ArgumentParser) -> None:
+    """VS2++ and retrieval baselines (methods vs2pp, vs2pp_majority, vs2pp_oracle, clip_steer,
+    clip_steer_oracle, weighted_rag, weighted_rag_oracle; see steering/vs2pp_methods.py)."""
+    g = p.add_argument_group("retrieval (VS2++ and its baselines)")
+    g.add_argument("--pool-cache", default=None,
+                   help="activation cache of the unlabeled training split at the SAE's hook (the retrieval pool)")
+    g.add_argument("--n-neighbours", type=int, default=50, help="neighbours retrieved per test image (paper: 50)")
+    g.add_argument("--retrieval-backend", default="exact", choices=["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf"],
+                   help="exact chunked search, or a FAISS index (pip install faiss-cpu)")
+    g.add_argument("--pool-retrieval-embeds", default=None,
+                   help=".npy [pool rows, dim] retrieval embedding (e.g. DINOv2) instead of CLIP; needs the next flag")
+    g.add_argument("--query-retrieval-embeds", default=None, help=".npy [test images, dim], aligned with the test set")
+    g.add_argument("--rag-alpha", type=float, default=0.5, help="weighted RAG: weight of the query embedding")
+    g.add_argument("--vs2pp-fallback", default="vs2", choices=["vs2", "none"],
+                   help="VS2++ when S+ or S- is empty: plain VS2 for that image, or no steering")
+
+
+def retrieval_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"pool_cache": args.pool_cache, "n_neighbours": args.n_neighbours,
+            "retrieval_backend": args.retrieval_backend, "pool_retrieval_embeds": args.pool_retrieval_embeds,
+            "query_retrieval_embeds": args.query_retrieval_embeds, "rag_alpha": args.rag_alpha,
+            "vs2pp_fallback": args.vs2pp_fallback}
 
 
 def split_list(text: str | None, cast: Any = str) -> list[Any]:
@@ -136,10 +161,10 @@ def run(args: argparse.Namespace) -> int:
     out = default_out(args, data, "eval")
     setup_s = time.perf_counter() - t0
     config = {"sae_path": args.sae, "random_weights": args.random_weights, "seed": args.seed, "limit": args.limit,
-              **gate_cfg}
+              **gate_cfg, **({"retrieval": retrieval_options(args)} if args.pool_cache else {})}
     result = evaluate(model, data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                       templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
-                      num_workers=args.num_workers, options={"layer_saes": layer_saes}, config=config)
+                      num_workers=args.num_workers, options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config)
     result.timing["setup_s"] = setup_s
     result.timing["peak_rss_mib"] = peak_rss_mib()
     written = result.save(out, plots=not args.no_plots)

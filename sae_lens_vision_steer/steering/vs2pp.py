@@ -296,18 +296,24 @@ class VS2PP:
         return self.counter.as_dict()
 
     def split(self, query_clip_QE: torch.Tensor, query_retrieval_QE: torch.Tensor | None = None,
-              query_labels_Q: torch.Tensor | None = None) -> NeighbourSplit:
+              query_labels_Q: torch.Tensor | None = None, neighbours: Neighbours | None = None) -> NeighbourSplit:
+        """Retrieve (unless `neighbours` are given, e.g. shared by several rules) and split into S+/S-."""
         query_pseudo = self.classifier.predict(query_clip_QE).cpu()
-        retrieval = query_clip_QE if query_retrieval_QE is None else query_retrieval_QE
-        neighbours = self.pool.index.search(retrieval.detach().float().cpu(), self.cfg.n_neighbours)
+        if neighbours is None:
+            retrieval = query_clip_QE if query_retrieval_QE is None else query_retrieval_QE
+            neighbours = self.pool.index.search(retrieval.detach().float().cpu(), self.cfg.n_neighbours)
+        else:
+            expected = (len(query_clip_QE), min(self.cfg.n_neighbours, self.pool.n_items))
+            if tuple(neighbours.indices_QN.shape) != expected:
+                raise ValueError(f"neighbours have shape {tuple(neighbours.indices_QN.shape)}, expected {expected}")
         return split_neighbours(self.pool, neighbours, self.cfg.rule, query_pseudo, query_labels_Q)
 
     @torch.no_grad()
     def steer(self, x_QD: torch.Tensor, query_clip_QE: torch.Tensor, query_retrieval_QE: torch.Tensor | None = None,
-              query_labels_Q: torch.Tensor | None = None) -> VS2PPOutput:
+              query_labels_Q: torch.Tensor | None = None, neighbours: Neighbours | None = None) -> VS2PPOutput:
         if len(x_QD) != len(query_clip_QE):
             raise ValueError(f"{len(x_QD)} activations but {len(query_clip_QE)} query embeddings")
-        split = self.split(query_clip_QE, query_retrieval_QE, query_labels_Q)
+        split = self.split(query_clip_QE, query_retrieval_QE, query_labels_Q, neighbours)
         self.counter.add(split)
         dirs_QND = self.pool.code_dirs_PD[split.neighbours.indices_QN]
         diff_QD = masked_mean(dirs_QND, split.positive_QN) - masked_mean(dirs_QND, split.negative_QN)
