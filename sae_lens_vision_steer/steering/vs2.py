@@ -53,7 +53,7 @@ def _fvu(x: torch.Tensor, rec: torch.Tensor, mean_D: torch.Tensor) -> torch.Tens
 
 
 def _steer_from_linear(x: torch.Tensor, lin: torch.Tensor, lam: float, gamma: float, preserve_norm: bool) -> torch.Tensor:
-    steered = x + (lam * (gamma - 1.0)) * lin
+    steered = torch.add(x, lin, alpha=lam * (gamma - 1.0))  # one kernel for x + lam (gamma - 1) lin
     if preserve_norm:
         scale = x.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         steered = steered * scale
