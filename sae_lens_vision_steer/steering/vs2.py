@@ -104,34 +104,31 @@ def fvu_threshold_from_reference(sae: SAE, reference: torch.Tensor | str | Path,
     """The gate threshold `tau`: the `quantile` of per-sample FVU over unlabeled reference activations.
 
     `reference` is a tensor `[N, d_in]` or an activation-cache folder written by `cache_activations`
-    (read at `hook_name`, default the SAE's hook).
+    (read at `hook_name`, default the SAE's hook, with `training.per_sample_fvu_on_cache`). FVU uses
+    the SAE's recorded activation mean, as the gate does at test time.
     """
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"FVU quantile must be in [0, 1], got {quantile}")
+    mu = activation_mean(sae)  # the same mean the gate uses at test time
     if isinstance(reference, (str, Path)):
-        reference = load_reference_activations(reference, sae_hook_name(sae, hook_name))
+        from ..training import per_sample_fvu_on_cache  # streams the cache shard by shard
+
+        fvu = per_sample_fvu_on_cache(sae, reference, sae_hook_name(sae, hook_name), mean=mu, batch_size=batch_size)
+        return _finite_quantile(torch.from_numpy(fvu), quantile)
     if reference.ndim != 2 or reference.shape[1] != sae.cfg.d_in:
         raise ValueError(f"reference activations must be [N, {sae.cfg.d_in}], got {list(reference.shape)}")
     if len(reference) == 0:
         raise ValueError("reference activations are empty")
-    mu = activation_mean(sae)
-    fvus = [per_sample_fvu(reference[i:i + batch_size].to(sae.device), sae, mu).float().cpu()
+    fvus = [per_sample_fvu(reference[i:i + batch_size].to(sae.device), sae, mu).double().cpu()
             for i in tqdm(range(0, len(reference), batch_size), desc="reference FVU", disable=not show_progress)]
-    fvu_N = torch.cat(fvus)
+    return _finite_quantile(torch.cat(fvus), quantile)
+
+
+def _finite_quantile(fvu_N: torch.Tensor, quantile: float) -> float:
     fvu_N = fvu_N[torch.isfinite(fvu_N)]
     if len(fvu_N) == 0:
         raise ValueError("no reference activation has a finite FVU")
     return float(np.quantile(fvu_N.double().numpy(), quantile))  # torch.quantile caps its input size
-
-
-def load_reference_activations(cache_dir: str | Path, hook_name: str) -> torch.Tensor:
-    """CLS activations `[N, d_in]` at `hook_name` from an activation cache folder."""
-    try:
-        from ..activation_cache import ActivationCache
-    except ImportError as e:  # the cache module is another engineer's; fail clearly until it exists
-        raise ImportError("reading a reference cache needs sae_lens_vision_steer.activation_cache") from e
-    acts = ActivationCache.open(cache_dir).load(hook_name)
-    return torch.as_tensor(acts)
 
 
 class VS2Steering(TokenIntervention):
@@ -199,6 +196,6 @@ class VS2Steering(TokenIntervention):
 
 
 __all__ = [
-    "PAPER_GAMMA", "PAPER_LAM", "VS2Output", "VS2Steering", "check_affine_decoder", "fvu_threshold_from_reference",
-    "load_reference_activations", "per_sample_fvu", "vs2_apply", "vs2_steer",
+    "PAPER_GAMMA", "PAPER_LAM", "VS2Output", "VS2Steering", "fvu_threshold_from_reference",
+    "per_sample_fvu", "vs2_apply", "vs2_steer",
 ]
