@@ -38,11 +38,12 @@ Differences from the paper (it does not say how the prototypes are computed):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from sae_lens import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, register_sae_training_class
+from sae_lens import SAETrainer, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, register_sae_training_class
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
@@ -203,6 +204,17 @@ class LabelRoutingProvider:
         return acts
 
 
+class PassSAETrainer(SAETrainer):
+    """`SAETrainer` whose data provider yields `(acts, labels)`: it wraps the provider in a
+    `LabelRoutingProvider` for the PASS SAE and is otherwise SAELens' trainer unchanged.
+    (`training.train_sae(trainer_cls=PassSAETrainer, with_labels=True)` uses it.)"""
+
+    def __init__(self, cfg: Any, sae: PassTrainingSAE, data_provider: Iterator[Any], *args: Any, **kwargs: Any):
+        if not isinstance(sae, PassTrainingSAE):
+            raise TypeError(f"PassSAETrainer trains a PassTrainingSAE, got {type(sae).__name__}")
+        super().__init__(cfg, sae, LabelRoutingProvider(data_provider, sae), *args, **kwargs)
+
+
 def check_pass_labels(labels: np.ndarray | torch.Tensor, n_classes: int | None = None) -> int:
     """Validate training labels for PASS before training starts; return the number of classes.
 
@@ -244,7 +256,57 @@ def prototype_distance(codes_NS: torch.Tensor, labels_N: torch.Tensor | np.ndarr
             "within_class_fraction": within / total if total > 0 else float("nan")}
 
 
+def train_pass_sae(cache_dir: str | Path, hook_name: str | None = None, *, w_aux: float = DEFAULT_W_AUX,
+                   prototype_momentum: float = DEFAULT_PROTOTYPE_MOMENTUM, n_classes: int | None = None,
+                   **train_kwargs: Any):
+    """`training.train_sae` with the PASS objective: checks the cache's labels first (every image
+    needs one), then trains a `PassTrainingSAE` through `PassSAETrainer` on `(acts, labels)` batches.
+    Other keyword arguments (k, expansion_factor, epochs, seed, out_dir, resume, ...) are `train_sae`'s.
+    """
+    from .activation_cache import ActivationCache
+    from .training import train_sae
+
+    cache = ActivationCache.open(cache_dir)
+    n_classes = check_pass_labels(cache.labels, n_classes)
+    for reserved in ("architecture", "trainer_cls", "with_labels"):
+        if reserved in train_kwargs:
+            raise ValueError(f"train_pass_sae sets {reserved} itself")
+    sae_cfg_kwargs = {**train_kwargs.pop("sae_cfg_kwargs", {}), "w_aux": float(w_aux), "n_classes": n_classes,
+                      "prototype_momentum": float(prototype_momentum)}
+    return train_sae(cache, hook_name, architecture=PASS_ARCHITECTURE, sae_cfg_kwargs=sae_cfg_kwargs,
+                     trainer_cls=PassSAETrainer, with_labels=True, **train_kwargs)
+
+
+@torch.no_grad()
+def prototype_distance_on_cache(sae, cache_dir: str | Path, rows: Sequence[int] | np.ndarray,
+                                prototype_rows: Sequence[int] | np.ndarray | None = None,
+                                hook_name: str | None = None, batch_size: int = 4096) -> dict[str, float]:
+    """`prototype_distance` of the SAE's codes on cache rows `rows` (e.g. held-out images), with
+    prototypes = class-mean codes over `prototype_rows` (e.g. the training rows; default `rows`)."""
+    from .activation_cache import ActivationCache
+
+    cache = ActivationCache.open(cache_dir)
+    hook = cache.resolve_hook(hook_name or sae.cfg.metadata.get("hook_name"))
+
+    def codes(r: np.ndarray) -> torch.Tensor:
+        acts = cache.load(hook, rows=r)
+        return torch.cat([sae.encode(a.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+                          for a in acts.split(batch_size)])
+
+    rows = np.asarray(rows, dtype=np.int64)
+    labels = torch.as_tensor(cache.labels[rows])
+    z = codes(rows)
+    protos = None
+    if prototype_rows is not None:
+        prototype_rows = np.asarray(prototype_rows, dtype=np.int64)
+        zp, yp = codes(prototype_rows), torch.as_tensor(cache.labels[prototype_rows])
+        C = int(max(int(yp.max()), int(labels.max()))) + 1
+        protos = torch.zeros(C, zp.shape[1]).index_add_(0, yp, zp) / torch.bincount(yp, minlength=C).clamp_min(1)[:, None]
+    return prototype_distance(z, labels, protos)
+
+
 __all__ = [
-    "DEFAULT_PROTOTYPE_MOMENTUM", "DEFAULT_W_AUX", "LabelRoutingProvider", "PASS_ARCHITECTURE", "PassTrainStepInput",
-    "PassTrainingSAE", "PassTrainingSAEConfig", "check_pass_labels", "prototype_distance", "register_pass_architecture",
+    "DEFAULT_PROTOTYPE_MOMENTUM", "DEFAULT_W_AUX", "LabelRoutingProvider", "PASS_ARCHITECTURE", "PassSAETrainer",
+    "PassTrainStepInput", "PassTrainingSAE", "PassTrainingSAEConfig", "check_pass_labels", "prototype_distance",
+    "prototype_distance_on_cache", "register_pass_architecture", "train_pass_sae",
 ]

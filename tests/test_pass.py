@@ -146,3 +146,63 @@ def test_prototype_distance_metric() -> None:
     assert d["mean_sq_dist"] == pytest.approx(1.0)
     total = np.mean([(1 - 1) ** 2 + 1.5**2, 2**2 + 1.5**2, 1 + 0.5**2, 1 + 2.5**2])
     assert d["within_class_fraction"] == pytest.approx(1.0 / total)
+
+
+# ------------------------------------------------------------------------------------------ through train_sae
+@pytest.fixture(scope="module")
+def tiny_imagenet_cache(tmp_path_factory, tiny_imagenet_dir):
+    """Tiny CLIP (random weights) CLS activations of the first 10 Tiny-ImageNet classes (1,000 images)."""
+    from conftest import make_tiny_clip
+    from sae_lens_vision_steer.activation_cache import cache_activations
+    from sae_lens_vision_steer.data import load_image_dataset
+
+    model = make_tiny_clip()
+    ds = load_image_dataset("tiny-imagenet", "train", data_dir=tiny_imagenet_dir, transform=model.preprocess)
+    ds.indices = np.arange(1000)  # the train split is class-major: 10 classes x 100 images
+    hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    root = tmp_path_factory.mktemp("pass_cache")
+    cache_activations(model, ds, [hook], root / "cache", dtype="float32", num_workers=0, show_progress=False)
+    return root / "cache", hook
+
+
+def test_pass_pulls_heldout_codes_to_class_prototypes_vs_plain_topk(tiny_imagenet_cache, tmp_path) -> None:
+    from sae_lens_vision_steer.pass_sae import prototype_distance_on_cache, train_pass_sae
+    from sae_lens_vision_steer.training import holdout_split, train_sae
+
+    cache_dir, hook = tiny_imagenet_cache
+    kw = dict(k=8, expansion_factor=4, epochs=12, batch_size=128, seed=0, n_checkpoints=0, show_progress=False)
+    plain = train_sae(cache_dir, hook, out_dir=tmp_path / "plain", **kw)
+    pas = train_pass_sae(cache_dir, hook, out_dir=tmp_path / "pass", w_aux=0.8, **kw)
+    train_rows, heldout_rows = holdout_split(cache_dir, 0.1, 0)  # train_sae's default held-out images
+    d_plain = prototype_distance_on_cache(plain.sae, cache_dir, heldout_rows, train_rows)
+    d_pass = prototype_distance_on_cache(pas.sae, cache_dir, heldout_rows, train_rows)
+    # Held-out codes sit closer to their class prototypes (class-mean codes of the training rows).
+    assert d_pass["mean_sq_dist"] < 0.85 * d_plain["mean_sq_dist"], (d_plain, d_pass)
+    # The price is reconstruction, as in the paper's w_aux trade-off.
+    assert pas.metrics["heldout_fvu"] > plain.metrics["heldout_fvu"]
+
+    # Saved as an ordinary top-k SAE that SAELens loads on its own, with the PASS metadata.
+    loaded = SAE.load_from_disk(tmp_path / "pass")
+    assert isinstance(loaded, TopKSAE) and loaded.cfg.architecture() == "topk"
+    meta = loaded.cfg.metadata
+    assert meta.objective == "pass" and meta.w_aux == pytest.approx(0.8) and meta.hook_name == hook
+    assert plain.sae.cfg.metadata.objective == "topk"
+    x = torch.randn(5, loaded.cfg.d_in)
+    torch.testing.assert_close(loaded.encode(x), pas.sae.encode(x))
+
+
+def test_pass_refuses_unlabelled_images_before_training(tmp_path, tiny_clip) -> None:
+    from conftest import write_image_folder
+    from sae_lens_vision_steer.activation_cache import cache_activations
+    from sae_lens_vision_steer.data import load_image_dataset
+    from sae_lens_vision_steer.pass_sae import train_pass_sae
+
+    ds = load_image_dataset("imagefolder", data_dir=write_image_folder(tmp_path / "img", 2, 4),
+                            transform=tiny_clip.preprocess)
+    ds.labels = ds.labels.copy()
+    ds.labels[[2, 5]] = -1  # two images without a label
+    hook = f"blocks.{tiny_clip.cfg.n_layers - 1}.hook_resid_post"
+    cache_activations(tiny_clip, ds, [hook], tmp_path / "cache", num_workers=0, show_progress=False)
+    with pytest.raises(ValueError, match="2 of 8 cached rows have no label"):
+        train_pass_sae(tmp_path / "cache", hook, out_dir=tmp_path / "sae", epochs=1, batch_size=4)
+    assert not (tmp_path / "sae").exists()  # refused before anything was written
