@@ -206,3 +206,16 @@ def test_pass_refuses_unlabelled_images_before_training(tmp_path, tiny_clip) -> 
     with pytest.raises(ValueError, match="2 of 8 cached rows have no label"):
         train_pass_sae(tmp_path / "cache", hook, out_dir=tmp_path / "sae", epochs=1, batch_size=4)
     assert not (tmp_path / "sae").exists()  # refused before anything was written
+
+
+def test_cli_train_objective_pass(tiny_imagenet_cache, tmp_path, capsys) -> None:
+    from sae_lens_vision_steer.cli import main
+
+    cache_dir, hook = tiny_imagenet_cache
+    out = tmp_path / "sae"
+    assert main(["train", "--cache", str(cache_dir), "--objective", "pass", "--w-aux", "0.5", "--k", "4",
+                 "--expansion", "2", "--epochs", "1", "--batch-size", "128", "--n-checkpoints", "0", "--no-progress",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert "objective pass (w_aux 0.5)" in capsys.readouterr().out
+    sae = SAE.load_from_disk(out)
+    assert sae.cfg.architecture() == "topk" and sae.cfg.metadata.objective == "pass" and sae.cfg.metadata.w_aux == 0.5

@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, default=None, help="passes over the training rows (default 10)")
     g.add_argument("--samples", type=int, default=None, help="total training samples")
+    # PASS (prototype-aligned SAE, pass_sae.py): the same top-k training plus w_aux * ||z - class mean code||^2.
+    p.add_argument("--objective", default="topk", choices=["topk", "pass"],
+                   help="topk: plain top-k SAE; pass: PASS, needs a class label for every cached image")
+    p.add_argument("--w-aux", type=float, default=0.8, help="PASS: weight of the prototype term (paper: 0.8)")
     p.add_argument("--holdout-fraction", type=float, default=0.1, help="fraction of images held out for evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -40,19 +44,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training import PAPER_PRESETS, train_sae
 
+    train = train_sae
+    if args.objective == "pass":  # same arguments; labels are checked before training starts
+        import functools
+
+        from ..pass_sae import train_pass_sae
+
+        train = functools.partial(train_pass_sae, w_aux=args.w_aux)
+
     preset = PAPER_PRESETS.get(args.preset) if args.preset else None
     k = args.k or (preset.k if preset else 64)
     expansion = args.expansion or (preset.expansion_factor if preset else 4)
     t0 = time.perf_counter()
-    res = train_sae(args.cache, args.hook, k=k, expansion_factor=expansion, lr=args.lr,
-                    lr_warm_up_steps=args.warmup_steps, batch_size=args.batch_size,
-                    total_training_samples=args.samples, epochs=args.epochs, seed=args.seed, device=args.device,
-                    log_to_wandb=args.wandb, out_dir=args.out, holdout_fraction=args.holdout_fraction,
-                    n_checkpoints=args.n_checkpoints, resume=args.resume, overwrite=args.overwrite,
-                    show_progress=not args.no_progress)
+    res = train(args.cache, args.hook, k=k, expansion_factor=expansion, lr=args.lr,
+                lr_warm_up_steps=args.warmup_steps, batch_size=args.batch_size,
+                total_training_samples=args.samples, epochs=args.epochs, seed=args.seed, device=args.device,
+                log_to_wandb=args.wandb, out_dir=args.out, holdout_fraction=args.holdout_fraction,
+                n_checkpoints=args.n_checkpoints, resume=args.resume, overwrite=args.overwrite,
+                show_progress=not args.no_progress)
     m, meta = res.metrics, res.sae.cfg.metadata
     print(f"SAE {res.out_dir}: {meta.get('hook_name')} of {meta.get('model_name')}/{meta.get('pretrained')}, "
-          f"d_in {res.sae.cfg.d_in}, d_sae {res.sae.cfg.d_sae}, k {k}, {m['n_training_samples']} samples")
+          f"d_in {res.sae.cfg.d_in}, d_sae {res.sae.cfg.d_sae}, k {k}, {m['n_training_samples']} samples"
+          + (f", objective pass (w_aux {meta.get('w_aux')})" if meta.get("objective") == "pass" else ""))
     fvu = m.get("heldout_fvu")
     print(f"held-out FVU {fvu:.4f}" if fvu is not None else "held-out FVU n/a (no held-out images)",
           f" train FVU {m['train_fvu']:.4f}  mean L0 {meta.get('mean_l0'):.1f}  dead fraction {m['dead_fraction']:.4f}")
