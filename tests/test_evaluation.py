@@ -258,3 +258,32 @@ def test_cli_eval_and_sweep(tmp_path, tiny_imagenet_dir, capsys, setup):
     assert sw["sweep"]["n_images"] == 100 and sw["config"]["selection_data"] == "tiny-imagenet/train"
     assert set(sw["evaluation"]) == {"zeroshot", "vs2", "vs2_paper"}
     assert (tmp_path / "holdout" / "results.json").is_file()
+
+
+def test_cli_run_main_job_and_reuse(tmp_path, tiny_imagenet_dir, capsys):
+    from sae_lens_vision_steer.cli import main
+
+    args = ["run", "--random-weights", "--seed", "5", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS), "--device", "cpu",
+            "--dataset", "tiny-imagenet", "--data-dir", str(tiny_imagenet_dir), "--train-limit", "300",
+            "--eval-limit", "100", "--epochs", "2", "--k", "8", "--templates", "single", "--num-workers", "0",
+            "--fvu-quantile", "0.9", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    run_dir = tmp_path / "run"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert list(saved["methods"]) == ["zeroshot", "vs2", "rec_final", "rec_final_gamma"]
+    assert saved["config"]["fvu_quantile"] == 0.9 and saved["config"]["n_images"] == 100
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["cache_rows"] == 300 and info["fvu_threshold"] == saved["config"]["fvu_threshold"]
+    # tau is the 0.9 quantile of FVU over the training cache, so about 90% of training images pass the gate
+    assert 0.0 < saved["methods"]["vs2"]["coverage"] <= 1.0
+    for name in ("cache_train/metadata.json", "sae/cfg.json", "results.md", "per_class_vs2.png"):
+        assert (run_dir / name).is_file(), name
+    weights = run_dir / "sae" / "sae_weights.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # everything is reused: same SAE file, same numbers
+    assert weights.stat().st_mtime_ns == mtime
+    again = json.loads((run_dir / "results.json").read_text())
+    assert again["methods"]["vs2"]["top1"] == saved["methods"]["vs2"]["top1"]
+    assert main(args[:-2] + ["--k", "4", "--out", str(run_dir)]) == 2  # a different SAE request is refused
+    assert "started differently" in capsys.readouterr().err

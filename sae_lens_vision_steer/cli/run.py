@@ -1,0 +1,156 @@
+"""`vision-steer run`: the main job in one command. Cache the training split's CLS activations, train
+the top-k SAE, and evaluate zero-shot CLIP, VS2 and the reconstruction baselines on the evaluation split.
+
+Every stage reuses or resumes its output in `--out` when the request matches (a cache or a run made
+differently is refused, naming the difference; `--overwrite` starts again):
+
+    OUT/cache_train/   activation cache of the training split (`vision-steer cache`)
+    OUT/sae/           the SAELens SAE (`vision-steer train`)
+    OUT/results.json   results.md, per_class_<method>.png (`vision-steer eval`)
+    OUT/run.json       what ran, with each stage's time, the SAE's metrics and its FVU distribution
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .common import add_model_args, load_model, peak_rss_mib, write_json_atomic
+from .eval import add_steering_args, print_summary, split_list
+
+HELP = "the main job: cache the training split, train the SAE, evaluate VS2 and baselines (one folder)"
+DESCRIPTION = (
+    "Caches the final block's CLS activations of the training split, trains a top-k SAE on them (the paper's "
+    "k and expansion for ViT-B-32/B-16/L-14), and evaluates zero-shot CLIP, VS2 and the SAE-reconstruction "
+    "baselines on the evaluation split. Defaults follow the paper: ViT-B-32 openai, CIFAR-100 from the Hub. "
+    "Offline example: vision-steer run --dataset tiny-imagenet --data-dir ../shared/datasets/tiny-imagenet-200 "
+    "--random-weights --train-limit 2000 --eval-limit 1000 --out runs/demo"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar100", help="cifar100, tiny-imagenet, cub200, imagefolder, or a Hub repo id")
+    g.add_argument("--data-dir", default=None, help="local data folder; without it the data set comes from the Hub")
+    g.add_argument("--train-split", default="train", help="split the SAE is trained on (labels unused)")
+    g.add_argument("--eval-split", default="val", help="evaluation split ('val' = CIFAR-100 test, Tiny-ImageNet val)")
+    g.add_argument("--train-limit", type=int, default=None, help="cache only this many training images (evenly spaced)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate only this many images (evenly spaced)")
+    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
+    g = p.add_argument_group("SAE")
+    g.add_argument("--k", type=int, default=None, help="active latents (default: the paper's for --model, else 64)")
+    g.add_argument("--expansion", type=int, default=None, help="d_sae / d_in (default: the paper's, else 4)")
+    g.add_argument("--epochs", type=float, default=10, help="passes over the cached training rows")
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--train-batch-size", type=int, default=256, help="SAE training batch size")
+    g.add_argument("--sae-holdout-fraction", type=float, default=0.1,
+                   help="fraction of training images held out to measure the SAE's FVU")
+    g.add_argument("--cache-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    add_steering_args(p, with_sae=False)
+    p.add_argument("--methods", default="zeroshot,vs2,rec_final,rec_final_gamma", help="comma-separated methods")
+    p.add_argument("--out", required=True, help="output folder for the cache, the SAE and the results")
+    p.add_argument("--overwrite", action="store_true", help="recompute the cache and the SAE even if present")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..activation_cache import cache_activations
+    from ..data import load_image_dataset
+    from ..evaluation import evaluate
+    from ..steering.vs2 import fvu_threshold_from_reference
+    from ..training import PAPER_PRESETS, fvu_distribution, train_sae
+
+    if args.fvu_threshold is not None and args.fvu_quantile is not None:
+        raise ValueError("give --fvu-threshold or --fvu-quantile, not both")
+    if args.reference_cache:
+        raise ValueError("run uses its own training cache as the FVU reference; --reference-cache is for eval")
+    methods = split_list(args.methods)
+    if not methods:
+        raise ValueError("--methods is empty")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    show = not args.no_progress
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    model = load_model(args)
+    hook = args.hook or f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"  # the paper: final block, CLS
+    model.check_hook_name(hook)
+    train_data = load_image_dataset(args.dataset, args.train_split, args.data_dir, model.preprocess,
+                                    args.train_limit, args.skip_bad_images)
+    eval_data = load_image_dataset(args.dataset, args.eval_split, args.data_dir, model.preprocess,
+                                   args.eval_limit, args.skip_bad_images)
+    if list(train_data.classnames) != list(eval_data.classnames):
+        raise ValueError("the training and evaluation splits have different classes")
+    stages["setup_s"] = time.perf_counter() - t0
+
+    # (1) cache the training split (reused when complete and matching, resumed when interrupted)
+    t = time.perf_counter()
+    print(f"[1/4] caching {hook} CLS for {len(train_data)} images of {train_data.dataset_id}/{train_data.split}")
+    cache = cache_activations(model, train_data, hook, out / "cache_train", positions="cls", dtype=args.cache_dtype,
+                              batch_size=args.batch_size, num_workers=args.num_workers, show_progress=show,
+                              overwrite=args.overwrite)
+    stages["cache_s"] = time.perf_counter() - t
+
+    # (2) train the SAE (returned as is when a finished run with the same settings is there)
+    t = time.perf_counter()
+    preset = PAPER_PRESETS.get(args.model)
+    k = args.k or (preset.k if preset else 64)
+    expansion = args.expansion or (preset.expansion_factor if preset else 4)
+    print(f"[2/4] training a top-k SAE (k={k}, expansion {expansion}) on {cache.n_rows} cached rows")
+    trained = train_sae(cache, hook, k=k, expansion_factor=expansion, lr=args.lr, batch_size=args.train_batch_size,
+                        epochs=args.epochs, seed=args.seed, device=args.device, out_dir=out / "sae",
+                        holdout_fraction=args.sae_holdout_fraction, resume=True, overwrite=args.overwrite,
+                        show_progress=show)
+    sae = trained.sae
+    stages["train_s"] = time.perf_counter() - t
+    print(f"      SAE in {trained.out_dir}: held-out FVU {_fmt(trained.metrics.get('heldout_fvu'))}, "
+          f"dead fraction {_fmt(trained.metrics.get('dead_fraction'))}")
+
+    # (3) the FVU gate threshold over the unlabeled training activations, and the FVU distribution
+    t = time.perf_counter()
+    fvu_dist = fvu_distribution(sae, cache, hook)
+    tau, gate_cfg = args.fvu_threshold, {}
+    if args.fvu_quantile is not None:
+        tau = fvu_threshold_from_reference(sae, cache.root, args.fvu_quantile, hook)
+        gate_cfg = {"fvu_quantile": args.fvu_quantile, "reference_cache": str(cache.root)}
+        print(f"      FVU gate: tau = {tau:.4f} (quantile {args.fvu_quantile} over the training cache)")
+    stages["fvu_s"] = time.perf_counter() - t
+
+    # (4) evaluate every method on one backbone pass over the evaluation split
+    t = time.perf_counter()
+    print(f"[3/4] evaluating {', '.join(methods)} on {len(eval_data)} images of "
+          f"{eval_data.dataset_id}/{eval_data.split}")
+    with torch.no_grad():
+        result = evaluate(model, eval_data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
+                          templates=args.templates, hook_name=hook, batch_size=args.batch_size,
+                          num_workers=args.num_workers, show_progress=show,
+                          config={"sae_path": str(trained.out_dir), "random_weights": args.random_weights,
+                                  "seed": args.seed, "train_limit": args.train_limit, "eval_limit": args.eval_limit,
+                                  **gate_cfg})
+    stages["eval_s"] = time.perf_counter() - t
+
+    print("[4/4] writing results")
+    written = result.save(out)
+    stages["total_s"] = time.perf_counter() - t0
+    write_json_atomic(out / "run.json", {
+        "command": "run", "args": {k_: v for k_, v in vars(args).items() if not k_.startswith("_")},
+        "hook_name": hook, "cache": str(cache.root), "sae": str(trained.out_dir),
+        "cache_rows": cache.n_rows, "sae_metrics": trained.metrics, "fvu_distribution": fvu_dist,
+        "fvu_threshold": tau, "results": str(written["json"]), "stages": stages, "peak_rss_mib": peak_rss_mib(),
+    })
+    print_summary(result)
+    print("stages: " + ", ".join(f"{k_[:-2]} {v:.1f} s" for k_, v in stages.items()))
+    print(f"wrote {out}/: cache_train/, sae/, results.json, results.md, run.json, "
+          + ", ".join(p.name for key, p in written.items() if key.startswith("plot:")))
+    return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
