@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from sae_lens import TopKSAE, TopKSAEConfig
 
-from sae_lens_vision_steer.retrieval import Neighbours
 from sae_lens_vision_steer.steering.vs2 import vs2_steer
 from sae_lens_vision_steer.steering.vs2pp import (
     VS2PP,
@@ -108,7 +107,8 @@ def _toy_pool(sae: TopKSAE, n_classes: int = 4, per_class: int = 12, seed: int =
     centres = F.normalize(torch.randn(n_classes, e_dim, generator=g), dim=-1)
     labels = torch.arange(n_classes).repeat_interleave(per_class)
     embeds = centres[labels] + 0.25 * torch.randn(len(labels), e_dim, generator=g)
-    acts = torch.randn(n_classes, 8, generator=g)[labels] + 0.3 * torch.randn(len(labels), 8, generator=g)
+    d = sae.cfg.d_in
+    acts = torch.randn(n_classes, d, generator=g)[labels] + 0.3 * torch.randn(len(labels), d, generator=g)
     clf = ArgmaxClassifier(centres.T)
     pool = build_retrieval_pool(clf, embeds, sae=sae, acts_PD=acts, labels_P=labels, pool_chunk_size=7)
     return pool, clf, embeds, acts, labels, centres
@@ -348,3 +348,15 @@ def test_cli_eval_runs_vs2pp_methods(eval_setup, tmp_path) -> None:
     assert out["methods"]["vs2pp"]["info"]["n_neighbours"] == 7
     assert "(oracle upper bound)" in (tmp_path / "ev" / "results.md").read_text()
     assert main(args[:args.index("--pool-cache")] + args[args.index("--pool-cache") + 2:]) == 2  # clear error
+
+
+def test_online_hook_refuses_a_non_final_hook(tiny_clip) -> None:
+    sae = make_sae(d_in=tiny_clip.cfg.d_model, hook="blocks.0.hook_resid_post")
+    pool, clf, *_ = _toy_pool(sae)
+    engine = VS2PP(sae, pool, clf)
+    with pytest.raises(ValueError, match="different SAE"):
+        VS2PPSteering(make_sae(d_in=tiny_clip.cfg.d_model, hook="blocks.0.hook_resid_post"), engine=engine,
+                      embed_fn=clip_head_fn(tiny_clip))
+    steer = VS2PPSteering(sae, engine=engine, embed_fn=clip_head_fn(tiny_clip))
+    with pytest.raises(ValueError, match="final block's CLS"):
+        steer.fwd_hooks(tiny_clip)

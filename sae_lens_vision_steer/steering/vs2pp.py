@@ -34,7 +34,7 @@ Baselines that use the same retrieval (embeddings are unit-normalised first):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
 import numpy as np
@@ -376,7 +376,8 @@ class VS2PPSteering(TokenIntervention):
       retrieves, pseudo-labels and steers. The oracle rule also needs
       `with steer.using_labels(labels_B): ...` around each batch.
 
-    Precomputed vectors take precedence when both are set. Fallback counts: `engine.stats`.
+    Precomputed vectors take precedence when both are set. In online mode `lam`, `gamma`, the rule
+    and the fallback come from `engine.cfg`. Fallback counts: `engine.stats`.
     """
 
     def __init__(self, sae: SAE, lam: float = PAPER_LAM, hook_name: str | None = None, preserve_norm: bool = True,
@@ -391,6 +392,13 @@ class VS2PPSteering(TokenIntervention):
         self.engine, self.embed_fn = engine, embed_fn
         self._vectors_BD: torch.Tensor | None = None
         self._labels_B: torch.Tensor | None = None
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        if getattr(self.embed_fn, "expects_final_cls", False) and self.hook_names[0] != final:
+            raise ValueError(f"clip_head_fn maps the final block's CLS to the CLIP embedding, but this SAE sits on "
+                             f"{self.hook_names[0]!r}; give another embed_fn or precomputed vectors")
 
     @contextlib.contextmanager
     def using_vectors(self, vectors_BD: torch.Tensor) -> Iterator["VS2PPSteering"]:
@@ -444,6 +452,7 @@ def clip_head_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
         pooled = visual.ln_post(cls_BD.to(visual.class_embedding.dtype))
         return pooled @ visual.proj if visual.proj is not None else pooled
 
+    head.expects_final_cls = True  # type: ignore[attr-defined]  (checked by VS2PPSteering.validate)
     return head
 
 
