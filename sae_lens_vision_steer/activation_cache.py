@@ -120,6 +120,13 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
     return h.hexdigest()[:16]
 
 
+def _stable_repr(obj: Any) -> str:
+    """`repr` without memory addresses (a Lambda transform's repr has one), so it compares across runs."""
+    import re
+
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
+
+
 def rows_per_image(model: HookedCLIP, positions: str) -> int:
     return {"cls": 1, "patches": model.cfg.n_tokens - 1, "all": model.cfg.n_tokens}[positions]
 
@@ -197,8 +204,8 @@ def _shard_tensors(buf: _ShardBuffer) -> dict[str, torch.Tensor]:
 def _request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], positions: str, dtype: str,
              shard_size: int) -> dict[str, Any]:
     transform = getattr(dataset, "transform", None)
-    preprocess = repr(transform) if transform is not None else repr(model.preprocess)
-    if transform is not None and repr(transform) != repr(model.preprocess):
+    preprocess = _stable_repr(transform if transform is not None else model.preprocess)
+    if transform is not None and preprocess != _stable_repr(model.preprocess):
         warnings.warn("the data set's transform differs from model.preprocess; caching with the data set's", stacklevel=3)
     return {
         "model_name": model.cfg.model_name,

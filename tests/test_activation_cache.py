@@ -322,3 +322,12 @@ def test_peak_memory_does_not_grow_with_images(tmp_path):
         peaks[n] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"]
     print(peaks)
     assert peaks[8000] < peaks[1000] + 30
+
+
+def test_preprocess_identity_has_no_memory_addresses():
+    from torchvision.transforms import Compose
+
+    from sae_lens_vision_steer.activation_cache import _stable_repr
+
+    t = Compose([lambda x: x])  # a plain function in a Compose shows its address
+    assert " at 0x" in repr(t) and " at 0x" not in _stable_repr(t)

@@ -27,12 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..activation_cache import cache_activations
+    import json
+    from pathlib import Path
+
+    from ..activation_cache import METADATA_FILE, cache_activations
 
     t0 = time.perf_counter()
     model = load_model(args)
     data = load_data(args, model)
     hooks = args.hook or [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    meta_path = Path(args.out) / METADATA_FILE
+    rows_before = 0  # rows an interrupted run already wrote (0 for a new cache)
+    if meta_path.is_file() and not args.overwrite:
+        rows_before = sum(r["n_rows"] for r in json.loads(meta_path.read_text()).get("shards", []))
     t1 = time.perf_counter()
     cache = cache_activations(model, data, hooks, args.out, positions=args.positions, dtype=args.dtype,
                               batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         s = cache.stats(h)
         print(f"  {h}: d_in {cache.d_in(h)}, mean norm {s['mean_norm']:.3f}, "
               f"E||x - mean||^2 {s['mean_sq_dist_to_mean']:.3f}, max |x| {s['max_abs']:.3f}")
-    print(f"time {t2 - t1:.1f} s ({m['n_images'] / max(t2 - t1, 1e-9):.1f} images/s this run; setup {t1 - t0:.1f} s), "
-          f"peak RSS {peak_rss_mib():.0f} MiB")
+    images_now = (cache.n_rows - rows_before) / m["request"]["rows_per_image"]
+    print(f"time {t2 - t1:.1f} s ({images_now:.0f} images cached by this run, {images_now / max(t2 - t1, 1e-9):.1f} "
+          f"images/s; setup {t1 - t0:.1f} s), peak RSS {peak_rss_mib():.0f} MiB")
     return 0
