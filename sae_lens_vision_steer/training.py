@@ -367,10 +367,6 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-class _StopRequested(Exception):
-    pass
-
-
 class _CheckpointingProvider:
     """Wraps the data provider so that a Ctrl-C (SIGINT) or SIGTERM during training saves a checkpoint
     between two steps, where the trainer state is consistent, and then stops with KeyboardInterrupt."""

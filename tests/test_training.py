@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -155,6 +156,26 @@ def test_interrupted_training_resumes_to_the_same_weights(cache, tmp_path):
     assert resumed.metrics["heldout_fvu"] == whole.metrics["heldout_fvu"]
     again = train_sae(cache.root, out_dir=tmp_path / "cut", resume=True, **kw)  # finished: returned, not retrained
     assert again.metrics == resumed.metrics
+
+
+class _CtrlCTrainer(SAETrainer):
+    def step(self, batch):
+        if self.n_training_steps == 20 and not getattr(self, "_sent", False):
+            self._sent = True
+            signal.raise_signal(signal.SIGINT)  # as a Ctrl-C: this step finishes, then a checkpoint is saved
+        return super().step(batch)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(cache, tmp_path):
+    kw = dict(epochs=1, n_checkpoints=0, **SMALL)
+    whole = train_sae(cache.root, out_dir=tmp_path / "whole", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(cache.root, out_dir=tmp_path / "cut", trainer_cls=_CtrlCTrainer, **kw)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == [str(21 * 64)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+    resumed = train_sae(cache.root, out_dir=tmp_path / "cut", resume=True, **kw)
+    a, b = load_file(whole.out_dir / "sae_weights.safetensors"), load_file(resumed.out_dir / "sae_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_data_provider_is_seeded_bounded_and_labelled(cache):
