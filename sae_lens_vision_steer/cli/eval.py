@@ -143,11 +143,8 @@ def default_out(args: argparse.Namespace, data, prefix: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..evaluation import evaluate
 
-    torch.set_grad_enabled(False)
     methods = split_list(args.methods)
     if not methods:
         raise ValueError("--methods is empty")

@@ -47,13 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..evaluation import Evaluator, MethodSpec, evaluate, plot_sweep_heatmap, sweep_vs2
     from ..zeroshot import ZeroShotClassifier
     from ..zeroshot_resources import DEFAULT_TEMPLATES
 
-    torch.set_grad_enabled(False)
     lams, gammas = split_list(args.lams, float), split_list(args.gammas, float)
     if not lams or not gammas:
         raise ValueError("--lams and --gammas need at least one value each")
