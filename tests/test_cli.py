@@ -46,3 +46,13 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
                "--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing"), "--device", "cpu"])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_reference_doc_is_current():
+    """docs/cli.md is generated from the parser; regenerate with `python scripts/build_cli_docs.py`."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rc = subprocess.run([sys.executable, str(root / "scripts" / "build_cli_docs.py"), "--check"],
+                        capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr

@@ -22,7 +22,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="use randomly initialised weights instead of --pretrained (offline smoke runs)")
     g.add_argument("--model-kwargs", type=json.loads, default={},
                    help='JSON of extra open_clip.create_model arguments, e.g. \'{"vision_cfg": {...}}\'')
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
+    g.add_argument("--device", type=resolve_device, default="auto", help="torch device; auto = cuda when available")
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
 
 
@@ -34,17 +34,17 @@ def add_data_args(p: argparse.ArgumentParser, split: str = "val") -> None:
     g.add_argument("--split", default=split, help="data split")
     g.add_argument("--limit", type=int, default=None, help="use only this many images (evenly spaced)")
     g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
 
 
-def _cuda() -> bool:
-    try:
-        import torch
+def resolve_device(name: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu` (argparse also applies this to the default)."""
+    if name != "auto":
+        return name
+    import torch
 
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(args: argparse.Namespace):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import _cuda, peak_rss_mib
+from .common import peak_rss_mib, resolve_device
 
 HELP = "train a top-k SAE on cached activations"
 DESCRIPTION = (HELP + ". Paper settings (final block hook_resid_post, CLS): ViT-B-32 expansion 4, k 64; "
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-aux", type=float, default=0.8, help="PASS: weight of the prototype term (paper: 0.8)")
     p.add_argument("--holdout-fraction", type=float, default=0.1, help="fraction of images held out for evaluation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", type=resolve_device, default="auto", help="torch device; auto = cuda when available")
     p.add_argument("--n-checkpoints", type=int, default=10, help="checkpoints during training (for --resume)")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     p.add_argument("--out", required=True, help="SAE folder (loadable with sae_lens.SAE.load_from_disk)")
