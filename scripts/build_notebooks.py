@@ -38,7 +38,7 @@ N_EVAL_IMAGES = 2000'''
 REAL_WEIGHTS_MD = '''\
 ## Use real CLIP weights
 
-By default this notebook runs in about a minute on a CPU: a tiny CLIP with **random weights**
+By default this notebook runs in under a minute on a CPU: a tiny CLIP with **random weights**
 (32-pixel images, 2 blocks of width 64) on a few thousand images of the shared Tiny-ImageNet folder.
 Set `USE_REAL_WEIGHTS = True` to run the same code on CLIP ViT-B/32 with OpenAI's weights and the
 full CIFAR-100 from the Hugging Face Hub (train: 50,000 images for the activation cache, the SAE
