@@ -556,25 +556,24 @@ def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[floa
 
 
 # ---------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
+def _new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    # A bare `Figure` (no pyplot): no global backend switch, so notebooks keep their inline backend,
+    # and nothing piles up in pyplot's figure list.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def plot_per_class_changes(result: EvaluationResult, method: str, path: str | Path, n: int = 15) -> Path:
     """Horizontal bars: the `n` classes `method` helps most and the `n` it hurts most, vs zero-shot."""
-    plt = _pyplot()
     diff = result.methods[method].per_class_acc - result.zeroshot.per_class_acc
     valid = np.flatnonzero(~np.isnan(diff))
     order = valid[np.argsort(diff[valid], kind="stable")]
     losses = [i for i in order[:n] if diff[i] < 0]
     gains = [i for i in order[::-1][:n] if diff[i] > 0]
     picked = losses + gains[::-1]  # barh draws bottom-up: biggest loss at the bottom, biggest gain on top
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(picked) + 1.2)))
+    fig, ax = _new_figure((8, max(2.5, 0.28 * len(picked) + 1.2)))
     if picked:
         vals = [diff[i] for i in picked]
         names = [result.classnames[i] for i in picked]
@@ -595,10 +594,11 @@ def plot_per_class_changes(result: EvaluationResult, method: str, path: str | Pa
 
 def plot_sweep_heatmap(sweep: SweepResult, path: str | Path, title: str | None = None) -> Path:
     """Heatmap of VS2 top-1 minus zero-shot over the grid, the best cell boxed."""
-    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
     delta = sweep.delta_GL
     lim = max(float(np.abs(delta).max()), 1e-6)
-    fig, ax = plt.subplots(figsize=(1.1 * len(sweep.lams) + 2.5, 0.8 * len(sweep.gammas) + 2))
+    fig, ax = _new_figure((1.1 * len(sweep.lams) + 2.5, 0.8 * len(sweep.gammas) + 2))
     im = ax.imshow(delta, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
     ax.set_xticks(range(len(sweep.lams)), [f"{v:g}" for v in sweep.lams])
     ax.set_yticks(range(len(sweep.gammas)), [f"{v:g}" for v in sweep.gammas])
@@ -608,7 +608,7 @@ def plot_sweep_heatmap(sweep: SweepResult, path: str | Path, title: str | None =
         for li in range(len(sweep.lams)):
             ax.text(li, gi, f"{delta[gi, li]:+.2f}", ha="center", va="center", fontsize=8)
     g_best, l_best = np.unravel_index(int(np.argmax(sweep.top1_GL)), sweep.top1_GL.shape)
-    ax.add_patch(plt.Rectangle((l_best - 0.5, g_best - 0.5), 1, 1, fill=False, lw=2, ec="black"))
+    ax.add_patch(Rectangle((l_best - 0.5, g_best - 0.5), 1, 1, fill=False, lw=2, ec="black"))
     fig.colorbar(im, ax=ax, label="top-1 minus zero-shot (points)")
     ax.set_title(title or f"VS2 sweep on {sweep.selected_on} ({sweep.n_images} images), "
                           f"zero-shot {sweep.zeroshot_top1:.2f}", fontsize=9)
@@ -622,7 +622,6 @@ def _save_fig(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
     os.replace(tmp, path)
     return path
 

@@ -11,6 +11,9 @@ from PIL import Image
 
 from sae_lens_vision_steer import HookedCLIP
 
+# The test models are tiny: thread start-up costs more than it saves, and the CI machine has 2 cores.
+torch.set_num_threads(1)
+
 TINY_CLIP_KWARGS = dict(
     embed_dim=32,
     vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
