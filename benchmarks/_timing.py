@@ -168,9 +168,13 @@ def summarize(values: Sequence[float]) -> Summary:
 
 @dataclass(frozen=True)
 class Figure:
-    """A ratio of two variants' measurements. `kind="time"`: B/A (for times: overhead, lower is better;
-    also used for other quantities such as peak RSS in MiB, with `unit`); `kind="speed"`: A/B = B's
-    throughput over A's (higher is better)."""
+    """A ratio of two variants' measurements, from interleaved rounds.
+
+    `kind="time"`: B/A (for times: overhead, lower is better; also used for other quantities such as
+    peak RSS in MiB, with `unit`); `kind="speed"`: A/B per round = B's throughput over A's (higher is
+    better). The figure is the median of the per-round ratios (each round runs A and B back to back, so
+    a slow phase of the shared machine cancels out); the ratio of the two medians is printed as well.
+    """
 
     name: str
     a: Summary
@@ -184,13 +188,19 @@ class Figure:
     unit: str = "s"
 
     @property
-    def ratio(self) -> float:
-        return self.b.median / self.a.median if self.kind == "time" else self.a.median / self.b.median
-
-    @property
     def paired(self) -> Summary:
+        if self.a.n != self.b.n:
+            raise ValueError(f"{self.name}: {self.a.n} A runs but {self.b.n} B runs")
         pairs = zip(self.a.values, self.b.values)
         return summarize([b / a if self.kind == "time" else a / b for a, b in pairs])
+
+    @property
+    def ratio(self) -> float:
+        return self.paired.median
+
+    @property
+    def ratio_of_medians(self) -> float:
+        return self.b.median / self.a.median if self.kind == "time" else self.a.median / self.b.median
 
     def met(self) -> bool | None:
         if not self.target:
@@ -203,18 +213,26 @@ class Figure:
         what = {"time": "B/A time", "speed": "B/A throughput"}[self.kind] if self.unit == "s" else "B/A"
         u = self.unit
         p = self.paired
-        verdict = ""
-        if self.target:
-            verdict = f" target {self.target}: {'met' if self.met() else 'MISSED'}"
+        verdict = f" target {self.target}: {'met' if self.met() else 'MISSED'}" if self.target else ""
         note = f" {self.note}" if self.note else ""
         return (f"{self.name}: {self.ratio:.4f} (A {self.a.median:.4g} {u}, B {self.b.median:.4g} {u}, n={self.a.n}) "
                 f"spread A {self.a.min:.4g}-{self.a.max:.4g} {u}, B {self.b.min:.4g}-{self.b.max:.4g} {u}, "
-                f"per-round {what} {p.min:.4f}-{p.max:.4f}{verdict} [A={self.a_label}, B={self.b_label}]{note}")
+                f"per-round {what} {p.min:.4f}-{p.max:.4f} (figure = their median; ratio of medians "
+                f"{self.ratio_of_medians:.4f}){verdict} [A={self.a_label}, B={self.b_label}]{note}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ratio": self.ratio, "kind": self.kind, "unit": self.unit, "a_label": self.a_label,
-                "b_label": self.b_label, "a": list(self.a.values), "b": list(self.b.values),
-                "target": self.target, "met": self.met(), "note": self.note, **self.extra}
+        return {**self.extra, "name": self.name, "ratio": self.ratio, "ratio_of_medians": self.ratio_of_medians,
+                "kind": self.kind, "unit": self.unit, "a_label": self.a_label, "b_label": self.b_label,
+                "a": list(self.a.values), "b": list(self.b.values), "target": self.target, "met": self.met(),
+                "note": self.note}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Figure":
+        known = {"name", "ratio", "ratio_of_medians", "kind", "unit", "a_label", "b_label", "a", "b", "a_s", "b_s",
+                 "target", "met", "note", "time"}
+        return cls(d["name"], summarize(d.get("a", d.get("a_s"))), summarize(d.get("b", d.get("b_s"))),
+                   d.get("kind", "time"), d.get("a_label", "A"), d.get("b_label", "B"), d.get("target"),
+                   d.get("note", ""), {k: v for k, v in d.items() if k not in known}, d.get("unit", "s"))
 
 
 def report(fig: Figure, json_out: Path | None = None) -> Figure:
@@ -286,3 +304,16 @@ def run_measured_child(argv: Sequence[str], timeout: float | None = None) -> dic
     result["wait4_peak_mib"] = usage.ru_maxrss / per_mib
     result["child_wall_s"] = time.perf_counter() - t0
     return result
+
+
+def reprint(jsonl: Path) -> None:
+    """Print the figure lines of a `--json-out` file again (with this module's current format)."""
+    for line in Path(jsonl).read_text().splitlines():
+        if line.strip():
+            print(Figure.from_json(json.loads(line)).line())
+
+
+if __name__ == "__main__":  # python benchmarks/_timing.py results.jsonl
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python benchmarks/_timing.py RESULTS.jsonl   (re-print the figure lines)")
+    reprint(Path(sys.argv[1]))

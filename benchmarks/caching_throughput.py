@@ -33,7 +33,7 @@ from _timing import (  # noqa: E402
 
 quiet_progress()
 
-from _setup import add_common_args, build_model, final_hook, head, split_dataset, tiny_imagenet  # noqa: E402
+from _setup import TOWERS, add_common_args, build_model, final_hook, head, split_dataset, tiny_imagenet  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--dtype", default="float16", help="cache dtype")
     p.add_argument("--data-dir", type=Path, default=TINY_IMAGENET_DIR)
+    p.add_argument("--tower", choices=sorted(TOWERS), default="vit-b-32",
+                   help="narrow: a one-block 768-wide tower on 32 px images, isolating the writer's own cost "
+                        "(a diagnostic; the figure of record is vit-b-32)")
     p.add_argument("--skip", choices=["final", "early-stop"], action="append", default=[],
                    help="leave out a figure")
     add_common_args(p, reps=1, warmup=0)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     threads = set_threads(args.threads)
     print_header("caching_throughput", args)
-    model = build_model("vit-b-32", args.seed)
+    model = build_model(args.tower, args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="caching_throughput_", dir=_mkdir(args.work_dir)))
 
     def plain_pass(ds) -> None:
@@ -100,19 +103,21 @@ def main(argv: list[str] | None = None) -> None:
             ips_a, ips_b = n / sum(a.values), n / sum(b.values)
             report(Figure("caching_throughput/cache_final", a, b, "speed", "plain encode_image over the loader",
                           f"cache_activations({hook}, cls, {args.dtype})", ">= 0.95",
-                          f"{n} images in {len(a.values)} chunks, batch {args.batch_size}, {args.num_workers} workers; "
+                          f"{args.tower}, {n} images in {len(a.values)} chunks, batch {args.batch_size}, {args.num_workers} workers; "
                           f"{ips_a:.2f} vs {ips_b:.2f} images/s (totals: ratio {ips_b / ips_a:.4f})",
                           {"images_per_s_a": ips_a, "images_per_s_b": ips_b, "n_images": n}), args.json_out)
         if "early-stop" not in args.skip:
             n_early = args.n_images_early_stop or args.n_images
-            early, full = "blocks.5.hook_resid_post", final_hook(model)
+            early, full = f"blocks.{min(5, model.cfg.n_layers - 2)}.hook_resid_post", final_hook(model)
+            if model.cfg.n_layers < 2:
+                raise SystemExit("the early-stop figure needs a tower with at least 2 blocks (use --skip early-stop)")
             times, n = run_figure(n_early, {"full": lambda ds: cache_pass(ds, full),
                                             "early": lambda ds: cache_pass(ds, early)})
             a, b = summarize(times["full"]), summarize(times["early"])
             ips_a, ips_b = n / sum(a.values), n / sum(b.values)
             report(Figure("caching_throughput/cache_block5_early_stop", a, b, "speed",
                           f"cache_activations({full}) (full forward)", f"cache_activations({early}) (stops after block 5)",
-                          "> 1.2", f"{n} images in {len(a.values)} chunks; {ips_a:.2f} vs {ips_b:.2f} images/s",
+                          "> 1.2", f"{args.tower}, {n} images in {len(a.values)} chunks; {ips_a:.2f} vs {ips_b:.2f} images/s",
                           {"images_per_s_a": ips_a, "images_per_s_b": ips_b, "n_images": n}), args.json_out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

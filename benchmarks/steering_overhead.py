@@ -35,27 +35,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--d-sae", type=int, default=3072)
-    p.add_argument("--fvu-threshold", type=float, default=1.0,
-                   help="gate threshold for variant G (its value changes which tokens are steered, not the cost)")
+    p.add_argument("--fvu-threshold", type=float, default=None,
+                   help="gate threshold for variant G (default: the median FVU of the batch's CLS tokens, so about "
+                        "half are steered; the value changes which tokens are steered, not the cost)")
     p.add_argument("--hook-calls", type=int, default=10, help="hook-alone calls per round (timed together)")
     add_common_args(p, reps=9)
     args = p.parse_args(argv)
 
     import torch
 
-    from sae_lens_vision_steer.steering import VS2Steering
+    from sae_lens_vision_steer.steering import VS2Steering, per_sample_fvu
 
     set_threads(args.threads)
     print_header("steering_overhead", args)
     model = build_model("vit-b-32", args.seed)
     hook = final_hook(model)
     sae = build_topk_sae(model.cfg.d_model, args.d_sae, args.k, hook, args.seed)
-    steer = VS2Steering(sae)
-    gated = VS2Steering(sae, fvu_threshold=args.fvu_threshold)
-    hooks, gated_hooks = steer.fwd_hooks(model), gated.fwd_hooks(model)
     g = torch.Generator().manual_seed(args.seed)
     size = model.cfg.image_size
     x = torch.randn(args.batch, 3, size, size, generator=g)
+    if args.fvu_threshold is None:
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(x, names_filter=[hook])
+            args.fvu_threshold = float(per_sample_fvu(cache[hook][:, 0], sae).median())
+    steer = VS2Steering(sae)
+    gated = VS2Steering(sae, fvu_threshold=args.fvu_threshold)
+    hooks, gated_hooks = steer.fwd_hooks(model), gated.fwd_hooks(model)
     act = torch.randn(args.batch, model.cfg.n_tokens, model.cfg.d_model, generator=g)
     site = steer.sites[0]
 
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                        reps=args.reps, warmup=args.warmup)
 
     desc = f"ViT-B-32 batch {args.batch}, TopKSAE 768x{args.d_sae} k={args.k} on {hook} CLS"
-    gate = f"gated VS2 hooks (tau={args.fvu_threshold:g}, coverage {gated.coverage:.2f})"
+    gate = f"gated VS2 hooks (tau={args.fvu_threshold:.4g}, coverage {gated.coverage:.2f})"
     for clock, times in (("", t.wall), ("_cpu", t.cpu)):
         a = summarize(times["plain"])
         note = desc + ("; process CPU time, not wall" if clock else "")
