@@ -76,12 +76,19 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
         tmp = f.name
+    os.chmod(tmp, _file_mode())  # temp files are created 0600; give the file the usual permissions
     os.replace(tmp, path)
 
 

@@ -331,3 +331,12 @@ def test_preprocess_identity_has_no_memory_addresses():
 
     t = Compose([lambda x: x])  # a plain function in a Compose shows its address
     assert " at 0x" in repr(t) and " at 0x" not in _stable_repr(t)
+
+
+def test_cache_files_get_the_usual_permissions(cache2000):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in cache2000.root.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
