@@ -110,7 +110,7 @@ def model_fingerprint(model: HookedCLIP) -> str:
     h = hashlib.sha256()
     for name, t in model.visual.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()[:16]
 
 
