@@ -21,6 +21,7 @@ sums stored in the shards, so a resumed run's metadata equals an uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -253,6 +254,33 @@ def _valid_shard_prefix(root: Path, records: list[dict[str, Any]]) -> int:
     return len(records)
 
 
+@contextlib.contextmanager
+def _exclusive_writer(root: Path) -> Iterator[None]:
+    """One writer per cache folder (an advisory `flock` on `.lock`, released when the process ends)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no guard
+        yield
+        return
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, _file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise CacheError(f"another process (pid {holder}) is writing the cache in {root}; "
+                             "wait for it to finish or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _remove_cache_files(root: Path) -> None:
     """Delete what a cache run writes (and nothing else in the folder)."""
     for p in list(root.glob("shard_*.safetensors")) + [root / METADATA_FILE, root / "labels.npy", root / "image_index.npy"]:
@@ -293,7 +321,14 @@ def cache_activations(
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     request = _request(model, dataset, hooks, positions, dtype, shard_size)
+    with _exclusive_writer(root):
+        return _cache_locked(model, dataset, hooks, request, root, positions, dtype, batch_size, num_workers,
+                             shard_size, show_progress, overwrite)
 
+
+def _cache_locked(model, dataset, hooks, request, root, positions, dtype, batch_size, num_workers, shard_size,
+                  show_progress, overwrite) -> "ActivationCache":
+    n_images = len(dataset)
     meta_path = root / METADATA_FILE
     if overwrite:
         _remove_cache_files(root)

@@ -340,3 +340,23 @@ def test_cache_files_get_the_usual_permissions(cache2000):
     os.umask(umask)
     for p in cache2000.root.iterdir():
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def test_second_writer_is_refused(tiny_clip, tiny_imagenet_dir, tmp_path):
+    import fcntl
+    import os
+
+    ds = load_image_dataset("tiny-imagenet", "val", tiny_imagenet_dir, transform=tiny_clip.preprocess, limit=8)
+    root = tmp_path / "c"
+    root.mkdir()
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another process writing this cache would
+        os.pwrite(fd, b"4242", 0)
+        with pytest.raises(CacheError, match=r"another process \(pid 4242\) is writing the cache"):
+            cache_activations(tiny_clip, ds, HOOKS[0], root, num_workers=0, show_progress=False)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert cache_activations(tiny_clip, ds, HOOKS[0], root, num_workers=0, show_progress=False).n_rows == 8
+    assert (root / ".lock").read_bytes() == b""  # released
