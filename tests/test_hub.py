@@ -576,7 +576,9 @@ def test_offline_load_from_the_hf_cache(dry_run, sae_dir, tmp_path):
 
     x = torch.randn(6, 64)
     torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home")}
+    # Same thread count as this process, so the two reconstructions take the same float path.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home"),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     script = OFFLINE_SCRIPT.format(repo=REPO, sae_id=SAE_ID)
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                           env=env, capture_output=True, text=True, timeout=300)
