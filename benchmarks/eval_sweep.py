@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     if abs(results["plain_top1"] - results["eval_zeroshot_top1"]) > 1e-6:
         raise RuntimeError(f"zero-shot top-1 differs: plain {results['plain_top1']} vs runner "
                            f"{results['eval_zeroshot_top1']}")
+    if results["n_backbone_passes"] != 1:  # the point of the runner: every token method shares one pass
+        raise RuntimeError(f"the runner made {results['n_backbone_passes']} backbone passes, expected 1")
     a, b = summarize(t.wall["plain"]), summarize(t.wall["sweep"])
     gate = f", FVU gate tau={args.fvu_threshold:g}" if args.fvu_threshold is not None else ""
     report(Figure("eval_sweep/sweep_5x5_plus_baselines", a, b, "time", "one plain zero-shot pass",
