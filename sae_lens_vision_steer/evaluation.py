@@ -35,7 +35,7 @@ from .hooked_clip import HookedCLIP
 from .sae_metadata import activation_mean, check_sae_fits_hook, sae_hook_name
 from .steering.baselines import SAEReconstruction, sae_reconstruct
 from .steering.hooks import TokenIntervention
-from .steering.vs2 import PAPER_GAMMA, PAPER_LAM, vs2_apply
+from .steering.vs2 import PAPER_GAMMA, PAPER_LAM, vs2_from_reconstruction
 from .zeroshot import ZeroShotClassifier, ZeroShotResult, accuracy_metrics
 
 DEFAULT_METHODS = ("zeroshot", "vs2", "rec_final", "rec_final_gamma")
@@ -134,6 +134,17 @@ def _zeroshot(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOu
     return MethodOutput(tokens=tokens_ND, coverage=0.0)
 
 
+def sae_reconstruction(tokens_ND: torch.Tensor, ctx: MethodContext, sae: SAE) -> torch.Tensor:
+    """`sae.decode(sae.encode(x))` for the cached tokens, computed once per run and shared by every
+    VS2 setting and SAE-rec final (it does not depend on lam, gamma or the gate)."""
+    hit = ctx.scratch.get("sae_reconstruction")
+    if hit is None or hit[0] is not tokens_ND or hit[1] is not sae:
+        rec = torch.cat([sae.decode(sae.encode(c.to(sae.device, sae.dtype))) for c in tokens_ND.split(ctx.batch_size)])
+        hit = (tokens_ND, sae, rec)
+        ctx.scratch["sae_reconstruction"] = hit
+    return hit[2]
+
+
 @register_method("vs2", description="VS2: x + lam (gamma-1) W_dec c, norm-preserving, FVU-gated")
 def _vs2(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM, gamma: float = PAPER_GAMMA,
          fvu_threshold: float | None = None, preserve_norm: bool = True, **_: Any) -> MethodOutput:
@@ -143,20 +154,15 @@ def _vs2(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM,
         if "activation_mean" not in ctx.scratch:
             ctx.scratch["activation_mean"] = activation_mean(sae)
         mean_D = ctx.scratch["activation_mean"]
-    steered, masks = [], []
-    for chunk in tokens_ND.split(ctx.batch_size):
-        out = vs2_apply(chunk.to(sae.device), sae, lam, gamma, fvu_threshold, mean_D, preserve_norm)
-        steered.append(out.steered)
-        masks.append(out.steered_mask)
-    mask = torch.cat(masks)
-    return MethodOutput(tokens=torch.cat(steered), coverage=mask.float().mean().item())
+    rec = sae_reconstruction(tokens_ND, ctx, sae)
+    out = vs2_from_reconstruction(tokens_ND.to(sae.device), rec, sae, lam, gamma, fvu_threshold, mean_D, preserve_norm)
+    return MethodOutput(tokens=out.steered, coverage=out.coverage)
 
 
 @register_method("rec_final", description="SAE-rec final: the CLS token replaced by decode(encode(x))")
 def _rec_final(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     sae = ctx.require_sae("rec_final")
-    rec = torch.cat([sae_reconstruct(c.to(sae.device), sae) for c in tokens_ND.split(ctx.batch_size)])
-    return MethodOutput(tokens=rec, coverage=1.0)
+    return MethodOutput(tokens=sae_reconstruction(tokens_ND, ctx, sae).to(tokens_ND.dtype), coverage=1.0)
 
 
 @register_method("rec_final_gamma", description="SAE-rec final + gamma: the CLS token replaced by decode(gamma c)")

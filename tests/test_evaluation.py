@@ -197,8 +197,14 @@ def test_sweep_grid_matches_single_scores(setup, tmp_path):
     sae = make_topk_sae(seed=1)
     ev = Evaluator(model, data, sae, clf, batch_size=BATCH, num_workers=0, show_progress=False)
     lams, gammas = [0.0, 2.0, 4.0], [1.5, 3.0]
-    sweep = sweep_vs2(ev, lams, gammas, show_progress=False)
+    sae_calls = []
+    sae.add_hook("hook_sae_input", lambda act, hook: sae_calls.append(act.shape[0]))
+    try:
+        sweep = sweep_vs2(ev, lams, gammas, show_progress=False)
+    finally:
+        sae.reset_hooks()
     assert sweep.top1_GL.shape == (2, 3) and ev.n_backbone_passes == 1
+    assert sum(sae_calls) == N_IMAGES  # one SAE pass over the cached tokens serves all six cells
     assert sweep.zeroshot_top1 == plain.top1
     for gi, g in enumerate(gammas):
         for li, lam in enumerate(lams):

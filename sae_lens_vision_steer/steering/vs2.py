@@ -39,12 +39,6 @@ class VS2Output:
         return self.steered_mask.float().mean().item()
 
 
-def _code_and_reconstruction(x: torch.Tensor, sae: SAE) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(decode(c) - b_dec, decode(c))` for `c = encode(x)`: one encode and one decode."""
-    rec = sae.decode(sae.encode(x))
-    return rec - sae.b_dec, rec
-
-
 def _fvu(x: torch.Tensor, rec: torch.Tensor, mean_D: torch.Tensor) -> torch.Tensor:
     err = (x - rec).pow(2).sum(-1)
     var = (x - mean_D).pow(2).sum(-1)
@@ -68,11 +62,21 @@ def vs2_apply(x: torch.Tensor, sae: SAE, lam: float = PAPER_LAM, gamma: float = 
     `mean_D` is the activation mean for FVU (default: the SAE's recorded `activation_mean`).
     """
     check_finite(lam=lam, gamma=gamma)
+    x_sae = x.to(sae.dtype)
+    return vs2_from_reconstruction(x, sae.decode(sae.encode(x_sae)), sae, lam, gamma, fvu_threshold, mean_D,
+                                   preserve_norm)
+
+
+def vs2_from_reconstruction(x: torch.Tensor, rec: torch.Tensor, sae: SAE, lam: float = PAPER_LAM,
+                            gamma: float = PAPER_GAMMA, fvu_threshold: float | None = None,
+                            mean_D: torch.Tensor | None = None, preserve_norm: bool = True) -> VS2Output:
+    """VS2 given the SAE reconstruction `rec = sae.decode(sae.encode(x))`, which does not depend on
+    lam, gamma or the gate: a sweep computes it once and calls this per setting."""
+    check_finite(lam=lam, gamma=gamma)
     if fvu_threshold is not None and (fvu_threshold != fvu_threshold):  # NaN
         raise ValueError("fvu_threshold is NaN")
     x_sae = x.to(sae.dtype)
-    lin, rec = _code_and_reconstruction(x_sae, sae)
-    steered = _steer_from_linear(x_sae, lin, lam, gamma, preserve_norm)
+    steered = _steer_from_linear(x_sae, rec - sae.b_dec, lam, gamma, preserve_norm)
     if fvu_threshold is None:
         mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
         return VS2Output(steered.to(x.dtype), mask, None)
