@@ -40,7 +40,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.mixing_buffer import mixing_buffer
 from tqdm.auto import tqdm
 
-from .activation_cache import ActivationCache, _write_json_atomic
+from .activation_cache import ActivationCache, _file_mode, _write_json_atomic
 
 
 # ---------------------------------------------------------------------------------- presets
@@ -642,6 +642,7 @@ def train_sae(
     sae.save_inference_model(tmp)
     save_file({"sparsity": sparsity}, tmp / SPARSITY_FILENAME)
     for name in ("sae_weights.safetensors", SPARSITY_FILENAME, "cfg.json"):  # cfg.json last: it marks an SAE
+        os.chmod(tmp / name, _file_mode())  # safetensors writes 0600; give the usual permissions
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
 

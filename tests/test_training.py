@@ -93,6 +93,11 @@ def test_saved_sae_loads_with_sae_lens_alone(trained, cache):
     torch.testing.assert_close(torch.tensor(meta.activation_mean, dtype=torch.float64), expect_mean, rtol=0, atol=1e-6)
     sparsity = load_file(out / "sparsity.safetensors")["sparsity"]
     assert sparsity.shape == (256,) and float(sparsity.max()) <= 0
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     run = json.loads((out / "training_run.json").read_text())
     assert run["status"] == "complete" and not (out / "checkpoints").exists()
 
