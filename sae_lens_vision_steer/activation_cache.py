@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 SHARD_PATTERN = "shard_{:05d}.safetensors"
 DEFAULT_SHARD_SIZE = 8192
+STATS_BLOCK_ROWS = 1024
 HEAD_HOOKS = ("hook_ln_post", "hook_image_embed")  # [B, D]: the pooled CLS only
 
 # Fields of the request that must agree for a cache to be reused or resumed.
@@ -199,13 +200,20 @@ def _shard_tensors(buf: _ShardBuffer) -> dict[str, torch.Tensor]:
     for h in buf.hooks:
         acts = buf.acts[h][:n].contiguous()
         tensors[f"acts/{h}"] = acts
-        # numpy float64 reductions (pairwise, single-threaded): the same bits whatever torch's threads.
-        x = acts.float().numpy().astype(np.float64)
-        sq_norm = np.einsum("ij,ij->i", x, x)
-        tensors[f"stats/{h}/sum"] = torch.from_numpy(x.sum(axis=0))
-        tensors[f"stats/{h}/sum_norm"] = torch.from_numpy(np.sqrt(sq_norm).sum(keepdims=True))
-        tensors[f"stats/{h}/sum_sq_norm"] = torch.from_numpy(sq_norm.sum(keepdims=True))
-        tensors[f"stats/{h}/max_abs"] = torch.from_numpy(np.abs(x).max(initial=0.0, keepdims=True).reshape(1))
+        total = np.zeros(acts.shape[1], dtype=np.float64)
+        sum_norm = sum_sq_norm = max_abs = 0.0
+        # float64 numpy reductions over fixed row blocks (the same bits whatever torch's thread count),
+        # a block at a time so that the float64 copy stays small.
+        for block in acts.split(STATS_BLOCK_ROWS):
+            x = block.double().numpy()
+            sq_norm = np.einsum("ij,ij->i", x, x)
+            total += x.sum(axis=0)
+            sum_norm += float(np.sqrt(sq_norm).sum())
+            sum_sq_norm += float(sq_norm.sum())
+            max_abs = max(max_abs, float(np.abs(x).max(initial=0.0)))
+        tensors[f"stats/{h}/sum"] = torch.from_numpy(total)
+        for key, value in (("sum_norm", sum_norm), ("sum_sq_norm", sum_sq_norm), ("max_abs", max_abs)):
+            tensors[f"stats/{h}/{key}"] = torch.tensor([value], dtype=torch.float64)
     return tensors
 
 
@@ -432,7 +440,7 @@ def _run_forward_and_write(model, dataset, hooks, request, root, meta, records, 
 def _flush_shard(root: Path, meta: dict[str, Any], records: list[dict[str, Any]], buf: _ShardBuffer,
                  shard_idx: int, first_row: int) -> None:
     for h in buf.hooks:
-        finite = torch.isfinite(buf.acts[h][:buf.n].float()).all(dim=1)
+        finite = torch.isfinite(buf.acts[h][:buf.n]).all(dim=1)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0])
             raise NonFiniteActivationsError(
