@@ -53,32 +53,38 @@ def _select_topn_stable(scores_QM: torch.Tensor, ids_QM: torch.Tensor, n: int,
                         ids_ascending: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The `n` best columns of each row, ordered by (score desc, id asc).
 
-    `torch.topk` picks arbitrarily among equal scores at the cut-off, so we take the n-th best
-    score as a threshold, keep everything above it, and fill the remaining places with the
-    smallest ids among the scores equal to it. Each row then keeps exactly `n` entries.
+    `torch.topk` picks arbitrarily among equal scores at the cut-off. Rows without such a tie keep
+    topk's answer (it is the unique one); rows with one (e.g. duplicate images in the pool) keep
+    everything above the n-th best score and fill the remaining places with the smallest ids among
+    the scores equal to it.
     """
     m = scores_QM.shape[1]
     if n >= m:
-        keep_QM = torch.ones_like(scores_QM, dtype=torch.bool)
-        n = m
+        return _sort_score_desc_id_asc(scores_QM, ids_QM)
+    top = scores_QM.topk(n, dim=1)
+    thresh_Q1 = top.values[:, -1:]
+    out_s, out_i = _sort_score_desc_id_asc(top.values, ids_QM.gather(1, top.indices))
+    tied_rows = ((scores_QM >= thresh_Q1).sum(dim=1) != n).nonzero()[:, 0]
+    if len(tied_rows):
+        out_s[tied_rows], out_i[tied_rows] = _select_topn_with_ties(
+            scores_QM[tied_rows], ids_QM[tied_rows], thresh_Q1[tied_rows], n, ids_ascending)
+    return out_s, out_i
+
+
+def _select_topn_with_ties(scores_QM: torch.Tensor, ids_QM: torch.Tensor, thresh_Q1: torch.Tensor, n: int,
+                           ids_ascending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    above_QM = scores_QM > thresh_Q1
+    tied_QM = scores_QM == thresh_Q1
+    n_needed_Q1 = n - above_QM.sum(dim=1, keepdim=True)
+    # Rank each tied entry among the tied entries of its row, in id order.
+    if ids_ascending:  # a pool chunk: columns are already in id order
+        take_QM = tied_QM & (tied_QM.long().cumsum(dim=1) <= n_needed_Q1)
     else:
-        top = scores_QM.topk(n, dim=1)
-        thresh_Q1 = top.values[:, -1:]
-        if bool(((scores_QM >= thresh_Q1).sum(dim=1) == n).all()):
-            # Fast path: no tie straddles the cut-off, so topk's choice is the unique answer.
-            return _sort_score_desc_id_asc(top.values, ids_QM.gather(1, top.indices))
-        above_QM = scores_QM > thresh_Q1
-        tied_QM = scores_QM == thresh_Q1
-        n_needed_Q1 = n - above_QM.sum(dim=1, keepdim=True)
-        # Rank each tied entry among the tied entries of its row, in id order.
-        if ids_ascending:  # a pool chunk: columns are already in id order
-            take_QM = tied_QM & (tied_QM.long().cumsum(dim=1) <= n_needed_Q1)
-        else:
-            order_QM = ids_QM.argsort(dim=1)
-            tied_sorted_QM = tied_QM.gather(1, order_QM)
-            take_sorted_QM = tied_sorted_QM & (tied_sorted_QM.long().cumsum(dim=1) <= n_needed_Q1)
-            take_QM = torch.zeros_like(tied_QM).scatter_(1, order_QM, take_sorted_QM)
-        keep_QM = above_QM | take_QM
+        order_QM = ids_QM.argsort(dim=1)
+        tied_sorted_QM = tied_QM.gather(1, order_QM)
+        take_sorted_QM = tied_sorted_QM & (tied_sorted_QM.long().cumsum(dim=1) <= n_needed_Q1)
+        take_QM = torch.zeros_like(tied_QM).scatter_(1, order_QM, take_sorted_QM)
+    keep_QM = above_QM | take_QM
     # Exactly n True per row, so the masked selection reshapes to [Q, n].
     return _sort_score_desc_id_asc(scores_QM[keep_QM].reshape(-1, n), ids_QM[keep_QM].reshape(-1, n))
 

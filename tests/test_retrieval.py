@@ -59,6 +59,20 @@ def test_ties_are_broken_by_pool_index_across_chunk_boundaries(chunk: int) -> No
     assert torch.equal(got.scores_QN, ref_s)
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_rows_with_and_without_ties_in_one_batch(chunk: int) -> None:
+    """Duplicate images in a real pool: only some queries see a tie at the cut-off."""
+    g = torch.Generator().manual_seed(4)
+    pool = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    pool[150:160] = pool[3]  # eleven identical rows: 3 and 150..159
+    queries = torch.cat([pool[3:4], torch.randn(5, 16, generator=g, dtype=torch.float64), pool[3:4] * 2])
+    ref_s, ref_i = brute_force_topn(queries, pool, 5)
+    assert ref_i[0].tolist() == [3, 150, 151, 152, 153] and ref_i[-1].tolist() == [3, 150, 151, 152, 153]
+    got = ExactCosineIndex(pool, pool_chunk_size=chunk, query_batch_size=4).search(queries, 5)
+    assert torch.equal(got.indices_QN, ref_i)
+    torch.testing.assert_close(got.scores_QN, ref_s)
+
+
 def test_duplicated_pool_rows_come_back_in_index_order() -> None:
     base = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pool = base[[0, 1, 0, 1, 0, 1, 0]]  # rows 0, 2, 4, 6 are the same vector
