@@ -612,7 +612,9 @@ def plot_sweep_heatmap(sweep: SweepResult, path: str | Path, title: str | None =
     ax.set_ylabel("gamma")
     for gi in range(len(sweep.gammas)):
         for li in range(len(sweep.lams)):
-            ax.text(li, gi, f"{delta[gi, li]:+.2f}", ha="center", va="center", fontsize=8)
+            dark = abs(delta[gi, li]) > 0.6 * lim  # white text on the saturated cells
+            ax.text(li, gi, f"{delta[gi, li]:+.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
     g_best, l_best = np.unravel_index(int(np.argmax(sweep.top1_GL)), sweep.top1_GL.shape)
     ax.add_patch(Rectangle((l_best - 0.5, g_best - 0.5), 1, 1, fill=False, lw=2, ec="black"))
     fig.colorbar(im, ax=ax, label="top-1 minus zero-shot (points)")
