@@ -1,7 +1,11 @@
 """Labelled image data sets: one entry point, `load_image_dataset`, for Hub repos and local folders.
 
 Every source yields `(image_tensor, label)` through open_clip's preprocessing transform and carries
-its prompt-ready class names. Images are converted to RGB (greyscale, RGBA, CMYK, palette).
+its prompt-ready class names. Images are converted to RGB (greyscale, RGBA, CMYK, palette; 16-bit,
+32-bit integer and float greyscale are scaled to 8 bits first, see `to_rgb`).
+
+Each data set has a portable `dataset_id` (`cifar100`, `owner/repo`, `imagefolder:<folder name>`) that
+goes into published metadata; a local source also keeps its absolute `data_dir` (for local files only).
 """
 
 from __future__ import annotations
@@ -45,16 +49,43 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    """RGB, with high-bit-depth greyscale scaled to 8 bits first (PIL's `convert` clips it: a 16-bit
+    PNG would come out almost white). 16-bit (`I;16*`): divided by 257, so 65535 -> 255. 32-bit
+    integer (`I`): kept when in [0, 255], divided by 257 when in [0, 65535] (16-bit PNGs often open
+    so), else min-max scaled. Float (`F`): [0, 1] -> x 255, [0, 255] kept, else min-max scaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode), mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    x = arr.astype(np.float64)
+    finite = x[np.isfinite(x)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        x = x / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        x = x * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        x = x / 257.0
+    else:  # an unknown range: stretch it
+        x = (x - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(x)
+    return np.clip(np.nan_to_num(x, nan=0.0), 0, 255).round().astype(np.uint8)
 
 
 class ImageDataset(Dataset):
     """A labelled image data set. Subclasses implement `load_image(i)` and set `labels`."""
 
-    dataset_id: str
+    dataset_id: str  # portable: no local paths
     split: str
     classnames: list[str]
     labels: np.ndarray  # [N] int64, -1 where unknown
+    data_dir: Path | None = None  # the local folder it was read from (absolute), if any
+    hub_repo: str | None = None  # the Hub repository, if it comes from the Hub
 
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor] | None, skip_bad_images: bool = False):
         self.transform = transform
@@ -82,6 +113,14 @@ class ImageDataset(Dataset):
         if n is not None and n < self._num_items():
             self.indices = np.linspace(0, self._num_items() - 1, n).round().astype(np.int64)
         return self
+
+    @property
+    def relative_paths(self) -> list[str] | None:
+        """The image files relative to `data_dir` (folder data sets), for fingerprints that survive a move."""
+        paths = getattr(self, "paths", None)
+        if paths is None or self.data_dir is None:
+            return None
+        return [Path(p).relative_to(self.data_dir).as_posix() for p in paths]
 
     @property
     def subset_labels(self) -> np.ndarray:
@@ -139,7 +178,8 @@ class TinyImageNetFolder(ImageDataset):
 
     def __init__(self, root: str | Path, split: str = "val", transform=None, skip_bad_images: bool = False):
         super().__init__(transform, skip_bad_images)
-        root = Path(root)
+        root = Path(root).resolve()
+        self.data_dir = root
         wnids_file = root / "wnids.txt"
         if not wnids_file.is_file():
             raise FileNotFoundError(f"{root} is not a Tiny-ImageNet-200 folder: {wnids_file} is missing")
@@ -177,15 +217,27 @@ class TinyImageNetFolder(ImageDataset):
 
 class ImageFolderDataset(ImageDataset):
     """`root/<class_name>/*.jpg` (torchvision ImageFolder layout). Underscores in folder names become
-    spaces in the class names; `split` selects `root/<split>/` when that folder exists."""
+    spaces in the class names.
+
+    `split` names a subfolder (`root/train/`, `root/val/`, ...). `split=None` or `"all"` uses the whole
+    folder as one split. A split that has no subfolder is refused: using the whole folder for it would
+    train and evaluate on the same images without a word.
+    """
 
     def __init__(self, root: str | Path, split: str | None = None, transform=None, skip_bad_images: bool = False):
         super().__init__(transform, skip_bad_images)
-        root = Path(root)
-        if split and (root / split).is_dir():
-            root = root / split
+        root = Path(root).resolve()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
+        self.data_dir = top = root
+        if split not in (None, "all"):
+            if not (root / split).is_dir():
+                subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+                raise ValueError(
+                    f"image folder {root} has no {split}/ subfolder (it holds {subdirs[:5]}"
+                    f"{' ...' if len(subdirs) > 5 else ''}); split it into {root}/train/ and {root}/val/, or pass "
+                    "split='all' (--split all) to use the whole folder as one split")
+            root = root / split
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
         self.paths, labels = [], []
         for ci, d in enumerate(class_dirs):
@@ -196,7 +248,7 @@ class ImageFolderDataset(ImageDataset):
             raise FileNotFoundError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
         self.classnames = [d.name.replace("_", " ") for d in class_dirs]
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.dataset_id, self.split = f"imagefolder:{root}", split or "all"
+        self.dataset_id, self.split = f"imagefolder:{top.name}", split or "all"
 
     def load_image(self, i: int) -> Image.Image:
         return open_rgb(self.paths[i])
@@ -210,9 +262,10 @@ class Cifar100Pickle(ImageDataset):
 
     def __init__(self, root: str | Path, split: str = "test", transform=None, skip_bad_images: bool = False):
         super().__init__(transform, skip_bad_images)
-        root = Path(root)
+        root = Path(root).resolve()
         if (root / "cifar-100-python").is_dir():
             root = root / "cifar-100-python"
+        self.data_dir = root
         split = {"val": "test"}.get(split, split)
         f = root / split
         if split not in ("train", "test") or not f.is_file():
@@ -280,12 +333,14 @@ def load_hub_dataset(name: str, split: str, transform=None, skip_bad_images: boo
         ds = datasets.load_dataset(repo, split=hub_split, **load_kwargs)
     except ValueError as e:  # datasets raises ValueError for an unknown split
         raise ValueError(f"{repo}: cannot load split {hub_split!r}: {e}") from e
-    return HubImageDataset(
+    out = HubImageDataset(
         ds, dataset_id=name if spec else repo, split=split,
         image_column=spec["image"] if spec else None, label_column=spec["label"] if spec else None,
         classnames=_hub_classnames(name, ds, spec) if spec else None,
         transform=transform, skip_bad_images=skip_bad_images,
     )
+    out.hub_repo = repo
+    return out
 
 
 def _hub_classnames(name: str, ds: Any, spec: dict[str, Any]) -> list[str]:
@@ -298,7 +353,7 @@ def _hub_classnames(name: str, ds: Any, spec: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------- entry point
 def load_image_dataset(
     dataset: str,
-    split: str = "val",
+    split: str | None = None,
     data_dir: str | Path | None = None,
     transform: Callable[[Image.Image], torch.Tensor] | None = None,
     limit: int | None = None,
@@ -308,19 +363,23 @@ def load_image_dataset(
 
     - `dataset="tiny-imagenet", data_dir=".../tiny-imagenet-200"`: the local Tiny-ImageNet layout;
     - `dataset="cifar100", data_dir=".../cifar-100-python"`: the CIFAR-100 pickle release;
-    - `dataset="imagefolder", data_dir=...`: `<class>/<image>` folders;
+    - `dataset="imagefolder", data_dir=...`: `<class>/<image>` folders; `split` names a subfolder
+      (`train`, `val`, ...); `None` or `"all"` is the whole folder;
     - `dataset in {"cifar100", "tiny-imagenet", "cub200"}` or any `owner/repo`, no `data_dir`: the Hub.
-    `limit` keeps that many images, evenly spaced so that all classes appear.
+    `split=None` means `"val"` (the whole folder for `imagefolder`). `limit` keeps that many images,
+    evenly spaced so that all classes appear.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
     name = DATASET_ALIASES.get(dataset.lower(), dataset.lower()) if "/" not in dataset else dataset
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.exists():
             raise FileNotFoundError(f"data directory {data_dir} does not exist")
         if name == "tiny-imagenet":
-            ds: ImageDataset = TinyImageNetFolder(data_dir, split, transform, skip_bad_images)
+            ds: ImageDataset = TinyImageNetFolder(data_dir, split or "val", transform, skip_bad_images)
         elif name == "cifar100":
-            ds = Cifar100Pickle(data_dir, split, transform, skip_bad_images)
+            ds = Cifar100Pickle(data_dir, split or "val", transform, skip_bad_images)
         elif name == "imagefolder":
             ds = ImageFolderDataset(data_dir, split, transform, skip_bad_images)
         else:
@@ -328,7 +387,7 @@ def load_image_dataset(
     else:
         if name == "imagefolder":
             raise ValueError("dataset 'imagefolder' needs data_dir")
-        ds = load_hub_dataset(name, split, transform, skip_bad_images)
+        ds = load_hub_dataset(name, split or "val", transform, skip_bad_images)
     return ds.subset(limit)
 
 

@@ -1,0 +1,60 @@
+"""A disk cache of CLIP image-tower activations, written in fixed-size shards, and its reader.
+
+Layout of a cache folder::
+
+    metadata.json              what was cached and how; per-shard row counts and sha256; statistics
+    shard_00000.safetensors    `acts/<hook>` [rows, d_in] for every hook, `labels`, `image_index`
+    shard_00001.safetensors    (and per-shard float64 sums `stats/<hook>/...` the statistics come from)
+    ...
+    labels.npy, image_index.npy   int64 [n_rows], copied out of the shards when the cache is complete
+
+Rows are images x positions (`cls`: 1 row per image; `patches`: one per patch token; `all`: every
+token), in data-set order. Shard `s` holds rows `s * shard_size .. (s + 1) * shard_size - 1`, so shard
+boundaries depend only on the row index. Images are pushed through the model in batches laid on a
+fixed grid of image indices (`[0, B)`, `[B, 2B)`, ...), whatever the start, so a resumed run feeds the
+model the same batches and writes the same bytes as an uninterrupted one.
+
+Writes are atomic (temp file + `os.replace`); `metadata.json` is rewritten after every shard, so an
+interrupted run resumes at the first unwritten shard. Resuming removes only our own temp files and
+never deletes a file it did not write (a stray `shard_00000 (copy).safetensors` stays). Reusing a
+complete cache verifies every file's sha256; `repair=True` recomputes only the damaged shards. Statistics are combined from per-shard float64
+sums stored in the shards, so a resumed run's metadata equals an uninterrupted run's.
+
+Modules: `format` (constants, errors, fingerprints, the identifying request), `writer`
+(`cache_activations`), `reader` (`ActivationCache`).
+"""
+
+from .format import (
+    CACHE_DTYPES,
+    DEFAULT_SHARD_SIZE,
+    FORMAT_VERSION,
+    HEAD_HOOKS,
+    IDENTITY_FIELDS,
+    METADATA_FILE,
+    POSITIONS,
+    SHARD_PATTERN,
+    CacheError,
+    CacheMismatchError,
+    CorruptCacheError,
+    NonFiniteActivationsError,
+    Positions,
+    _file_mode,
+    _stable_repr,
+    _write_bytes_atomic,
+    _write_json_atomic,
+    dataset_fingerprint,
+    describe_mismatch,
+    model_fingerprint,
+    read_metadata,
+    rows_per_image,
+    select_positions,
+)
+from .reader import ActivationCache
+from .writer import cache_activations, damaged_files
+
+__all__ = [
+    "CACHE_DTYPES", "DEFAULT_SHARD_SIZE", "FORMAT_VERSION", "HEAD_HOOKS", "IDENTITY_FIELDS", "METADATA_FILE",
+    "POSITIONS", "SHARD_PATTERN", "ActivationCache", "CacheError", "CacheMismatchError", "CorruptCacheError",
+    "NonFiniteActivationsError", "Positions", "cache_activations", "damaged_files", "dataset_fingerprint",
+    "describe_mismatch", "model_fingerprint", "read_metadata", "rows_per_image", "select_positions",
+]

@@ -1,0 +1,191 @@
+"""The activation cache's on-disk format: constants, errors, fingerprints and the request that
+identifies a cache (what must match for a cache to be reused or resumed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from ..data import ImageDataset
+from ..errors import ConflictError, InputError
+from ..fileio import file_mode as _file_mode  # noqa: F401  (re-exported for older imports)
+from ..fileio import write_bytes_atomic as _write_bytes_atomic  # noqa: F401
+from ..fileio import write_json_atomic as _write_json_atomic  # noqa: F401
+from ..hooked_clip import HookedCLIP
+from ..identity import dataset_identity, model_identity
+
+Positions = Literal["cls", "patches", "all"]
+POSITIONS = ("cls", "patches", "all")
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+SHARD_PATTERN = "shard_{:05d}.safetensors"
+SHARD_NAME_RE = re.compile(r"^shard_\d{5}\.safetensors$")  # our shard names, nothing else
+ARRAY_FILES = ("labels.npy", "image_index.npy")
+DEFAULT_SHARD_SIZE = 8192
+STATS_BLOCK_ROWS = 1024
+HEAD_HOOKS = ("hook_ln_post", "hook_image_embed")  # [B, D]: the pooled CLS only
+
+# Fields of the request that must agree for a cache to be reused or resumed.
+IDENTITY_FIELDS = (
+    "model_name", "pretrained", "model_fingerprint", "model_config", "preprocess", "hook_names", "d_in",
+    "positions", "rows_per_image", "dtype", "dataset", "split", "n_images", "dataset_fingerprint", "shard_size",
+)
+
+
+class CacheError(ValueError):
+    """A cache folder that cannot be used as asked (mismatch, corruption, bad values)."""
+
+
+class CacheMismatchError(CacheError, ConflictError):
+    pass
+
+
+class CorruptCacheError(CacheError, InputError):
+    pass
+
+
+class NonFiniteActivationsError(CacheError):
+    pass
+
+
+# ---------------------------------------------------------------------------------- small helpers
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def model_fingerprint(model: HookedCLIP) -> str:
+    """sha256 over the image tower's weights: tells apart two random-weight models of one name."""
+    h = hashlib.sha256()
+    for name, t in model.visual.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place, no copy
+    return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset: ImageDataset) -> str:
+    """sha256 over the selected items and their labels (changes with `limit` and with the split)."""
+    h = hashlib.sha256()
+    h.update(str(len(dataset)).encode())
+    indices = getattr(dataset, "indices", None)
+    if indices is not None:
+        h.update(np.asarray(indices, dtype=np.int64).tobytes())
+    files = getattr(dataset, "relative_paths", None)
+    if files is not None:  # folder data sets: which files, relative to the data folder (portable)
+        h.update("\n".join(files).encode())
+    labels = getattr(dataset, "subset_labels", None)
+    if labels is not None:
+        h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _stable_repr(obj: Any) -> str:
+    """`repr` without memory addresses (a Lambda transform's repr has one), so it compares across runs."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
+
+
+def rows_per_image(model: HookedCLIP, positions: str) -> int:
+    return {"cls": 1, "patches": model.cfg.n_tokens - 1, "all": model.cfg.n_tokens}[positions]
+
+
+def select_positions(act: torch.Tensor, positions: str) -> torch.Tensor:
+    """`[B, T, D]` (or `[B, D]` for head hooks) -> rows `[B * P, D]`, image-major."""
+    if act.ndim == 2:
+        return act  # head hooks: one pooled CLS vector per image
+    if positions == "cls":
+        return act[:, 0]
+    if positions == "patches":
+        return act[:, 1:].reshape(-1, act.shape[-1])
+    return act.reshape(-1, act.shape[-1])
+
+
+def _normalise_hooks(model: HookedCLIP, hook_names: str | Sequence[str], positions: str) -> list[str]:
+    names = [hook_names] if isinstance(hook_names, str) else list(dict.fromkeys(hook_names))
+    if not names:
+        raise ValueError("no hook names given")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    for name in names:
+        model.check_hook_name(name)
+        if name in HEAD_HOOKS and positions != "cls":
+            raise ValueError(f"hook {name!r} holds only the pooled CLS vector; use positions='cls'")
+    return names
+
+
+def _request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], positions: str, dtype: str,
+             shard_size: int) -> dict[str, Any]:
+    transform = getattr(dataset, "transform", None)
+    preprocess = _stable_repr(transform if transform is not None else model.preprocess)
+    if transform is not None and preprocess != _stable_repr(model.preprocess):
+        warnings.warn("the data set's transform differs from model.preprocess; caching with the data set's", stacklevel=3)
+    data_id = dataset_identity(dataset)
+    return {
+        **model_identity(model),  # model_name, pretrained, model_kwargs, model_config (identity.py)
+        "model_fingerprint": model_fingerprint(model),
+        "preprocess": preprocess,
+        "hook_names": hooks,
+        "d_in": {h: model.hook_width(h) for h in hooks},
+        "positions": positions,
+        "rows_per_image": rows_per_image(model, positions),
+        "dtype": dtype,
+        "dataset": data_id["dataset"],
+        "dataset_path": data_id["dataset_path"],
+        "split": data_id["split"],
+        "data_dir": data_id.get("data_dir"),  # local path: kept in this local file only, never published
+        "n_images": len(dataset),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "shard_size": shard_size,
+    }
+
+
+def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key in IDENTITY_FIELDS:
+        if found.get(key) != wanted.get(key):
+            a, b = repr(found.get(key)), repr(wanted.get(key))
+            if len(a) + len(b) > 200:  # e.g. preprocessing reprs: say that, not the whole text
+                a, b = a[:90] + "...", b[:90] + "..."
+            diffs.append(f"{key}: cache has {a}, request has {b}")
+    return diffs
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """`metadata.json` as a dict, or a clear `CorruptCacheError`."""
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptCacheError(f"{path} is not valid JSON ({e}); use --overwrite to start the cache again") from None
+    except UnicodeDecodeError:
+        raise CorruptCacheError(f"{path} is not a text file; use --overwrite to start the cache again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards", []), list):
+        raise CorruptCacheError(f"{path} is not an activation-cache metadata file (expected a JSON object with "
+                                "'shards'); use --overwrite to start the cache again")
+    return meta
+
+
+def file_problem(root: Path, rec: dict[str, Any], check_sha: bool = True) -> str | None:
+    """Why a recorded file is not intact (missing, wrong size, wrong sha256), or None."""
+    path = root / rec["file"]
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != rec["nbytes"]:
+        return f"{path} is truncated or damaged ({size} bytes, expected {rec['nbytes']})"
+    if check_sha and _sha256_bytes(path.read_bytes()) != rec["sha256"]:
+        return f"{path} is corrupt (its sha256 does not match the one in {METADATA_FILE})"
+    return None

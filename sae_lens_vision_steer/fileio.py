@@ -1,0 +1,122 @@
+"""Safe file writing shared by the cache, the trainer and the evaluation runner.
+
+- atomic writes: a temp file in the target folder, `fsync`, then `os.replace`; the file gets the
+  usual umask permissions (temp files are created 0600);
+- `exclusive_writer`: one writer per output folder (an advisory `flock` on `.lock`);
+- `check_writable_dir`: fail before hours of work when an output folder cannot be written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ConflictError, OutputError
+
+LOCK_FILE = ".lock"
+
+
+class FolderBusyError(ConflictError):
+    """Another process is writing into the folder."""
+
+
+class OutputFolderError(OutputError):
+    """The output folder cannot be used: it is a file, read-only, or full."""
+
+
+def file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        tmp = f.name
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            os.unlink(tmp)  # a full disk leaves no half-written temp file behind
+            raise
+    os.chmod(tmp, file_mode())
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int = 1, default: Any = None) -> Path:
+    return write_bytes_atomic(path, (json.dumps(obj, indent=indent, default=default) + "\n").encode())
+
+
+def remove_temp_files(root: Path) -> list[Path]:
+    """Delete the temp files (`.<name>.<random>.tmp`) that an interrupted atomic write left in `root`."""
+    removed = []
+    for p in root.glob(".*.tmp"):
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create `path` if needed and check that a file can be written there; a clear error otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"{what} {path} is a file, not a folder; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("wb", dir=path, prefix=".write-test.", suffix=".tmp") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputFolderError(f"{what} {path} is not writable: {describe_os_error(e)}") from None
+    return path
+
+
+def describe_os_error(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied (read-only folder or file system)"
+    return e.strerror or str(e)
+
+
+@contextlib.contextmanager
+def exclusive_writer(root: Path, what: str = "folder", error: type[Exception] = FolderBusyError) -> Iterator[None]:
+    """One writer per folder (an advisory `flock` on `root/.lock`, released when the process ends);
+    a second writer gets `error` naming the holder's pid."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no guard
+        yield
+        return
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise error(f"another process (pid {holder}) is writing the {what} in {root}; "
+                                  "wait for it to finish or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

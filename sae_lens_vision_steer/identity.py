@@ -1,0 +1,81 @@
+"""What a cache, an SAE and a results file record about the CLIP model and the data they came from.
+
+`model_identity(model)` is the single place where the model's identity fields are assembled; the
+activation cache's request, the SAE metadata and `results.json` all take them from here, so a new
+field (e.g. the tower's activation function) added here is recorded everywhere.
+
+Data set ids are portable (`cifar100`, `uoft-cs/cifar100`, `imagefolder:photos`): they go into
+published metadata. The local folder a data set was read from is recorded only in local files
+(`data_dir` in a cache's `metadata.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Model schemas whose weights come from the name itself (open_clip ignores `pretrained` for them).
+WEIGHTS_FROM_NAME = ("hf-hub:", "local-dir:")
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    items = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    return {k: v for k, v in items.items() if isinstance(v, _JSON_SCALARS) and not k.startswith("_")}
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """`model_name`, `pretrained`, `model_kwargs` (the extra `open_clip.create_model` arguments, when
+    known) and `model_config` (the tower's real shape: layers, widths, patch size, ...)."""
+    cfg = model.cfg
+    config = _config_dict(cfg)
+    return {
+        "model_name": cfg.model_name,
+        "pretrained": cfg.pretrained,
+        "model_kwargs": dict(getattr(model, "open_clip_kwargs", None) or {}),
+        "model_config": {k: v for k, v in config.items() if k not in ("model_name", "pretrained")},
+    }
+
+
+def weights_from_name(model_name: str | None) -> bool:
+    return bool(model_name) and model_name.startswith(WEIGHTS_FROM_NAME)
+
+
+def portable_model_name(model_name: str | None) -> str | None:
+    """`local-dir:/home/you/ckpt` -> `local-dir:ckpt` (no local path in published files)."""
+    if model_name and model_name.startswith("local-dir:"):
+        from pathlib import Path
+
+        return "local-dir:" + Path(model_name.split(":", 1)[1].rstrip("/")).name
+    return model_name
+
+
+def stock_config_differences(model_name: str | None, model_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Fields of `model_config` that differ from open_clip's stock config of `model_name` (e.g. a
+    `--model-kwargs` that shrinks the tower); empty when unknown or equal."""
+    if not model_name or not model_config:
+        return {}
+    try:
+        import open_clip
+
+        stock = open_clip.get_model_config(model_name)
+    except Exception:
+        return {}
+    if not stock:
+        return {}
+    vision = stock.get("vision_cfg", {})
+    image_size = vision.get("image_size")
+    expected = {"n_layers": vision.get("layers"), "d_model": vision.get("width"), "embed_dim": stock.get("embed_dim"),
+                "patch_size": vision.get("patch_size"),
+                "image_size": image_size[0] if isinstance(image_size, (list, tuple)) else image_size}
+    return {k: model_config[k] for k, v in expected.items()
+            if v is not None and k in model_config and model_config[k] != v}
+
+
+def dataset_identity(dataset: Any) -> dict[str, Any]:
+    """`dataset` (portable id), `dataset_path` (where it comes from, portable: a Hub repo or the id),
+    `split`, and `data_dir` (the local folder, absolute; for local files only)."""
+    dataset_id = getattr(dataset, "dataset_id", type(dataset).__name__)
+    data_dir = getattr(dataset, "data_dir", None)
+    return {"dataset": dataset_id, "dataset_path": getattr(dataset, "hub_repo", None) or dataset_id,
+            "split": getattr(dataset, "split", None), "data_dir": None if data_dir is None else str(data_dir)}
