@@ -41,19 +41,46 @@ def test_cfg(tiny_clip):
 
 def test_run_with_cache_shapes_every_hook(tiny_clip, images):
     _, cache = tiny_clip.run_with_cache(images)
-    expected = {"hook_embed": (3, 17, 64), "hook_ln_post": (3, 64), "hook_image_embed": (3, 32)}
+    B, T, D, H, K, M = 3, 17, 64, 2, 32, 256
+    expected = {"hook_patch_embed": (B, T - 1, D), "ln_pre.hook_scale": (B, T, 1), "ln_pre.hook_normalized": (B, T, D),
+                "hook_embed": (B, T, D), "ln_final.hook_scale": (B, T, 1), "ln_final.hook_normalized": (B, T, D),
+                "hook_ln_post": (B, D), "hook_image_embed": (B, 32)}
     for i in range(2):
         for h in BLOCK_HOOKS:
-            expected[f"blocks.{i}.{h}"] = (3, 17, 64)
-    assert {k: tuple(v.shape) for k, v in cache.items()} == expected
+            expected[f"blocks.{i}.{h}"] = (B, T, D)
+        for ln in ("ln1", "ln2"):
+            expected[f"blocks.{i}.{ln}.hook_scale"] = (B, T, 1)
+            expected[f"blocks.{i}.{ln}.hook_normalized"] = (B, T, D)
+        for h in ("q", "k", "v", "z"):
+            expected[f"blocks.{i}.attn.hook_{h}"] = (B, T, H, K)
+        for h in ("attn_scores", "pattern"):
+            expected[f"blocks.{i}.attn.hook_{h}"] = (B, H, T, T)
+        for h in ("pre", "post"):
+            expected[f"blocks.{i}.mlp.hook_{h}"] = (B, T, M)
+    assert {k: tuple(v.shape) for k, v in cache.items()} == expected  # no hook_result unless use_attn_result
     # the residual stream decomposes as TransformerLens defines it
     b = "blocks.1."
     torch.testing.assert_close(cache[b + "hook_resid_mid"], cache[b + "hook_resid_pre"] + cache[b + "hook_attn_out"])
     torch.testing.assert_close(cache[b + "hook_resid_post"], cache[b + "hook_resid_mid"] + cache[b + "hook_mlp_out"])
     torch.testing.assert_close(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
+    # hook_embed is ln_pre's output, the start of the residual stream
+    torch.testing.assert_close(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+    v = tiny_clip.visual
+    torch.testing.assert_close(cache["hook_patch_embed"], v.conv1(images).flatten(2).transpose(1, 2))
+    # ln hooks: TL's LayerNorm written out
+    x = cache[b + "hook_resid_pre"]
+    centred = x - x.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + v.transformer.resblocks[1].ln_1.eps).sqrt()
+    torch.testing.assert_close(cache[b + "ln1.hook_scale"], scale)
+    torch.testing.assert_close(cache[b + "ln1.hook_normalized"], centred / scale)
+    # MLP hooks: open_clip's c_fc and activation
+    mlp = v.transformer.resblocks[1].mlp
+    ln2_out = v.transformer.resblocks[1].ln_2(cache[b + "hook_resid_mid"])
+    torch.testing.assert_close(cache[b + "mlp.hook_pre"], mlp.c_fc(ln2_out))
+    torch.testing.assert_close(cache[b + "mlp.hook_post"], mlp.gelu(mlp.c_fc(ln2_out)))
     # hook_ln_post is the CLS token after ln_post; the image embed is its projection
-    torch.testing.assert_close(cache["hook_ln_post"], tiny_clip.visual.ln_post(cache[b + "hook_resid_post"][:, 0]))
-    torch.testing.assert_close(cache["hook_image_embed"], cache["hook_ln_post"] @ tiny_clip.visual.proj)
+    torch.testing.assert_close(cache["hook_ln_post"], v.ln_post(cache[b + "hook_resid_post"][:, 0]))
+    torch.testing.assert_close(cache["hook_image_embed"], cache["hook_ln_post"] @ v.proj)
 
 
 def test_stop_at_layer_stops_early(tiny_clip, images):
