@@ -1,17 +1,18 @@
-"""Top-k SAE training on an activation cache, with SAELens' `SAETrainer`, and FVU evaluation.
+"""Top-k SAE training on an activation cache, with SAELens' `SAETrainer`.
 
-- `activation_batches`: the data provider: fixed-size batches shuffled across shards in a bounded
-  buffer (SAELens' `mixing_buffer`), deterministic for a seed, optionally with class labels.
+- `activation_batches` (in `training_data`): the data provider: fixed-size batches shuffled across
+  shards in a bounded buffer (SAELens' `mixing_buffer`), deterministic for a seed.
 - `train_sae`: builds a SAELens training SAE by architecture name (`topk` by default; other
   registered training classes, such as a PASS SAE, plug in through `architecture=` and
   `sae_cfg_kwargs=`), trains it with `SAETrainer`, evaluates it on held-out images and saves it with
   `save_inference_model` so that `sae_lens.SAE.load_from_disk` loads it on its own.
-- `per_sample_fvu_on_cache` / `fvu_distribution`: per-row FVU `||x - sae(x)||^2 / ||x - mu||^2`.
+- `per_sample_fvu_on_cache` / `fvu_distribution` (in `fvu`, re-exported here): per-row FVU.
 
 Resume: `train_sae(..., resume=True)` continues from the newest complete checkpoint in
 `out_dir/checkpoints` (SAELens' own checkpoint files: SAE weights, optimizer, LR scheduler and
 dead-latent counters). The data stream is replayed to the same batch, so a resumed run ends with the
 same weights as an uninterrupted one (same machine and torch build). A finished run is returned as is.
+One run per folder at a time (a second writer is refused); arguments are checked before any work.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import math
+
 import numpy as np
 import torch
 from safetensors.torch import save_file
@@ -37,10 +40,13 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
-from sae_lens.training.mixing_buffer import mixing_buffer
-from tqdm.auto import tqdm
 
-from .activation_cache import ActivationCache, _file_mode, _write_json_atomic
+from .activation_cache import ActivationCache
+from .errors import ConflictError
+from .fileio import check_writable_dir, exclusive_writer, file_mode, write_json_atomic
+from .fvu import evaluate_sae_on_cache, fvu_distribution, per_sample_fvu_on_cache  # noqa: F401 (re-exported)
+from .sae_metadata import training_metadata
+from .training_data import _open, _rows_mask, activation_batches, holdout_split, mean_of_rows  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------- presets
@@ -69,263 +75,45 @@ def default_hook_name(n_layers: int) -> str:
     return f"blocks.{n_layers - 1}.hook_resid_post"
 
 
-# ---------------------------------------------------------------------------------- data
-def _open(cache: str | Path | ActivationCache) -> ActivationCache:
-    return cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
+def sae_size(model_name: str | None, k: int | None = None, expansion_factor: int | None = None,
+             preset: str | None = None) -> tuple[int, int, str]:
+    """`(k, expansion_factor, source)`: explicit values win, then the named `preset`, then the paper's
+    preset for `model_name`, then 64 and 4 (`vision-steer train` and `run` both use this)."""
+    if preset is not None and preset not in PAPER_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PAPER_PRESETS)}")
+    p = PAPER_PRESETS.get(preset or model_name or "")
+    source = f"the paper's preset for {preset or model_name}" if p else "the defaults (no paper preset for this model)"
+    return (k if k is not None else (p.k if p else 64),
+            expansion_factor if expansion_factor is not None else (p.expansion_factor if p else 4), source)
 
 
-def holdout_split(cache: str | Path | ActivationCache, fraction: float = 0.1,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices `(train_rows, heldout_rows)`, holding out whole images (all their rows), chosen
-    by `seed` only (not the training seed, so SAEs trained with different seeds share a held-out set)."""
-    cache = _open(cache)
-    if not 0 <= fraction < 1:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    images = np.unique(cache.image_index)
-    n_held = int(round(len(images) * fraction))
-    if fraction > 0:
-        n_held = min(max(n_held, 1), len(images) - 1)
-    held_images = np.random.default_rng(seed).choice(images, size=n_held, replace=False)
-    held = np.isin(cache.image_index, held_images)
-    return np.nonzero(~held)[0], np.nonzero(held)[0]
+def check_training_args(*, k: int, expansion_factor: int, lr: float, batch_size: int, epochs: float | None,
+                        total_training_samples: int | None, lr_warm_up_steps: int | None,
+                        lr_decay_steps: int | None, holdout_fraction: float, n_checkpoints: int,
+                        d_in: int | None = None) -> None:
+    """Refuse out-of-range settings before any work (the CLI names the flags)."""
+    def positive_int(name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive whole number, got {v!r}")
 
-
-def _rows_mask(cache: ActivationCache, rows: np.ndarray | Sequence[int] | None) -> np.ndarray:
-    if rows is None:
-        return np.ones(cache.n_rows, dtype=bool)
-    rows = np.asarray(rows)
-    if rows.dtype == bool:
-        if rows.shape != (cache.n_rows,):
-            raise ValueError(f"a boolean row mask must have shape ({cache.n_rows},), got {rows.shape}")
-        return rows
-    mask = np.zeros(cache.n_rows, dtype=bool)
-    mask[rows.astype(np.int64)] = True
-    return mask
-
-
-def _shard_rows(cache: ActivationCache, hook: str, mask: np.ndarray, seed: int, epochs: int | None,
-                with_labels: bool) -> Iterator[torch.Tensor]:
-    """Selected rows shard by shard: shard order and within-shard order drawn per (seed, epoch)."""
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        for s in np.random.default_rng([seed, epoch]).permutation(cache.n_shards):
-            first, n = cache.shard_offsets[s]
-            sel = mask[first:first + n]
-            if not sel.any():
-                continue
-            shard = cache.read_shard(int(s), hook)
-            perm = torch.from_numpy(np.random.default_rng([seed, epoch, int(s)]).permutation(int(sel.sum())))
-            sel_t = torch.from_numpy(sel)
-            acts = shard["acts"][sel_t][perm]
-            if with_labels:
-                # Packed as one extra column so that one shuffle moves activations and labels together,
-                # as SAELens' multi_hook_concat_split_iter does for several hooks.
-                acts = torch.cat([acts, shard["labels"][sel_t][perm].to(acts.dtype)[:, None]], dim=1)
-            yield acts
-        epoch += 1
-
-
-def _with_private_torch_rng(it: Iterator[torch.Tensor], seed: int) -> Iterator[torch.Tensor]:
-    """Run `it` under its own seeded torch RNG state.
-
-    SAELens' `mixing_buffer` shuffles with torch's global generator; this keeps its permutations a
-    function of `seed` alone (independent of whatever else draws random numbers), so a resumed run can
-    replay the stream exactly.
-    """
-    state = torch.Generator().manual_seed(seed).get_state()
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(state)
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            state = torch.get_rng_state()
-        yield item
-
-
-def activation_batches(
-    cache: str | Path | ActivationCache,
-    hook_name: str | None = None,
-    batch_size: int = 256,
-    *,
-    rows: np.ndarray | Sequence[int] | None = None,
-    seed: int = 0,
-    epochs: int | None = None,
-    buffer_size: int | None = None,
-    mix_fraction: float = 0.5,
-    with_labels: bool = False,
-    skip_batches: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches `[batch_size, d_in]` of cached activations for `SAETrainer` (a `DataProvider`).
-
-    Shards are visited in a per-epoch random order, rows shuffled within each shard and mixed across
-    shards in SAELens' `mixing_buffer` of `buffer_size` rows (default: the largest of 32768 rows, two
-    shards and four batches). `epochs=None` streams forever (SAETrainer stops at its sample count). Only full batches are
-    yielded; rows left over at the end of an epoch carry into the next. The stream is a function of
-    `seed` only. `with_labels=True` yields `(acts_BD, labels_B)` (int64, -1 where unknown) instead.
-    `skip_batches` drops that many batches first (used to resume a run where it stopped).
-    """
-    cache = _open(cache)
-    hook = cache.resolve_hook(hook_name)
-    mask = _rows_mask(cache, rows)
-    if not mask.any():
-        raise ValueError("no rows selected: nothing to train on")
-    if with_labels and np.abs(cache.labels).max(initial=0) >= 2**24:
-        raise ValueError("labels must be below 2**24 to travel through the float32 mixing buffer")
-    if buffer_size is None:
-        buffer_size = max(4 * batch_size, 2 * cache.metadata["request"]["shard_size"], 32768)
-    d = cache.d_in(hook)
-    rows_iter = (x.to(dtype) for x in _shard_rows(cache, hook, mask, seed, epochs, with_labels))
-    batches = _with_private_torch_rng(mixing_buffer(buffer_size, batch_size, rows_iter, mix_fraction), seed)
-    for i, batch in enumerate(batches):
-        if i < skip_batches:
-            continue
-        if with_labels:
-            yield batch[:, :d], batch[:, d].round().long()
-        else:
-            yield batch
-
-
-def mean_of_rows(cache: ActivationCache, hook: str, mask: np.ndarray) -> torch.Tensor:
-    """float64 mean of the selected rows (streamed shard by shard)."""
-    total, n = torch.zeros(cache.d_in(hook), dtype=torch.float64), 0
-    for s, (first, count) in enumerate(cache.shard_offsets):
-        sel = mask[first:first + count]
-        if sel.any():
-            total += cache.read_shard(s, hook, torch.float64)["acts"][torch.from_numpy(sel)].sum(0)
-            n += int(sel.sum())
-    return total / max(n, 1)
-
-
-# ---------------------------------------------------------------------------------- evaluation
-def _resolve_sae_hook(sae: SAE, cache: ActivationCache, hook_name: str | None) -> str:
-    hook = hook_name or (sae.cfg.metadata.get("hook_name") if sae.cfg.metadata.get("hook_name") in cache.hook_names else None)
-    hook = cache.resolve_hook(hook)
-    if sae.cfg.d_in != cache.d_in(hook):
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match hook {hook!r} of the cache at {cache.root}, "
-                         f"whose width is {cache.d_in(hook)}")
-    return hook
-
-
-def _fvu_mean(sae: SAE, cache: ActivationCache, hook: str, mean: torch.Tensor | None) -> torch.Tensor:
-    if mean is not None:
-        return torch.as_tensor(mean, dtype=torch.float32)
-    recorded = sae.cfg.metadata.get("activation_mean")
-    return torch.tensor(recorded, dtype=torch.float32) if recorded is not None else cache.mean(hook)
-
-
-@torch.no_grad()
-def per_sample_fvu_on_cache(
-    sae: SAE,
-    cache: str | Path | ActivationCache,
-    hook_name: str | None = None,
-    rows: np.ndarray | Sequence[int] | None = None,
-    mean: torch.Tensor | None = None,
-    batch_size: int = 4096,
-) -> np.ndarray:
-    """Per-row FVU `||x - sae(x)||^2 / ||x - mu||^2` (float64 `[n]`), in row order, or in the order of `rows`.
-
-    `mu` is `mean`, else the SAE's recorded `activation_mean` (the mean of its training activations,
-    which test-time FVU gates use too), else the cache's mean.
-    """
-    cache = _open(cache)
-    hook = _resolve_sae_hook(sae, cache, hook_name)
-    mask = _rows_mask(cache, rows)
-    mu = _fvu_mean(sae, cache, hook, mean).to(sae.W_dec.device)
-    out = []
-    for s, (first, count) in enumerate(cache.shard_offsets):
-        sel = mask[first:first + count]
-        if not sel.any():
-            continue
-        x_all = cache.read_shard(s, hook)["acts"][torch.from_numpy(sel)]
-        for x in x_all.split(batch_size):
-            x = x.to(sae.W_dec.device, sae.W_dec.dtype)
-            recon = sae.decode(sae.encode(x))
-            num = (x - recon).double().pow(2).sum(-1)
-            den = (x - mu).double().pow(2).sum(-1)
-            out.append((num / den).cpu().numpy())
-    fvu = np.concatenate(out) if out else np.zeros(0)
-    if rows is not None and np.asarray(rows).dtype != bool:
-        # Back to the caller's order: fvu is in ascending row order of the unique selected rows.
-        rows = np.asarray(rows, dtype=np.int64)
-        fvu = fvu[np.searchsorted(np.nonzero(mask)[0], rows)]
-    return fvu
-
-
-def fvu_distribution(
-    sae: SAE,
-    cache: str | Path | ActivationCache,
-    hook_name: str | None = None,
-    quantiles: Sequence[float] = (0.5, 0.9, 0.95, 0.99, 0.995),
-    rows: np.ndarray | Sequence[int] | None = None,
-    mean: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Quantiles of per-sample FVU over the cache's rows (all, or `rows`), e.g. thresholds for a VS2 FVU gate.
-
-    Returns `{"hook_name", "n_rows", "mean", "quantiles": {q: value}}`.
-    """
-    cache = _open(cache)
-    hook = _resolve_sae_hook(sae, cache, hook_name)
-    fvu = per_sample_fvu_on_cache(sae, cache, hook, rows=rows, mean=mean)
-    if fvu.size == 0:
-        raise ValueError("no rows selected")
-    return {
-        "hook_name": hook,
-        "n_rows": int(fvu.size),
-        "mean": float(fvu.mean()),
-        "quantiles": {float(q): float(np.quantile(fvu, q)) for q in quantiles},
-    }
-
-
-@torch.no_grad()
-def evaluate_sae_on_cache(sae: SAE, cache: ActivationCache, hook: str, train_mask: np.ndarray,
-                          heldout_mask: np.ndarray, batch_size: int = 4096,
-                          show_progress: bool = False) -> dict[str, Any]:
-    """Held-out FVU (`1 - explained variance` = sum ||x - x_rec||^2 / sum ||x - mean_heldout||^2), held-out
-    mean L0, train FVU, and latent firing frequencies over the training rows (dead = never fires)."""
-    d_sae = sae.cfg.d_sae
-    fires = torch.zeros(d_sae, dtype=torch.float64)
-    acc = {name: {"sse": 0.0, "sum": torch.zeros(cache.d_in(hook), dtype=torch.float64), "sumsq": 0.0, "n": 0, "l0": 0.0}
-           for name in ("train", "heldout")}
-    dev = sae.W_dec.device
-    for s, (first, count) in enumerate(tqdm(cache.shard_offsets, desc="Evaluating SAE", disable=not show_progress)):
-        acts = None
-        for name, mask in (("train", train_mask), ("heldout", heldout_mask)):
-            sel = mask[first:first + count]
-            if not sel.any():
-                continue
-            acts = cache.read_shard(s, hook)["acts"] if acts is None else acts
-            a = acc[name]
-            for x in acts[torch.from_numpy(sel)].split(batch_size):
-                x = x.to(dev, sae.W_dec.dtype)
-                codes = sae.encode(x)
-                recon = sae.decode(codes)
-                x64 = x.double()
-                a["sse"] += float((x - recon).double().pow(2).sum())
-                a["sum"] += x64.sum(0).cpu()
-                a["sumsq"] += float(x64.pow(2).sum())
-                a["n"] += x.shape[0]
-                active = (codes != 0)
-                a["l0"] += float(active.sum())
-                if name == "train":
-                    fires += active.sum(0).double().cpu()
-    out: dict[str, Any] = {}
-    for name, a in acc.items():
-        if a["n"] == 0:
-            out[f"{name}_fvu"] = out[f"{name}_mean_l0"] = None
-            continue
-        m = a["sum"] / a["n"]
-        total_var = a["sumsq"] - a["n"] * float(m @ m)
-        out[f"{name}_fvu"] = a["sse"] / total_var
-        out[f"{name}_mean_l0"] = a["l0"] / a["n"]
-        out[f"n_{name}_rows"] = a["n"]
-    n_train = max(acc["train"]["n"], 1)
-    freq = fires / n_train
-    out["dead_fraction"] = float((fires == 0).double().mean())
-    out["log_feature_sparsity"] = torch.log10(freq + 1e-10).float()  # SAELens' sparsity.safetensors convention
-    return out
+    positive_int("k (--k)", k)
+    positive_int("expansion_factor (--expansion)", expansion_factor)
+    positive_int("batch_size (--batch-size)", batch_size)
+    if total_training_samples is not None:
+        positive_int("total_training_samples (--samples)", total_training_samples)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr (--lr) must be a positive number, got {lr!r}")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs (--epochs) must be a positive number, got {epochs!r}")
+    for name, v in (("lr_warm_up_steps (--warmup-steps)", lr_warm_up_steps), ("lr_decay_steps", lr_decay_steps),
+                    ("n_checkpoints (--n-checkpoints)", n_checkpoints)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction (--holdout-fraction) must be in [0, 1), got {holdout_fraction}")
+    if d_in is not None and k > d_in * expansion_factor:
+        raise ValueError(f"k={k} (--k) is larger than d_sae = d_in x expansion = {d_in} x {expansion_factor} = "
+                         f"{d_in * expansion_factor}; use a smaller --k or a larger --expansion")
 
 
 # ---------------------------------------------------------------------------------- training
@@ -431,7 +219,7 @@ def _mark_checkpoint(ckpt_root: Path, trainer_ref: list[SAETrainer], checkpoint_
     if checkpoint_path is None:
         return
     trainer = trainer_ref[0]
-    _write_json_atomic(checkpoint_path / CHECKPOINT_DONE, {"n_training_samples": trainer.n_training_samples})
+    write_json_atomic(checkpoint_path / CHECKPOINT_DONE, {"n_training_samples": trainer.n_training_samples})
     for p in ckpt_root.glob("*"):
         if p.is_dir() and p != checkpoint_path:
             shutil.rmtree(p, ignore_errors=True)
@@ -518,11 +306,20 @@ def train_sae(
     if with_labels and trainer_cls is SAETrainer:
         raise ValueError("SAETrainer trains on activation tensors; with_labels=True needs a trainer_cls that "
                          "takes (acts, labels) batches")
-    cache = _open(cache_dir)
-    hook = cache.resolve_hook(hook_name)
     if total_training_samples is not None and epochs is not None:
         raise ValueError("give total_training_samples or epochs, not both")
+    checks = dict(k=k, expansion_factor=expansion_factor, lr=lr, batch_size=batch_size, epochs=epochs,
+                  total_training_samples=total_training_samples, lr_warm_up_steps=lr_warm_up_steps,
+                  lr_decay_steps=lr_decay_steps, holdout_fraction=holdout_fraction, n_checkpoints=n_checkpoints)
+    check_training_args(**checks)
+    cache = _open(cache_dir)
+    hook = cache.resolve_hook(hook_name)
+    check_training_args(**checks, d_in=cache.d_in(hook))
     train_rows, held_rows = holdout_split(cache, holdout_fraction, holdout_seed)
+    if holdout_fraction > 0 and len(held_rows) < 2:
+        raise ValueError(f"the held-out set has {len(held_rows)} row(s) ({len(np.unique(cache.image_index[held_rows]))} "
+                         f"image(s)): its FVU needs at least 2 rows. Cache more images, raise --holdout-fraction, "
+                         "or use --holdout-fraction 0")
     if total_training_samples is None:
         total_training_samples = int((10 if epochs is None else epochs) * len(train_rows))
     n_steps = total_training_samples // batch_size
@@ -546,7 +343,20 @@ def train_sae(
         sae_cfg_kwargs=dict(sae_cfg_kwargs or {}),
     )
 
-    out = Path(out_dir)
+    out = check_writable_dir(out_dir, "SAE folder")
+    with exclusive_writer(out, "SAE training run", ConflictError):
+        return _train_locked(cache, hook, cfg, req, out, train_rows, held_rows, resume, overwrite, log_to_wandb,
+                             trainer_cls, show_progress, t_start, n_checkpoints)
+
+
+def _train_locked(cache: ActivationCache, hook: str, cfg: TrainRunConfig, req: dict[str, Any], out: Path,
+                  train_rows: np.ndarray, held_rows: np.ndarray, resume: bool, overwrite: bool, log_to_wandb: bool,
+                  trainer_cls: type[SAETrainer], show_progress: bool, t_start: float,
+                  n_checkpoints: int) -> TrainResult:
+    device, seed, batch_size, n_steps = cfg.device, cfg.seed, cfg.batch_size, cfg.total_training_samples // cfg.batch_size
+    total_training_samples, holdout_fraction, holdout_seed = cfg.total_training_samples, cfg.holdout_fraction, cfg.holdout_seed
+    lr, warm, decay, architecture = cfg.lr, cfg.lr_warm_up_steps, cfg.lr_decay_steps, cfg.architecture
+    dead_feature_window, buffer_size, with_labels = cfg.dead_feature_window, cfg.buffer_size, cfg.with_labels
     run_path, ckpt_root = out / RUN_FILE, out / CHECKPOINT_DIR
     if overwrite and out.exists():
         for p in (run_path, out / "cfg.json", out / "sae_weights.safetensors", out / SPARSITY_FILENAME):
@@ -555,26 +365,21 @@ def train_sae(
     if run_path.is_file():
         saved = json.loads(run_path.read_text())
         if not resume:
-            raise ValueError(f"{out} already holds a training run ({saved.get('status')}); "
+            raise ConflictError(f"{out} already holds a training run ({saved.get('status')}); "
                              "pass resume=True (--resume) to continue it or overwrite=True (--overwrite) to replace it")
         diffs = _run_config_diff(saved["config"], json.loads(json.dumps(cfg.to_dict())))
         if diffs:
-            raise ValueError(f"cannot resume the run in {out}: it was started differently ({'; '.join(diffs)})")
+            raise ConflictError(f"cannot resume the run in {out}: it was started differently ({'; '.join(diffs)})")
         if saved.get("status") == "complete":
             return TrainResult(SAE.load_from_disk(out, device=device), out, saved["metrics"])
     elif (out / "cfg.json").exists() and not overwrite:
-        raise ValueError(f"{out} already holds an SAE; choose another folder or overwrite=True")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_path, {"status": "running", "config": cfg.to_dict()})
+        raise ConflictError(f"{out} already holds an SAE; choose another folder or overwrite=True (--overwrite)")
+    write_json_atomic(run_path, {"status": "running", "config": cfg.to_dict()})
 
     train_mask = _rows_mask(cache, train_rows)
     heldout_mask = _rows_mask(cache, held_rows)
     train_mean = mean_of_rows(cache, hook, train_mask)
-    metadata = SAEMetadata(
-        hook_name=hook, model_name=req["model_name"], pretrained=req["pretrained"], positions=req["positions"],
-        dataset=req["dataset"], split=req["split"], objective=architecture,
-        activation_mean=train_mean.tolist(),
-    )
+    metadata = SAEMetadata(**training_metadata(req, hook, architecture, train_mean.tolist()))
     if "w_aux" in cfg.sae_cfg_kwargs:
         metadata.w_aux = cfg.sae_cfg_kwargs["w_aux"]
 
@@ -642,7 +447,7 @@ def train_sae(
     sae.save_inference_model(tmp)
     save_file({"sparsity": sparsity}, tmp / SPARSITY_FILENAME)
     for name in ("sae_weights.safetensors", SPARSITY_FILENAME, "cfg.json"):  # cfg.json last: it marks an SAE
-        os.chmod(tmp / name, _file_mode())  # safetensors writes 0600; give the usual permissions
+        os.chmod(tmp / name, file_mode())  # safetensors writes 0600; give the usual permissions
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -655,6 +460,6 @@ def train_sae(
         "train_samples_per_second": trained_now / fit_seconds if fit_seconds > 0 else None,
         "total_seconds": time.perf_counter() - t_start,
     }
-    _write_json_atomic(run_path, {"status": "complete", "config": cfg.to_dict(), "metrics": metrics})
+    write_json_atomic(run_path, {"status": "complete", "config": cfg.to_dict(), "metrics": metrics})
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return TrainResult(SAE.load_from_disk(out, device=device), out, metrics)

@@ -1,0 +1,147 @@
+"""The SAE trainer's data: held-out splits by image and a seeded, shuffling stream of cached activations.
+
+- `holdout_split`: row indices `(train, held-out)`, holding out whole images;
+- `activation_batches`: the data provider for SAELens' `SAETrainer`: fixed-size batches shuffled
+  across shards in a bounded buffer (SAELens' `mixing_buffer`), deterministic for a seed, optionally
+  with class labels; `skip_batches` replays the stream to where a resumed run stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from sae_lens.training.mixing_buffer import mixing_buffer
+
+from .activation_cache import ActivationCache
+
+
+def _open(cache: str | Path | ActivationCache) -> ActivationCache:
+    return cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
+
+
+def holdout_split(cache: str | Path | ActivationCache, fraction: float = 0.1,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices `(train_rows, heldout_rows)`, holding out whole images (all their rows), chosen
+    by `seed` only (not the training seed, so SAEs trained with different seeds share a held-out set)."""
+    cache = _open(cache)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    images = np.unique(cache.image_index)
+    n_held = int(round(len(images) * fraction))
+    if fraction > 0:
+        n_held = min(max(n_held, 1), len(images) - 1)
+    held_images = np.random.default_rng(seed).choice(images, size=n_held, replace=False)
+    held = np.isin(cache.image_index, held_images)
+    return np.nonzero(~held)[0], np.nonzero(held)[0]
+
+
+def _rows_mask(cache: ActivationCache, rows: np.ndarray | Sequence[int] | None) -> np.ndarray:
+    if rows is None:
+        return np.ones(cache.n_rows, dtype=bool)
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (cache.n_rows,):
+            raise ValueError(f"a boolean row mask must have shape ({cache.n_rows},), got {rows.shape}")
+        return rows
+    mask = np.zeros(cache.n_rows, dtype=bool)
+    mask[rows.astype(np.int64)] = True
+    return mask
+
+
+def _shard_rows(cache: ActivationCache, hook: str, mask: np.ndarray, seed: int, epochs: int | None,
+                with_labels: bool) -> Iterator[torch.Tensor]:
+    """Selected rows shard by shard: shard order and within-shard order drawn per (seed, epoch)."""
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        for s in np.random.default_rng([seed, epoch]).permutation(cache.n_shards):
+            first, n = cache.shard_offsets[s]
+            sel = mask[first:first + n]
+            if not sel.any():
+                continue
+            shard = cache.read_shard(int(s), hook)
+            perm = torch.from_numpy(np.random.default_rng([seed, epoch, int(s)]).permutation(int(sel.sum())))
+            sel_t = torch.from_numpy(sel)
+            acts = shard["acts"][sel_t][perm]
+            if with_labels:
+                # Packed as one extra column so that one shuffle moves activations and labels together,
+                # as SAELens' multi_hook_concat_split_iter does for several hooks.
+                acts = torch.cat([acts, shard["labels"][sel_t][perm].to(acts.dtype)[:, None]], dim=1)
+            yield acts
+        epoch += 1
+
+
+def _with_private_torch_rng(it: Iterator[torch.Tensor], seed: int) -> Iterator[torch.Tensor]:
+    """Run `it` under its own seeded torch RNG state.
+
+    SAELens' `mixing_buffer` shuffles with torch's global generator; this keeps its permutations a
+    function of `seed` alone (independent of whatever else draws random numbers), so a resumed run can
+    replay the stream exactly.
+    """
+    state = torch.Generator().manual_seed(seed).get_state()
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            state = torch.get_rng_state()
+        yield item
+
+
+def activation_batches(
+    cache: str | Path | ActivationCache,
+    hook_name: str | None = None,
+    batch_size: int = 256,
+    *,
+    rows: np.ndarray | Sequence[int] | None = None,
+    seed: int = 0,
+    epochs: int | None = None,
+    buffer_size: int | None = None,
+    mix_fraction: float = 0.5,
+    with_labels: bool = False,
+    skip_batches: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches `[batch_size, d_in]` of cached activations for `SAETrainer` (a `DataProvider`).
+
+    Shards are visited in a per-epoch random order, rows shuffled within each shard and mixed across
+    shards in SAELens' `mixing_buffer` of `buffer_size` rows (default: the largest of 32768 rows, two
+    shards and four batches). `epochs=None` streams forever (SAETrainer stops at its sample count). Only full batches are
+    yielded; rows left over at the end of an epoch carry into the next. The stream is a function of
+    `seed` only. `with_labels=True` yields `(acts_BD, labels_B)` (int64, -1 where unknown) instead.
+    `skip_batches` drops that many batches first (used to resume a run where it stopped).
+    """
+    cache = _open(cache)
+    hook = cache.resolve_hook(hook_name)
+    mask = _rows_mask(cache, rows)
+    if not mask.any():
+        raise ValueError("no rows selected: nothing to train on")
+    if with_labels and np.abs(cache.labels).max(initial=0) >= 2**24:
+        raise ValueError("labels must be below 2**24 to travel through the float32 mixing buffer")
+    if buffer_size is None:
+        buffer_size = max(4 * batch_size, 2 * cache.metadata["request"]["shard_size"], 32768)
+    d = cache.d_in(hook)
+    rows_iter = (x.to(dtype) for x in _shard_rows(cache, hook, mask, seed, epochs, with_labels))
+    batches = _with_private_torch_rng(mixing_buffer(buffer_size, batch_size, rows_iter, mix_fraction), seed)
+    for i, batch in enumerate(batches):
+        if i < skip_batches:
+            continue
+        if with_labels:
+            yield batch[:, :d], batch[:, d].round().long()
+        else:
+            yield batch
+
+
+def mean_of_rows(cache: ActivationCache, hook: str, mask: np.ndarray) -> torch.Tensor:
+    """float64 mean of the selected rows (streamed shard by shard)."""
+    total, n = torch.zeros(cache.d_in(hook), dtype=torch.float64), 0
+    for s, (first, count) in enumerate(cache.shard_offsets):
+        sel = mask[first:first + count]
+        if sel.any():
+            total += cache.read_shard(s, hook, torch.float64)["acts"][torch.from_numpy(sel)].sum(0)
+            n += int(sel.sum())
+    return total / max(n, 1)
