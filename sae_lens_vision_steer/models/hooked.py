@@ -20,6 +20,7 @@ spliced in the `HookedSAETransformer` way (see `splice.py`).
 from __future__ import annotations
 
 import difflib
+from functools import partial
 from typing import Any, Callable
 
 import open_clip
@@ -145,14 +146,23 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
     # ------------------------------------------------------------------ TL caches
     def get_caching_hooks(self, names_filter=None, incl_bwd=False, device=None, remove_batch_dim=False,
                           cache=None, pos_slice=None):
-        # TL slices dimension -2 of every cached tensor with pos_slice; the pooled hooks have no
-        # position dimension (it would slice the batch), so they are cached unsliced.
+        # TL's caching hooks slice dimension -2 of every tensor with pos_slice and, with remove_batch_dim,
+        # slice the already un-batched tensor. The pooled hooks have no position dimension (TL would
+        # slice their batch, or crash), so they get their own save hook here.
         keep = _as_filter(names_filter)
         cache, fwd, bwd = super().get_caching_hooks(
             lambda n: keep(n) and n not in POOLED_HOOKS, incl_bwd, device, remove_batch_dim, cache, pos_slice)
-        _, fwd_p, bwd_p = super().get_caching_hooks(
-            lambda n: keep(n) and n in POOLED_HOOKS, incl_bwd, device, remove_batch_dim, cache, None)
-        return cache, fwd + fwd_p, bwd + bwd_p
+
+        def save_pooled(tensor: torch.Tensor, hook: HookPoint, is_backward: bool = False) -> None:
+            t = tensor.detach().to(device)
+            cache[hook.name + ("_grad" if is_backward else "")] = t[0] if remove_batch_dim else t
+
+        for name in POOLED_HOOKS:
+            if keep(name):
+                fwd.append((name, save_pooled))
+                if incl_bwd:
+                    bwd.append((name, partial(save_pooled, is_backward=True)))
+        return cache, fwd, bwd
 
     def run_with_cache(self, *model_args: Any, names_filter: Any = None, device: Any = None,
                        remove_batch_dim: bool = False, incl_bwd: bool = False, reset_hooks_end: bool = True,
