@@ -12,12 +12,16 @@ A method is a registered function, so new ones plug in without touching the loop
         return MethodOutput(tokens=..., coverage=...)      # or embeds=[N, E]
 
 `kind="pass"` methods are called as `fn(ctx, **settings)` and return a `TokenIntervention` (or a
-list of forward hooks); the runner classifies a full hooked pass over `ctx.data`.
+list of forward hooks); the runner classifies a full hooked pass over `ctx.data`. A method may
+register `prepare(ctx)`, run before the backbone pass to check its inputs (a pool cache, layer SAEs).
+
+The FVU gate is per method: `fvu_threshold` reaches only the methods in `gate_methods` (default
+`vs2`, as in the paper); `results.json` lists them under `config.gated_methods`.
+Results and plots are in `results.py`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,14 +36,24 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, make_loader
 from .hooked_clip import HookedCLIP
-from .sae_metadata import activation_mean, check_sae_fits_hook, sae_hook_name
+from .identity import model_identity
+from .results import (  # noqa: F401  (re-exported: the results API used to live here)
+    RESULTS_FILE,
+    EvaluationResult,
+    MethodScores,
+    SweepResult,
+    format_table,
+    plot_per_class_changes,
+    plot_sweep_heatmap,
+)
+from .sae_metadata import activation_mean, check_sae_fits_hook, check_sae_positions, sae_hook_name
 from .steering.baselines import SAEReconstruction, sae_reconstruct
 from .steering.hooks import TokenIntervention
 from .steering.vs2 import PAPER_GAMMA, PAPER_LAM, vs2_from_reconstruction
 from .zeroshot import ZeroShotClassifier, ZeroShotResult, accuracy_metrics
 
 DEFAULT_METHODS = ("zeroshot", "vs2", "rec_final", "rec_final_gamma")
-RESULTS_FILE = "results.json"
+DEFAULT_GATED_METHODS = ("vs2",)  # the paper gates VS2 only
 _RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
@@ -88,21 +102,23 @@ class Method:
     needs_sae: bool = True
     uses_eval_labels: bool = False  # oracle methods: read the evaluation labels (never label-free)
     description: str = ""
+    prepare: Callable[["MethodContext"], None] | None = None  # checks run before the backbone pass
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, kind: Literal["tokens", "pass"] = "tokens", needs_sae: bool = True,
-                    uses_eval_labels: bool = False,
-                    description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                    uses_eval_labels: bool = False, description: str = "",
+                    prepare: Callable[["MethodContext"], None] | None = None,
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: add `fn` to `METHODS` under `name` (replacing an older entry of that name)."""
     if kind not in ("tokens", "pass"):
         raise ValueError(f"method kind must be 'tokens' or 'pass', got {kind!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         METHODS[name] = Method(name, fn, kind, needs_sae, uses_eval_labels,
-                               description or (fn.__doc__ or "").strip().split("\n")[0])
+                               description or (fn.__doc__ or "").strip().split("\n")[0], prepare)
         return fn
 
     return deco
@@ -172,13 +188,31 @@ def _rec_final_gamma(tokens_ND: torch.Tensor, ctx: MethodContext, *, gamma: floa
     return MethodOutput(tokens=rec, coverage=1.0)
 
 
-@register_method("rec_all", kind="pass", needs_sae=False,
-                 description="SAE-rec all: every layer's CLS replaced by its reconstruction (one SAE per layer)")
-def _rec_all(ctx: MethodContext, **_: Any) -> TokenIntervention:
+def _check_rec_all(ctx: MethodContext) -> None:
+    """`rec_all` means every block: refuse layer SAEs that leave blocks out (before the backbone pass)."""
     saes = ctx.options.get("layer_saes")
     if not saes:
         raise ValueError("method 'rec_all' needs one SAE per layer (layer_saes=[...], CLI --layer-saes)")
-    return SAEReconstruction(list(saes))
+    blocks = []
+    for sae in saes:
+        hook = sae_hook_name(sae)
+        m = _RESID_HOOK.match(hook)
+        if not m:
+            raise ValueError(f"rec_all takes SAEs on blocks.i.hook_resid_post/pre; got one for {hook!r}")
+        check_sae_fits_hook(sae, ctx.model, hook)
+        check_sae_positions(sae, "cls", "by rec_all (CLS tokens)")
+        blocks.append(int(m.group(1)))
+    missing = sorted(set(range(ctx.model.cfg.n_layers)) - set(blocks))
+    if missing:
+        raise ValueError(f"rec_all replaces the CLS token at every block, but --layer-saes covers blocks {sorted(blocks)} "
+                         f"only (missing {missing}); give one SAE per block (it would not be SAE-rec all)")
+
+
+@register_method("rec_all", kind="pass", needs_sae=False, prepare=_check_rec_all,
+                 description="SAE-rec all: every layer's CLS replaced by its reconstruction (one SAE per layer)")
+def _rec_all(ctx: MethodContext, **_: Any) -> TokenIntervention:
+    _check_rec_all(ctx)
+    return SAEReconstruction(list(ctx.options["layer_saes"]))
 
 
 # ---------------------------------------------------------------------------------- cached tokens
@@ -257,27 +291,6 @@ def make_tower_tail(model: HookedCLIP, cached: HookTokens, batch_size: int = 256
     return tail
 
 
-# ---------------------------------------------------------------------------------- results
-@dataclass
-class MethodScores:
-    top1: float
-    top5: float
-    mean_per_class: float
-    delta_top1: float
-    coverage: float
-    per_class_acc: np.ndarray
-    settings: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    predictions: np.ndarray | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"top1": self.top1, "top5": self.top5, "mean_per_class": self.mean_per_class,
-                "delta_top1": self.delta_top1, "coverage": self.coverage,
-                "per_class_acc": _nan_to_none(self.per_class_acc), "settings": self.settings,
-                "seconds": self.seconds, **({"info": self.info} if self.info else {})}
-
-
 @dataclass(frozen=True)
 class MethodSpec:
     """One row of the results: a registered method with its settings, under a row label."""
@@ -285,73 +298,6 @@ class MethodSpec:
     label: str
     method: str
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluationResult:
-    config: dict[str, Any]
-    classnames: list[str]
-    methods: dict[str, MethodScores]
-    timing: dict[str, Any]
-    labels: np.ndarray | None = None
-
-    @property
-    def zeroshot(self) -> MethodScores:
-        return self.methods["zeroshot"]
-
-    def table(self, fmt: Literal["text", "markdown"] = "text") -> str:
-        return format_table(self.methods, fmt)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "methods": {k: v.to_json() for k, v in self.methods.items()},
-                "classnames": self.classnames, "timing": self.timing}
-
-    def save(self, out_dir: str | Path, plots: bool = True, n_classes_plot: int = 15) -> dict[str, Path]:
-        """Write `results.json`, `results.md` and one per-class gains/losses PNG per method."""
-        from .cli.common import write_json_atomic
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = {"json": write_json_atomic(out / RESULTS_FILE, self.to_json())}
-        written["table"] = _write_text_atomic(out / "results.md", self.table("markdown") + "\n")
-        if plots:
-            for label in self.methods:
-                if label != "zeroshot":
-                    path = out / f"per_class_{_safe_name(label)}.png"
-                    written[f"plot:{label}"] = plot_per_class_changes(self, label, path, n_classes_plot)
-        return written
-
-
-def format_table(rows: Mapping[str, MethodScores], fmt: Literal["text", "markdown"] = "text") -> str:
-    header = ["method", "top-1", "top-5", "mean/class", "Δtop-1", "coverage"]
-    # Rows that read the evaluation labels (VS2++/CLIP-steer/RAG oracles) are marked as upper bounds.
-    body = [[label + (" (oracle upper bound)" if s.info.get("oracle_upper_bound") else ""), f"{s.top1:.2f}",
-             f"{s.top5:.2f}", f"{s.mean_per_class:.2f}", f"{s.delta_top1:+.2f}", f"{s.coverage:.3f}"]
-            for label, s in rows.items()]
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt_row(header), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in body])
-
-
-def _nan_to_none(a: np.ndarray) -> list[float | None]:
-    return [None if (isinstance(v, float) and math.isnan(v)) else v for v in np.asarray(a, dtype=float).tolist()]
-
-
-def _safe_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label).strip("_")
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    import os
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------- the runner
@@ -384,17 +330,26 @@ class Evaluator:
     def __init__(self, model: HookedCLIP, data: ImageDataset, sae: SAE | None, classifier: ZeroShotClassifier,
                  hook_name: str | None = None, batch_size: int = 256, num_workers: int = 2,
                  show_progress: bool = True, options: dict[str, Any] | None = None,
-                 fvu_threshold: float | None = None):
+                 fvu_threshold: float | None = None, gate_methods: Sequence[str] = DEFAULT_GATED_METHODS,
+                 prepare: Sequence[str] = ()):
         if sae is not None:
             hook_name = sae_hook_name(sae, hook_name)
             check_sae_fits_hook(sae, model, hook_name)
+            check_sae_positions(sae, "cls", "by the evaluation runner (it steers the CLS token)")
         hook_name = hook_name or f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        _hook_cut(model, hook_name)  # a hook the runner cannot cache fails before the backbone pass
         self.model, self.data, self.sae, self.classifier = model, data, sae, classifier
         self.default_settings: dict[str, Any] = {"fvu_threshold": fvu_threshold}
+        self.gate_methods = tuple(gate_methods)
+        self.ctx = MethodContext(model, classifier, sae, hook_name, data, lambda t: t, batch_size, num_workers,
+                                 show_progress, dict(options or {}))
+        for name in dict.fromkeys(prepare):  # each method's own checks, before the backbone pass
+            check = get_method(name).prepare
+            if check is not None:
+                check(self.ctx)
         self.cached = cache_hook_tokens(model, data, hook_name, batch_size, num_workers, show_progress)
         self.n_backbone_passes = 1
-        self.ctx = MethodContext(model, classifier, sae, hook_name, data, make_tower_tail(model, self.cached, batch_size),
-                                 batch_size, num_workers, show_progress, dict(options or {}))
+        self.ctx.tokens_to_embeds = make_tower_tail(model, self.cached, batch_size)
         self.ctx.zeroshot_embeds_NE = self.ctx.tokens_to_embeds(self.cached.cls_ND)
         self.zeroshot: ZeroShotResult = self._classify_embeds(self.ctx.zeroshot_embeds_NE)
 
@@ -413,6 +368,8 @@ class Evaluator:
         spec = _as_specs([spec])[0]
         method = get_method(spec.method)
         settings = {**self.default_settings, **spec.settings}
+        if spec.method not in self.gate_methods and "fvu_threshold" not in spec.settings:
+            settings["fvu_threshold"] = None  # the gate is per method (the paper gates VS2 only)
         if method.needs_sae:
             self.ctx.require_sae(spec.method)
         t0 = time.perf_counter()
@@ -458,11 +415,13 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
              classifier: ZeroShotClassifier | None = None, hook_name: str | None = None,
              batch_size: int = 256, num_workers: int = 2, show_progress: bool = True,
              options: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-             out_dir: str | Path | None = None) -> EvaluationResult:
+             out_dir: str | Path | None = None,
+             gate_methods: Sequence[str] = DEFAULT_GATED_METHODS) -> EvaluationResult:
     """Zero-shot accuracy of each method on `data`, with one backbone pass for all token methods.
 
     `lam`, `gamma` and `fvu_threshold` are the shared settings; a `MethodSpec` can override them per
-    row. The zero-shot row is always included (it is the reference for Δtop-1). With `out_dir`,
+    row. The gate (`fvu_threshold`) applies to the methods named in `gate_methods` only (default VS2,
+    as in the paper); each method's inputs are checked before the backbone pass. The zero-shot row is always included (it is the reference for Δtop-1). With `out_dir`,
     writes `results.json`, `results.md` and per-class plots there.
     """
     from .zeroshot_resources import DEFAULT_TEMPLATES
@@ -479,7 +438,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
         classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show_progress)
     t_text = time.perf_counter() - t_start
     ev = Evaluator(model, data, sae, classifier, hook_name, batch_size, num_workers, show_progress, options,
-                   fvu_threshold)
+                   fvu_threshold, gate_methods, prepare=[s.method for s in specs])
     ev.default_settings.update(lam=lam, gamma=gamma)
     rows = {}
     for spec in specs:
@@ -489,10 +448,13 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     timing = {"text_s": t_text, "backbone_s": ev.cached.seconds, "n_backbone_passes": ev.n_backbone_passes,
               "methods_s": {k: v.seconds for k, v in rows.items()}, "total_s": time.perf_counter() - t_start,
               "n_images": len(ev.labels_N)}
+    identity = model_identity(model)  # model identity fields: see identity.model_identity
+    gated = [label for label, row in rows.items() if row.settings.get("fvu_threshold") is not None]
     cfg = {
-        "model": model.cfg.model_name, "pretrained": model.cfg.pretrained, "dataset": data.dataset_id,
+        "model": identity.pop("model_name"), **identity, "dataset": data.dataset_id,
         "split": data.split, "n_images": len(ev.labels_N), "n_skipped": ev.cached.n_skipped,
         "hook_name": ev.cached.hook_name, "lam": lam, "gamma": gamma, "fvu_threshold": fvu_threshold,
+        "gated_methods": gated,
         "templates": templates if isinstance(templates, (str, type(None))) else list(templates),
         "methods": [s.label for s in specs], **_sae_summary(sae), **(config or {}),
     }
@@ -508,38 +470,8 @@ def _sae_summary(sae: SAE | None) -> dict[str, Any]:
     meta = sae.cfg.metadata
     return {"sae": {"architecture": sae.cfg.architecture(), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                     "k": getattr(sae.cfg, "k", None), "hook_name": meta.get("hook_name"),
-                    "dataset": meta.get("dataset"), "heldout_fvu": meta.get("heldout_fvu")}}
-
-
-# ---------------------------------------------------------------------------------- sweep
-@dataclass
-class SweepResult:
-    lams: list[float]
-    gammas: list[float]
-    top1_GL: np.ndarray  # [n_gammas, n_lams]
-    coverage_GL: np.ndarray
-    zeroshot_top1: float
-    selected_on: str  # "eval" or "train-holdout"
-    n_images: int
-    seconds: float
-
-    @property
-    def delta_GL(self) -> np.ndarray:
-        return self.top1_GL - self.zeroshot_top1
-
-    @property
-    def best(self) -> tuple[float, float, float]:
-        """`(lam, gamma, top1)` of the best cell (first one on ties, scanning gammas then lams)."""
-        g, l = np.unravel_index(int(np.argmax(self.top1_GL)), self.top1_GL.shape)
-        return self.lams[l], self.gammas[g], float(self.top1_GL[g, l])
-
-    def to_json(self) -> dict[str, Any]:
-        lam, gamma, top1 = self.best
-        return {"lams": self.lams, "gammas": self.gammas, "top1": self.top1_GL.tolist(),
-                "delta_top1": self.delta_GL.tolist(), "coverage": self.coverage_GL.tolist(),
-                "zeroshot_top1": self.zeroshot_top1, "selected_on": self.selected_on, "n_images": self.n_images,
-                "best": {"lam": lam, "gamma": gamma, "top1": top1, "delta_top1": top1 - self.zeroshot_top1},
-                "seconds": self.seconds}
+                    "positions": meta.get("positions"), "dataset": meta.get("dataset"),
+                    "heldout_fvu": meta.get("heldout_fvu")}}
 
 
 def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[float], selected_on: str = "eval",
@@ -561,79 +493,6 @@ def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[floa
                        selected_on, len(evaluator.labels_N), time.perf_counter() - t0)
 
 
-# ---------------------------------------------------------------------------------- plots
-def _new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
-    # A bare `Figure` (no pyplot): no global backend switch, so notebooks keep their inline backend,
-    # and nothing piles up in pyplot's figure list.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots()
-
-
-def plot_per_class_changes(result: EvaluationResult, method: str, path: str | Path, n: int = 15) -> Path:
-    """Horizontal bars: the `n` classes `method` helps most and the `n` it hurts most, vs zero-shot."""
-    diff = result.methods[method].per_class_acc - result.zeroshot.per_class_acc
-    valid = np.flatnonzero(~np.isnan(diff))
-    order = valid[np.argsort(diff[valid], kind="stable")]
-    losses = [i for i in order[:n] if diff[i] < 0]
-    gains = [i for i in order[::-1][:n] if diff[i] > 0]
-    picked = losses + gains[::-1]  # barh draws bottom-up: biggest loss at the bottom, biggest gain on top
-    fig, ax = _new_figure((8, max(2.5, 0.28 * len(picked) + 1.2)))
-    if picked:
-        vals = [diff[i] for i in picked]
-        names = [result.classnames[i] for i in picked]
-        ax.barh(range(len(vals)), vals, color=["tab:green" if v > 0 else "tab:red" for v in vals])
-        ax.set_yticks(range(len(vals)), names, fontsize=8)
-        ax.axvline(0, color="black", lw=0.8)
-    else:
-        ax.text(0.5, 0.5, "no per-class changes", ha="center", va="center", transform=ax.transAxes)
-        ax.set_yticks([])
-    s = result.methods[method]
-    ax.set_xlabel("per-class top-1 change vs zero-shot (points)")
-    ax.set_title(f"{method}: top-1 {s.top1:.2f} ({s.delta_top1:+.2f}), coverage {s.coverage:.2f}\n"
-                 f"{result.config.get('dataset')} / {result.config.get('split')}, {result.config.get('model')}",
-                 fontsize=9)
-    fig.tight_layout()
-    return _save_fig(fig, Path(path))
-
-
-def plot_sweep_heatmap(sweep: SweepResult, path: str | Path, title: str | None = None) -> Path:
-    """Heatmap of VS2 top-1 minus zero-shot over the grid, the best cell boxed."""
-    from matplotlib.patches import Rectangle
-
-    delta = sweep.delta_GL
-    lim = max(float(np.abs(delta).max()), 1e-6)
-    fig, ax = _new_figure((1.1 * len(sweep.lams) + 2.5, 0.8 * len(sweep.gammas) + 2))
-    im = ax.imshow(delta, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
-    ax.set_xticks(range(len(sweep.lams)), [f"{v:g}" for v in sweep.lams])
-    ax.set_yticks(range(len(sweep.gammas)), [f"{v:g}" for v in sweep.gammas])
-    ax.set_xlabel("lambda")
-    ax.set_ylabel("gamma")
-    for gi in range(len(sweep.gammas)):
-        for li in range(len(sweep.lams)):
-            dark = abs(delta[gi, li]) > 0.6 * lim  # white text on the saturated cells
-            ax.text(li, gi, f"{delta[gi, li]:+.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
-    g_best, l_best = np.unravel_index(int(np.argmax(sweep.top1_GL)), sweep.top1_GL.shape)
-    ax.add_patch(Rectangle((l_best - 0.5, g_best - 0.5), 1, 1, fill=False, lw=2, ec="black"))
-    fig.colorbar(im, ax=ax, label="top-1 minus zero-shot (points)")
-    ax.set_title(title or f"VS2 sweep on {sweep.selected_on} ({sweep.n_images} images), "
-                          f"zero-shot {sweep.zeroshot_top1:.2f}", fontsize=9)
-    fig.tight_layout()
-    return _save_fig(fig, Path(path))
-
-
-def _save_fig(fig: Any, path: Path) -> Path:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
-
-
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """A SAELens SAE saved with `save_model`/`save_inference_model` (a folder with cfg.json)."""
     path = Path(path)
@@ -646,6 +505,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
                                     + (f"; candidates: {[str(p) for p in found]})" if found else ")"))
         path = found[0]
     return SAE.load_from_disk(path, device=str(device))
+
+
+def _nan_to_none(a: np.ndarray) -> list[float | None]:  # kept for older imports
+    return [None if v != v else v for v in np.asarray(a, dtype=float).tolist()]
 
 
 __all__ = [

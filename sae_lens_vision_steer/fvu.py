@@ -17,15 +17,19 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from .activation_cache import ActivationCache
+from .sae_metadata import check_sae_positions, sae_hook_name
 from .training_data import _open, _rows_mask
 
 
 def _resolve_sae_hook(sae: SAE, cache: ActivationCache, hook_name: str | None) -> str:
-    hook = hook_name or (sae.cfg.metadata.get("hook_name") if sae.cfg.metadata.get("hook_name") in cache.hook_names else None)
-    hook = cache.resolve_hook(hook)
+    """The SAE's hook in the cache (its recorded hook; a different `hook_name` is refused), checked
+    for width and for the token positions the SAE was trained on."""
+    recorded = sae.cfg.metadata.get("hook_name")
+    hook = cache.resolve_hook(sae_hook_name(sae, hook_name) if (recorded or hook_name) else None)
     if sae.cfg.d_in != cache.d_in(hook):
         raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match hook {hook!r} of the cache at {cache.root}, "
                          f"whose width is {cache.d_in(hook)}")
+    check_sae_positions(sae, cache.positions, f"in the cache at {cache.root}")
     return hook
 
 

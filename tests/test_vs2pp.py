@@ -338,7 +338,7 @@ def test_cli_eval_runs_vs2pp_methods(eval_setup, tmp_path) -> None:
     from conftest import TINY_CLIP_KWARGS
 
     args = ["eval", "--model", "ViT-B-32", "--random-weights", "--seed", "0", "--model-kwargs",
-            json.dumps(TINY_CLIP_KWARGS), "--dataset", "imagefolder", "--data-dir", str(root / "test"),
+            json.dumps(TINY_CLIP_KWARGS), "--dataset", "imagefolder", "--data-dir", str(root / "test"), "--split", "all",
             "--sae", str(root / "sae"), "--methods", "vs2pp,vs2pp_oracle,weighted_rag", "--pool-cache",
             str(root / "pool"), "--n-neighbours", "7", "--num-workers", "0", "--no-plots", "--out", str(tmp_path / "ev"),
             "--device", "cpu"]

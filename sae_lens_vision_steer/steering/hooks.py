@@ -16,7 +16,7 @@ import torch
 from sae_lens import SAE
 
 from ..hooked_clip import HookedCLIP
-from ..sae_metadata import check_sae_fits_hook, sae_hook_name
+from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 
 Positions = Union[str, Sequence[int]]  # "cls" | "all" | "patches" | explicit token indices
 HookFn = Callable[..., torch.Tensor]
@@ -91,6 +91,8 @@ class TokenIntervention:
         if len({s.hook_name for s in self.sites}) != len(self.sites):
             raise ValueError(f"two SAEs on the same hook: {[s.hook_name for s in self.sites]}")
         self.positions = check_positions(positions)
+        for site in self.sites:  # an SAE applied at positions it was not trained on is refused
+            check_sae_positions(site.sae, self.positions, f"at {site.hook_name} by {type(self).__name__}")
         self._last_changed: dict[str, torch.Tensor] = {}
         # Running totals since `reset_coverage()`, kept as device tensors: no sync in the hook.
         self._changed_total: dict[str, torch.Tensor] = {}

@@ -104,20 +104,27 @@ def per_sample_fvu(x: torch.Tensor, sae: SAE, mean: torch.Tensor | None = None) 
 @torch.no_grad()
 def fvu_threshold_from_reference(sae: SAE, reference: torch.Tensor | str | Path, quantile: float,
                                  hook_name: str | None = None, batch_size: int = 8192,
-                                 show_progress: bool = False) -> float:
+                                 show_progress: bool = False, model=None) -> float:
     """The gate threshold `tau`: the `quantile` of per-sample FVU over unlabeled reference activations.
 
     `reference` is a tensor `[N, d_in]` or an activation-cache folder written by `cache_activations`
     (read at `hook_name`, default the SAE's hook, with `training.per_sample_fvu_on_cache`). FVU uses
-    the SAE's recorded activation mean, as the gate does at test time.
+    the SAE's recorded activation mean, as the gate does at test time. A cache must hold one CLS row
+    per image at the SAE's hook (the gate is applied to CLS tokens), made by `model` when given
+    (weight fingerprint) and by the SAE's model; each difference is named.
     """
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"FVU quantile must be in [0, 1], got {quantile}")
     mu = activation_mean(sae)  # the same mean the gate uses at test time
     if isinstance(reference, (str, Path)):
-        from ..training import per_sample_fvu_on_cache  # streams the cache shard by shard
+        from ..activation_cache import ActivationCache
+        from ..fvu import per_sample_fvu_on_cache  # streams the cache shard by shard
+        from ..sae_metadata import check_activation_cache_for_sae
 
-        fvu = per_sample_fvu_on_cache(sae, reference, sae_hook_name(sae, hook_name), mean=mu, batch_size=batch_size)
+        hook = sae_hook_name(sae, hook_name)
+        cache = ActivationCache.open(reference)
+        check_activation_cache_for_sae(cache, sae, hook, "the reference cache", model)
+        fvu = per_sample_fvu_on_cache(sae, cache, hook, mean=mu, batch_size=batch_size)
         return _finite_quantile(torch.from_numpy(fvu), quantile)
     if reference.ndim != 2 or reference.shape[1] != sae.cfg.d_in:
         raise ValueError(f"reference activations must be [N, {sae.cfg.d_in}], got {list(reference.shape)}")

@@ -57,26 +57,14 @@ from .vs2pp import (
 @torch.no_grad()
 def load_pool_from_cache(cache_dir: str | Path, model, classifier, hook_name: str, sae=None,
                          retrieval_embeds: np.ndarray | None = None, backend: str = "exact",
-                         batch_size: int = 1024, **index_kwargs: Any) -> RetrievalPool:
+                         batch_size: int = 1024, eval_data=None, **index_kwargs: Any) -> RetrievalPool:
     """A `RetrievalPool` from an activation cache of the pool images (CLS rows at the SAE's hook).
 
     CLIP embeddings come from the cache's `hook_image_embed` when it holds one, else from
     `model.head` on the final block's CLS. The model must be the one that made the cache (checked by
     weight fingerprint): pseudo-labels and retrieval embeddings are computed with it.
     """
-    from ..activation_cache import ActivationCache, model_fingerprint
-
-    cache = ActivationCache.open(cache_dir)
-    if cache.positions != "cls":
-        raise ValueError(f"the pool cache {cache_dir} holds positions={cache.positions!r}; VS2++ needs one CLS row "
-                         "per image (cache with positions='cls')")
-    wanted = cache.metadata.get("request", {}).get("model_fingerprint")
-    if wanted and wanted != model_fingerprint(model):
-        raise ValueError(f"the pool cache {cache_dir} was made with other model weights than the model loaded "
-                         f"({cache.metadata.get('model_name')}/{cache.metadata.get('pretrained')}); pseudo-labels "
-                         "and embeddings would not match")
-    if hook_name not in cache.hook_names:
-        raise KeyError(f"the pool cache {cache_dir} holds {cache.hook_names}, not the SAE's hook {hook_name!r}")
+    cache = check_pool_cache(cache_dir, model, hook_name, sae, eval_data)
     acts = cache.load(hook_name)
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     if "hook_image_embed" in cache.hook_names:
@@ -93,6 +81,54 @@ def load_pool_from_cache(cache_dir: str | Path, model, classifier, hook_name: st
     return build_retrieval_pool(classifier, clip, sae=sae, acts_PD=acts if sae is not None else None,
                                 labels_P=cache.labels, retrieval_embeds_PE=retrieval_embeds, backend=backend,
                                 batch_size=batch_size, **index_kwargs)
+
+
+def check_pool_cache(cache_dir: str | Path, model, hook_name: str, sae=None, eval_data=None):
+    """Open the pool cache and refuse one that cannot serve as VS2++'s pool: not one CLS row per image,
+    another hook or model (weight fingerprint), or the evaluation split itself (each query would
+    retrieve itself). Returns the opened `ActivationCache`."""
+    from ..activation_cache import ActivationCache, model_fingerprint
+
+    cache = ActivationCache.open(cache_dir)
+    if cache.positions != "cls":
+        raise ValueError(f"the pool cache {cache_dir} holds positions={cache.positions!r}; VS2++ needs one CLS row "
+                         "per image (cache with positions='cls')")
+    req = cache.metadata.get("request", {})
+    wanted = req.get("model_fingerprint")
+    if wanted and wanted != model_fingerprint(model):
+        raise ValueError(f"the pool cache {cache_dir} was made with other model weights than the model loaded "
+                         f"({cache.metadata.get('model_name')}/{cache.metadata.get('pretrained')}); pseudo-labels "
+                         "and embeddings would not match")
+    if hook_name not in cache.hook_names:
+        raise KeyError(f"the pool cache {cache_dir} holds {cache.hook_names}, not the SAE's hook {hook_name!r}")
+    if sae is not None and cache.d_in(hook_name) != sae.cfg.d_in:
+        raise ValueError(f"the pool cache {cache_dir} has width {cache.d_in(hook_name)} at {hook_name!r}, the SAE's "
+                         f"d_in is {sae.cfg.d_in}")
+    if eval_data is not None and (req.get("dataset"), req.get("split")) == (eval_data.dataset_id, eval_data.split):
+        raise ValueError(f"the pool cache {cache_dir} was made from the evaluation split itself "
+                         f"({eval_data.dataset_id}/{eval_data.split}): each image would retrieve itself. Cache the "
+                         "training split for --pool-cache")
+    return cache
+
+
+def _check_pool_options(ctx: MethodContext) -> None:
+    """Before the backbone pass: the pool cache exists and fits, and the retrieval embeddings are paired."""
+    pool_dir = ctx.options.get("pool_cache")
+    if not pool_dir:
+        raise ValueError("VS2++ and the retrieval baselines retrieve neighbours from a pool: give the training "
+                         "split's activation cache (--pool-cache DIR)")
+    if (ctx.options.get("query_retrieval_embeds") is None) != (ctx.options.get("pool_retrieval_embeds") is None):
+        raise ValueError("a custom retrieval embedding needs both the pool's and the queries' arrays "
+                         "(--pool-retrieval-embeds and --query-retrieval-embeds)")
+    for key, what in (("pool_retrieval_embeds", "pool retrieval embeddings"),
+                      ("query_retrieval_embeds", "query retrieval embeddings")):
+        if ctx.options.get(key) is not None:
+            _load_npy(ctx.options[key], what)
+    n = ctx.options.get("n_neighbours")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n_neighbours (--n-neighbours) must be a positive whole number, got {n!r}")
+    hook = ctx.hook_name or f"blocks.{ctx.model.cfg.n_layers - 1}.hook_resid_post"
+    check_pool_cache(pool_dir, ctx.model, hook, ctx.sae, ctx.data)
 
 
 def _load_npy(path: str | Path, what: str) -> np.ndarray:
@@ -119,7 +155,7 @@ def _pool(ctx: MethodContext, method: str, with_sae: bool) -> RetrievalPool:
             pool_dir, ctx.model, ctx.classifier,
             ctx.hook_name or f"blocks.{ctx.model.cfg.n_layers - 1}.hook_resid_post", sae=ctx.sae,
             retrieval_embeds=None if embeds is None else _load_npy(embeds, "pool retrieval embeddings"),
-            backend=ctx.options.get("retrieval_backend") or "exact")
+            backend=ctx.options.get("retrieval_backend") or "exact", eval_data=ctx.data)
         ctx.scratch["vs2pp_pool_build_s"] = time.perf_counter() - t0
     pool = ctx.scratch["vs2pp_pool"]
     if with_sae:
@@ -165,7 +201,8 @@ def _neighbours(ctx: MethodContext, pool: RetrievalPool, n: int, n_queries: int)
 
 
 def _settings(ctx: MethodContext) -> tuple[int, float, str]:
-    n = int(ctx.options.get("n_neighbours") or DEFAULT_N_NEIGHBOURS)
+    n = ctx.options.get("n_neighbours")
+    n = DEFAULT_N_NEIGHBOURS if n is None else int(n)  # 0 is refused by _check_pool_options, not replaced
     alpha = ctx.options.get("rag_alpha")
     return n, DEFAULT_RAG_ALPHA if alpha is None else float(alpha), ctx.options.get("vs2pp_fallback") or "vs2"
 
@@ -210,20 +247,20 @@ def _vs2pp(tokens_ND: torch.Tensor, ctx: MethodContext, rule: str, method: str, 
     return MethodOutput(tokens=torch.cat(steered), coverage=mask.float().mean().item(), info=info)
 
 
-@register_method("vs2pp", description="VS2++: retrieval-guided VS2, S+ = neighbours sharing the query's pseudo-label")
+@register_method("vs2pp", prepare=_check_pool_options, description="VS2++: retrieval-guided VS2, S+ = neighbours sharing the query's pseudo-label")
 def _vs2pp_query(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM, gamma: float = PAPER_GAMMA,
                  fvu_threshold: float | None = None, preserve_norm: bool = True, **_: Any) -> MethodOutput:
     return _vs2pp(tokens_ND, ctx, "query", "vs2pp", lam, gamma, fvu_threshold, preserve_norm)
 
 
-@register_method("vs2pp_majority", description="VS2++ with S+ = neighbours carrying the majority pseudo-label")
+@register_method("vs2pp_majority", prepare=_check_pool_options, description="VS2++ with S+ = neighbours carrying the majority pseudo-label")
 def _vs2pp_majority(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM,
                     gamma: float = PAPER_GAMMA, fvu_threshold: float | None = None, preserve_norm: bool = True,
                     **_: Any) -> MethodOutput:
     return _vs2pp(tokens_ND, ctx, "majority", "vs2pp_majority", lam, gamma, fvu_threshold, preserve_norm)
 
 
-@register_method("vs2pp_oracle", uses_eval_labels=True,
+@register_method("vs2pp_oracle", prepare=_check_pool_options, uses_eval_labels=True,
                  description="VS2++ ORACLE upper bound: S+ = neighbours with the query's TRUE label (uses test labels)")
 def _vs2pp_oracle(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM, gamma: float = PAPER_GAMMA,
                   fvu_threshold: float | None = None, preserve_norm: bool = True, **_: Any) -> MethodOutput:
@@ -255,13 +292,13 @@ def _slice_split(split: NeighbourSplit, sl: slice) -> NeighbourSplit:
     return NeighbourSplit(split.rule, Neighbours(nb.scores_QN[sl], nb.indices_QN[sl]), split.positive_QN[sl])
 
 
-@register_method("clip_steer", needs_sae=False,
+@register_method("clip_steer", prepare=_check_pool_options, needs_sae=False,
                  description="CLIP-steer: q + mean CLIP embedding of S+ - mean of S- (S+ = query pseudo-label rule)")
 def _clip_steer_query(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     return _clip_steer(tokens_ND, ctx, "query", "clip_steer")
 
 
-@register_method("clip_steer_oracle", needs_sae=False, uses_eval_labels=True,
+@register_method("clip_steer_oracle", prepare=_check_pool_options, needs_sae=False, uses_eval_labels=True,
                  description="CLIP-steer ORACLE upper bound: S+ = neighbours with the query's TRUE label")
 def _clip_steer_oracle(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     return _clip_steer(tokens_ND, ctx, "oracle", "clip_steer_oracle")
@@ -290,13 +327,13 @@ def _weighted_rag(tokens_ND: torch.Tensor, ctx: MethodContext, oracle: bool, met
     return MethodOutput(embeds=embeds, coverage=1.0 - fallback.float().mean().item(), info=info)
 
 
-@register_method("weighted_rag", needs_sae=False,
+@register_method("weighted_rag", prepare=_check_pool_options, needs_sae=False,
                  description="weighted RAG: alpha q + (1 - alpha) sum_j (s_j / sum s) r_j over the N neighbours")
 def _weighted_rag_all(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     return _weighted_rag(tokens_ND, ctx, False, "weighted_rag")
 
 
-@register_method("weighted_rag_oracle", needs_sae=False, uses_eval_labels=True,
+@register_method("weighted_rag_oracle", prepare=_check_pool_options, needs_sae=False, uses_eval_labels=True,
                  description="weighted RAG ORACLE upper bound: only neighbours with the query's TRUE label")
 def _weighted_rag_oracle(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     return _weighted_rag(tokens_ND, ctx, True, "weighted_rag_oracle")
@@ -305,4 +342,4 @@ def _weighted_rag_oracle(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) 
 VS2PP_METHODS = ("vs2pp", "vs2pp_majority", "vs2pp_oracle", "clip_steer", "clip_steer_oracle", "weighted_rag",
                  "weighted_rag_oracle")
 
-__all__ = ["VS2PP_METHODS", "load_pool_from_cache"]
+__all__ = ["VS2PP_METHODS", "check_pool_cache", "load_pool_from_cache"]
