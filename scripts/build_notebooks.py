@@ -588,11 +588,172 @@ summary["pass_vs_topk"]'''),
     ]
 
 
+# ---------------------------------------------------------------------------------- 04
+def notebook_04() -> list:
+    return [
+        md("""\
+# 04 · Interpret CLIP like a HookedTransformer
+
+`HookedCLIP` is a TransformerLens `HookedRootModule` with TL's hook names inside every block
+(`ln1.hook_scale`, `attn.hook_q|k|v|z|attn_scores|pattern`, `mlp.hook_pre|post`, the residual
+hooks), a `HookedTransformerConfig` as `model.cfg`, and TL's `ActivationCache` from
+`run_with_cache`. So TL's own tools work on an image tower. This notebook:
+
+1. draws the CLS token's attention to the patches over the image;
+2. ablates attention heads through `hook_z`;
+3. splices the SAE in (the `HookedSAETransformer` way) and reads an image's top latents from the cache;
+4. runs a logit lens over the blocks with `accumulated_resid` and `apply_ln_to_stack`."""),
+        code(PARAMETERS, tags=["parameters"]),
+        md(REAL_WEIGHTS_MD),
+        code(USE_REAL_WEIGHTS),
+        code(SETUP),
+        md(chance_md()),
+        md("""\
+## A TransformerLens cache of an image batch
+
+A batch of evaluation images, and the zero-shot head (class-prompt embeddings) that turns image
+embeddings into class logits."""),
+        code("""\
+from transformer_lens import ActivationCache
+
+from sae_lens_vision_steer import ZeroShotClassifier, make_loader
+
+N_IMAGES = 256
+batch = next(iter(make_loader(eval_data, N_IMAGES, num_workers=0)))
+images, labels = batch.images.to(DEVICE), batch.labels
+classifier = ZeroShotClassifier(model, eval_data.classnames, TEMPLATES, show_progress=SHOW_PROGRESS)
+with torch.no_grad():
+    embeds, cache = model.run_with_cache(images)
+assert isinstance(cache, ActivationCache)
+clean_logits = classifier.logits(embeds).cpu()
+clean_top1 = (clean_logits.argmax(-1) == labels).float().mean().item() * 100
+L = model.cfg.n_layers - 1
+print(f"{len(cache)} cached activations; top-1 on these {N_IMAGES} images {clean_top1:.2f}%")
+for name in (f"blocks.{L}.attn.hook_pattern", f"blocks.{L}.attn.hook_z", f"blocks.{L}.mlp.hook_post", "hook_ln_post"):
+    print(f"  {name:32s} {tuple(cache[name].shape)}")"""),
+        md("""\
+## The CLS token's attention to the patches
+
+`hook_pattern` is `[batch, head, query, key]`. Row 0 is what the CLS token attends to; without the
+CLS column, reshaped to the patch grid and drawn over the image, it shows where the last block's
+CLS looks. (With random weights the maps are unstructured.)"""),
+        code("""\
+import matplotlib.pyplot as plt
+import torch.nn.functional as F
+
+grid = model.cfg.image_size // model.cfg.patch_size
+pattern = cache[f"blocks.{L}.attn.hook_pattern"]  # [B, H, T, T]
+cls_to_patches = pattern[:, :, 0, 1:].mean(1).reshape(-1, 1, grid, grid)  # averaged over heads
+heat = F.interpolate(cls_to_patches, size=images.shape[-2:], mode="nearest")[:, 0].cpu()
+
+def show_image(t):
+    t = t.cpu().permute(1, 2, 0)
+    return ((t - t.min()) / (t.max() - t.min())).numpy()
+
+N_SHOW = 6
+fig, axes = plt.subplots(1, N_SHOW, figsize=(2 * N_SHOW, 2.3))
+for i, ax in enumerate(axes):
+    ax.imshow(show_image(images[i]))
+    ax.imshow(heat[i].numpy(), alpha=0.5, cmap="inferno")
+    ax.set_title(eval_data.classnames[int(labels[i])][:16], fontsize=8)
+    ax.axis("off")
+fig.suptitle(f"Block {L}: CLS attention to the patches (mean over heads)", fontsize=10)
+fig.tight_layout()
+fig.savefig(RUN_DIR / "04_cls_attention.png", dpi=100)
+plt.show()
+print("each CLS row sums to 1:", torch.allclose(pattern[:, :, 0].sum(-1), torch.ones(()), atol=1e-5))"""),
+        md("""\
+## Head ablation
+
+Zero one head's output `z` (`[batch, pos, head, d_head]`) in the last block and measure how much the
+correct-class logit drops, head by head."""),
+        code("""\
+def ablate_head(head):
+    def hook(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+    return hook
+
+def correct_logit(logits):
+    return logits[torch.arange(len(labels)), labels].mean().item()
+
+head_effect = {}
+with torch.no_grad():
+    for h in range(model.cfg.n_heads):
+        out = model.run_with_hooks(images, fwd_hooks=[(f"blocks.{L}.attn.hook_z", ablate_head(h))])
+        head_effect[h] = correct_logit(classifier.logits(out).cpu()) - correct_logit(clean_logits)
+        print(f"block {L} head {h}: correct-class logit {head_effect[h]:+.4f}")"""),
+        md("""\
+## The SAE spliced in, and an image's top latents
+
+The SAE from notebook 01 (trained here if 01 has not run). `add_sae` splices it at its hook at the
+positions it was trained on (the CLS token only), with SAELens' cache keys
+(`<hook>.hook_sae_acts_post`, ...). With `use_error_term=True` the model's output is unchanged."""),
+        code(CACHE),
+        code(TRAIN_SAE),
+        code("""\
+model.add_sae(sae, use_error_term=True)
+try:
+    with torch.no_grad():
+        spliced, sae_cache = model.run_with_cache(images, names_filter=lambda n: n.startswith(HOOK))
+finally:
+    model.reset_saes()
+splice_max_diff = (spliced - embeds).abs().max().item()
+print(f"with the error term the output is unchanged: max |diff| {splice_max_diff:.2e}")
+acts = sae_cache[HOOK + ".hook_sae_acts_post"][:, 0]  # [B, d_sae]: the CLS token only
+values, latents_top = acts[0].topk(5)
+print(f"image 0 ({eval_data.classnames[int(labels[0])]}): top latents",
+      {int(l): round(float(v), 3) for l, v in zip(latents_top, values)})
+print(f"mean L0 over the batch: {(acts > 0).sum(-1).float().mean():.2f}")"""),
+        md("""\
+## A logit lens over the blocks
+
+`accumulated_resid` stacks the residual stream (CLS token) before and in the middle of each block;
+`apply_ln_to_stack` applies the final LayerNorm's cached scale (TL's `ln_final`, open_clip's
+`ln_post`); the projection and the class-prompt directions then give class logits per layer. The
+last row is the model's own zero-shot prediction."""),
+        code("""\
+with torch.no_grad():
+    stack, lens_labels = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=0, return_labels=True)
+    normed = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=0)[:, :, 0]  # [layers, B, D]
+    ln = model.ln_final
+    lens_embeds = (normed * ln.w + ln.b) @ model.visual.proj
+    lens_logits = torch.stack([classifier.logits(e).cpu() for e in lens_embeds])
+lens_top1 = [(l.argmax(-1) == labels).float().mean().item() * 100 for l in lens_logits]
+lens_final_max_diff = (lens_logits[-1] - clean_logits).abs().max().item()
+print(f"final layer of the lens vs the model's logits: max |diff| {lens_final_max_diff:.2e}")
+
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(range(len(lens_top1)), lens_top1, marker="o")
+ax.set_xticks(range(len(lens_labels)), lens_labels, rotation=45, fontsize=7)
+ax.set_ylabel("top-1 (%)")
+ax.set_title("Logit lens: zero-shot accuracy read from each layer's CLS token", fontsize=9)
+fig.tight_layout()
+fig.savefig(RUN_DIR / "04_logit_lens.png", dpi=100)
+plt.show()"""),
+        md("""\
+## Summary"""),
+        code("""\
+from sae_lens_vision_steer.cli.common import write_json_atomic
+
+summary = {
+    "use_real_weights": USE_REAL_WEIGHTS, "n_images": N_IMAGES, "clean_top1": clean_top1,
+    "head_effect": head_effect, "splice_max_diff": splice_max_diff, "top_latents_image0": latents_top.tolist(),
+    "lens_labels": lens_labels, "lens_top1": lens_top1, "lens_final_max_diff": lens_final_max_diff,
+}
+assert splice_max_diff < 1e-4 and lens_final_max_diff < 1e-3
+write_json_atomic(RUN_DIR / "04_summary.json", summary)
+summary"""),
+    ]
+
+
 # ---------------------------------------------------------------------------------- building
 NOTEBOOKS = {
     "01_train_vision_sae.ipynb": notebook_01,
     "02_vs2_steering.ipynb": notebook_02,
     "03_vs2pp_and_pass.ipynb": notebook_03,
+    "04_interpret_like_hooked_transformer.ipynb": notebook_04,
 }
 
 

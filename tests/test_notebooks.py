@@ -29,7 +29,8 @@ from conftest import TINY_IMAGENET  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
-NOTEBOOKS = ["01_train_vision_sae.ipynb", "02_vs2_steering.ipynb", "03_vs2pp_and_pass.ipynb"]
+NOTEBOOKS = ["01_train_vision_sae.ipynb", "02_vs2_steering.ipynb", "03_vs2pp_and_pass.ipynb",
+             "04_interpret_like_hooked_transformer.ipynb"]
 RUN_SUBDIR = "tiny-imagenet_tiny-random-clip"  # RUN_DIR of the random-weights path, under RUN_ROOT
 CELL_TIMEOUT_S = 300
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -234,3 +235,19 @@ def test_03_vs2pp_and_pass(notebook_run):
     assert pass_cfg["metadata"]["objective"] == "pass" and pass_cfg["metadata"]["w_aux"] == s["w_aux"]
     _assert_png(run_dir / "03_vs2pp.png")
     print("notebook execution times (s):", {k: round(v, 1) for k, v in notebook_run["timings"].items()})
+
+
+def test_04_interpret_like_hooked_transformer(notebook_run):
+    nb, _ = _execute(NOTEBOOKS[3], notebook_run)
+    run_dir = notebook_run["run_dir"]
+    s = json.loads((run_dir / "04_summary.json").read_text())
+    assert s["use_real_weights"] is False and s["n_images"] == 256
+    assert s["splice_max_diff"] < 1e-4  # use_error_term=True leaves the output unchanged
+    # the lens: 2 entries per block plus the final residual; its last layer is the model's prediction
+    assert len(s["lens_labels"]) == len(s["lens_top1"]) == 2 * 2 + 1 and s["lens_labels"][-1] == "final_post"
+    assert s["lens_final_max_diff"] < 1e-3 and s["lens_top1"][-1] == pytest.approx(s["clean_top1"])
+    assert len(s["head_effect"]) == 2 and all(math.isfinite(v) for v in s["head_effect"].values())
+    assert any(abs(v) > 0 for v in s["head_effect"].values())  # ablating a head does something
+    assert "CLS attention" in _stdout(nb) or _outputs(nb, "image/png")
+    _assert_png(run_dir / "04_cls_attention.png")
+    _assert_png(run_dir / "04_logit_lens.png")

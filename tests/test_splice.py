@@ -188,7 +188,6 @@ def test_bad_requests_are_refused_and_nothing_is_attached(model):
         (make_sae(positions="patches"), {"positions": [0, 3]}, ValueError, "trained on 'patches'"),
         (make_sae(model_name="ViT-L-14"), {}, ValueError, "different model.*ViT-L-14"),
         (make_sae(act_fn="quick_gelu"), {}, ValueError, "activation 'quick_gelu'"),
-        (make_sae(pretrained="openai"), {}, ValueError, "weights 'openai'"),
     ]
     for sae, kwargs, exc, match in bad:
         with pytest.raises(exc, match=match):
@@ -198,6 +197,9 @@ def test_bad_requests_are_refused_and_nothing_is_attached(model):
     cfg.metadata.hook_name, cfg.metadata.hook_name_out = HOOK, "blocks.9.hook_mlp_out"
     with pytest.raises(KeyError, match="output hook 'blocks.9.hook_mlp_out'"):
         model.add_sae(Transcoder(cfg))
+    with pytest.warns(UserWarning, match="weights 'openai'"):  # other weights of the same network: said, allowed
+        model.add_sae(make_sae(pretrained="openai"))
+    model.reset_saes()
     model.add_sae(make_sae())
     with pytest.raises(ValueError, match="already spliced"):
         model.add_sae(make_sae(seed=1))

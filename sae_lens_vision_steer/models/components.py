@@ -62,12 +62,12 @@ class LayerNorm(nn.Module):
         dtype = x.dtype
         if type(ln).__name__ == "LayerNormFp32":
             x = x.float()
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt())
-        x = self.hook_normalized(x / scale)
+        var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)  # one pass for both
+        scale = self.hook_scale((var + ln.eps).sqrt())
+        x = self.hook_normalized((x - mean) / scale)
         if ln.weight is not None:
-            x = x * ln.weight
-        if ln.bias is not None:
+            x = torch.addcmul(ln.bias, x, ln.weight) if ln.bias is not None else x * ln.weight
+        elif ln.bias is not None:
             x = x + ln.bias
         return x.to(dtype)
 

@@ -15,7 +15,7 @@ def _base_name(model_name: str) -> str:
 
 
 def check_sae_matches_model(sae: SAE, model: Any) -> None:
-    """Refuse an SAE whose metadata records another model, other weights or another activation function.
+    """Refuse an SAE whose metadata records another model or another activation function; warn on other weights.
 
     `ViT-B-32` and `ViT-B-32-quickgelu` name one architecture; the activation is compared on its own.
     Fields the SAE (or the model, e.g. a wrapped `custom` one) does not record are not compared. An SAE
@@ -29,7 +29,9 @@ def check_sae_matches_model(sae: SAE, model: Any) -> None:
     if name and known and _base_name(name) != _base_name(cfg.model_name):
         diffs.append(f"model {name!r} (this model: {cfg.model_name!r})")
     if known and "pretrained" in meta and meta.get("pretrained") != cfg.pretrained:
-        diffs.append(f"weights {meta.get('pretrained')!r} (this model: {cfg.pretrained!r})")
+        # Same network, other weights (a fine-tune, random weights in a test): allowed, but said.
+        warnings.warn(f"this SAE was trained on weights {meta.get('pretrained')!r}; this model has "
+                      f"{cfg.pretrained!r}", stacklevel=3)
     act = meta.get("act_fn")
     if act and act != cfg.act_fn:
         diffs.append(f"activation {act!r} (this model: {cfg.act_fn!r})")
