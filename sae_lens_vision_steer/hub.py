@@ -16,6 +16,7 @@ upload changes nothing and a retry redoes the same commit (unchanged files are s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from sae_lens import SAE
 from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 
 from .model_card import is_vision_steer_card, load_eval_results, merge_model_card, sae_card_section
-from .sae_metadata import vision_metadata
+from .sae_metadata import portable_metadata, vision_metadata
 
 # The files of one SAE folder that go to the Hub: SAELens' upload allow-list, in upload order.
 SAE_FILES = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, RUNNER_CFG_FILENAME)
@@ -170,7 +171,13 @@ def _stage(root: Path, sae_dir: Path, sae_id: str, card: str) -> list[str]:
     (root / sae_id).mkdir(parents=True, exist_ok=True)
     for name in SAE_FILES:
         src = sae_dir / name
-        if src.is_file():
+        cfg = json.loads(src.read_text()) if name == SAE_CFG_FILENAME else None
+        meta = cfg.get("metadata") if isinstance(cfg, dict) else None
+        if isinstance(meta, dict) and portable_metadata(meta) != meta:  # published metadata: no local paths
+            cfg["metadata"] = portable_metadata(meta)
+            (root / sae_id / name).write_text(json.dumps(cfg) + "\n", encoding="utf-8")
+            paths.append(f"{sae_id}/{name}")
+        elif src.is_file():
             shutil.copyfile(src, root / sae_id / name)
             paths.append(f"{sae_id}/{name}")
     (root / README).write_text(card, encoding="utf-8")
@@ -181,7 +188,7 @@ def _stage(root: Path, sae_dir: Path, sae_id: str, card: str) -> list[str]:
 def _card_section(repo_id: str, sae_id: str, sae: SAE, eval_path: Path | None, revision: str) -> str:
     cfg = sae.cfg
     sae_cfg = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": getattr(cfg, "k", None), "architecture": cfg.architecture()}
-    meta = vision_metadata(sae)
+    meta = portable_metadata(vision_metadata(sae))
     results = None
     if eval_path is not None:
         results = load_eval_results(eval_path)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from .identity import stock_config_differences, weights_from_name
 from .steering.vs2 import PAPER_GAMMA, PAPER_LAM
 
 CARD_MARKER = "<!-- vision-steer:card -->"
@@ -141,9 +142,19 @@ def sae_card_section(
     objective = metadata.get("objective")
     w_aux = metadata.get("w_aux")
     pretrained = metadata.get("pretrained")
-    weights = f"pretrained `{pretrained}`" if pretrained else "random initial weights (no pretrained tag)"
+    model_name = metadata.get("model_name")
+    kwargs = metadata.get("model_kwargs") or {}
+    if weights_from_name(model_name) and kwargs.get("load_weights") is not False:
+        weights = "weights that come with the name"
+    elif pretrained:
+        weights = f"pretrained `{pretrained}`"
+    else:
+        weights = "random initial weights (no pretrained tag)"
+    changed = stock_config_differences(model_name, metadata.get("model_config"))
+    arch = ("; architecture changed from the stock config: " + ", ".join(f"{k}={v}" for k, v in changed.items())
+            if changed else "")
     facts = [
-        ("CLIP model", f"open_clip `{metadata.get('model_name')}`, {weights}"),
+        ("CLIP model", f"open_clip `{model_name}`, {weights}{arch}"),
         ("Hook", f"`{metadata.get('hook_name')}` (a `HookedCLIP` hook point)"),
         ("Positions", _fmt(metadata.get("positions"), "`{}`")),
         ("d_in / d_sae / k", f"{sae_cfg.get('d_in')} / {sae_cfg.get('d_sae')} / {_fmt(sae_cfg.get('k'))}"),
@@ -191,7 +202,8 @@ def sae_card_section(
         "from sae_lens_vision_steer.steering import VS2Steering",
         "",
         f"sae, info = load_vision_sae({_py(repo_id)}, {_py(sae_id)}{rev_arg})",
-        f"model = HookedCLIP.from_pretrained({_py(metadata.get('model_name'))}, pretrained={_py(pretrained)})",
+        f"model = HookedCLIP.from_pretrained({_py(model_name)}, pretrained={_py(pretrained)}"
+        + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")",
         f"steer = VS2Steering(sae, lam={PAPER_LAM}, gamma={PAPER_GAMMA})",
         "",
         'classifier = ZeroShotClassifier(model, ["cat", "dog", "car"])',

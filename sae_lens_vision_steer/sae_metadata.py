@@ -31,7 +31,7 @@ VISION_METADATA_KEYS = (
 )
 SEQPOS_SLICES = {"cls": [0, 1], "patches": [1, None], "all": [None]}
 # The cache request's model fields copied into the SAE metadata (see identity.model_identity).
-MODEL_FIELDS = ("model_name", "pretrained", "model_kwargs", "model_config", "model_fingerprint")
+MODEL_FIELDS = ("model_name", "pretrained", "act_fn", "model_kwargs", "model_config", "model_fingerprint")
 
 # SAELens warns on every SAE built with non-empty `model_from_pretrained_kwargs`, with advice for
 # HookedSAETransformer language models that does not apply to CLIP towers.

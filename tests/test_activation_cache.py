@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import safetensors.torch
 import torch
 
@@ -288,7 +290,7 @@ def test_cli_cache(tmp_path, tiny_imagenet_dir, capsys):
     assert c.hook_names == ["blocks.1.hook_resid_post", "blocks.0.hook_resid_post"]
     # Same command again: reused. Another dtype: refused with one clear line.
     assert main(argv) == 0
-    assert main(argv + ["--dtype", "float32"]) == 2
+    assert main(argv + ["--dtype", "float32"]) == EXIT_CONFLICT
     assert "dtype: cache has 'float16', request has 'float32'" in capsys.readouterr().err
 
 

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
+
 from sae_lens_vision_steer.cli import build_parser, main
 
 from conftest import TINY_CLIP_KWARGS
@@ -44,7 +46,7 @@ def test_zeroshot_cli_on_real_images(tmp_path, tiny_imagenet_dir, capsys):
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     rc = main(["zeroshot", "--random-weights", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS),
                "--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing"), "--device", "cpu"])
-    assert rc == 2
+    assert rc == EXIT_INPUT
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 import pytest
+
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import torch
 from PIL import Image
 
@@ -291,5 +293,5 @@ def test_cli_run_main_job_and_reuse(tmp_path, tiny_imagenet_dir, capsys):
     assert weights.stat().st_mtime_ns == mtime
     again = json.loads((run_dir / "results.json").read_text())
     assert again["methods"]["vs2"]["top1"] == saved["methods"]["vs2"]["top1"]
-    assert main(args[:-2] + ["--k", "4", "--out", str(run_dir)]) == 2  # a different SAE request is refused
-    assert "started differently" in capsys.readouterr().err
+    assert main(args[:-2] + ["--k", "4", "--out", str(run_dir)]) == EXIT_CONFLICT  # a different request
+    assert "k: folder has 8, request has 4" in capsys.readouterr().err

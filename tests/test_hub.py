@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
+
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import torch
 import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -465,7 +467,7 @@ def test_cli_takes_no_token_argument_and_dry_runs(sae_dir, tmp_path, capsys):
     assert "Zero-shot and steered accuracy" not in (out / "README.md").read_text()
     rc = main(["publish", "--sae", str(tmp_path), "--repo-id", REPO, "--sae-id", SAE_ID, "--dry-run",
                str(tmp_path / "x")])
-    assert rc == 2 and "not a SAELens SAE folder" in capsys.readouterr().err
+    assert rc == EXIT_INPUT and "not a SAELens SAE folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -7,6 +7,8 @@ import signal
 
 import numpy as np
 import pytest
+
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import torch
 from safetensors.torch import load_file
 from sae_lens import SAE, SAETrainer, TopKSAE
@@ -235,6 +237,6 @@ def test_cli_train_and_resume(cache, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out FVU" in out and "dead fraction" in out and "samples/s" in out and "peak RSS" in out
     assert SAE.load_from_disk(tmp_path / "sae").cfg.d_sae == 128
-    assert main(argv) == 2  # a second run into the same folder needs --resume or --overwrite
+    assert main(argv) == EXIT_CONFLICT  # a second run into the same folder needs --resume or --overwrite
     assert "--resume" in capsys.readouterr().err
     assert main(argv + ["--resume"]) == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import torch
 import torch.nn.functional as F
 from sae_lens import TopKSAE, TopKSAEConfig
@@ -347,7 +349,8 @@ def test_cli_eval_runs_vs2pp_methods(eval_setup, tmp_path) -> None:
     assert out["methods"]["vs2pp_oracle"]["info"]["oracle_upper_bound"] is True
     assert out["methods"]["vs2pp"]["info"]["n_neighbours"] == 7
     assert "(oracle upper bound)" in (tmp_path / "ev" / "results.md").read_text()
-    assert main(args[:args.index("--pool-cache")] + args[args.index("--pool-cache") + 2:]) == 2  # clear error
+    no_pool = args[:args.index("--pool-cache")] + args[args.index("--pool-cache") + 2:] + ["--out", str(tmp_path / "e2")]
+    assert main(no_pool) == EXIT_USAGE  # a clear error, before the backbone pass
 
 
 def test_online_hook_refuses_a_non_final_hook(tiny_clip) -> None:

@@ -35,7 +35,7 @@ HEAD_HOOKS = ("hook_ln_post", "hook_image_embed")  # [B, D]: the pooled CLS only
 
 # Fields of the request that must agree for a cache to be reused or resumed.
 IDENTITY_FIELDS = (
-    "model_name", "pretrained", "model_fingerprint", "model_config", "preprocess", "hook_names", "d_in",
+    "model_name", "pretrained", "act_fn", "model_fingerprint", "model_config", "preprocess", "hook_names", "d_in",
     "positions", "rows_per_image", "dtype", "dataset", "split", "n_images", "dataset_fingerprint", "shard_size",
 )
 

@@ -1,5 +1,7 @@
 """`vision-steer` command line. Each subcommand lives in its own module of this package and defines
-`HELP`, `add_arguments(parser)` and `run(args)`; modules are found automatically."""
+`HELP`, `add_arguments(parser)` and `run(args)` (and optionally `interrupted(args)`: what a Ctrl-C
+left saved); modules are found automatically. User errors end in one line and a distinct exit code
+(see `common.EXIT_CODES`); set VISION_STEER_DEBUG=1 for the traceback."""
 
 from __future__ import annotations
 
@@ -33,27 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hooked CLIP image towers, vision SAEs and Visual Sparse Steering (VS2, VS2++, PASS) on SAELens.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from .common import EXIT_CODES
+
+    parser.epilog = "exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
     for name in _subcommands():
         mod = importlib.import_module(f"{__name__}.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=_HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _interrupted=getattr(mod, "interrupted", None))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from .common import EXIT_INTERRUPTED, error_exit_code, error_message, resolve_device
+
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "device"):
+            args.device = resolve_device(args.device)
         return int(args._run(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-        # Bad input: one clear line, not a traceback. VISION_STEER_DEBUG=1 shows the traceback.
-        import os
-
-        if os.environ.get("VISION_STEER_DEBUG"):
-            raise
-        print(f"vision-steer {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        saved = args._interrupted(args) if args._interrupted else None
+        note = str(e) if str(e) else ""
+        print(f"vision-steer {args.command}: interrupted. " + (saved or note or "nothing was saved"), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        code = error_exit_code(e)
+        if code is None or os.environ.get("VISION_STEER_DEBUG"):
+            raise  # a bug, not a user error: keep the traceback
+        print(f"vision-steer {args.command}: error: {error_message(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

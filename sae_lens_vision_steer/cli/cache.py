@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_data_args, add_model_args, load_data, load_model, peak_rss_mib
+from .common import (
+    add_data_args,
+    add_model_args,
+    add_progress_arg,
+    load_data,
+    load_model,
+    peak_rss_mib,
+    positive_int,
+    resolve_model_args,
+)
 
 HELP = "cache CLIP image-tower activations to disk for SAE training"
 DESCRIPTION = (HELP + ". Running the same command again resumes an interrupted run at the first "
-               "unwritten shard, or reuses a complete cache; a folder holding a different cache is refused.")
+               "unwritten shard, or reuses a complete cache after checking every file's sha256 (--repair "
+               "recomputes only damaged shards); a folder holding a different cache is refused.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,10 +30,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hook point to cache (repeatable); default: the final block's hook_resid_post")
     g.add_argument("--positions", choices=["cls", "patches", "all"], default="cls", help="token positions to keep")
     g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
-    g.add_argument("--shard-size", type=int, default=8192, help="rows per shard file")
+    g.add_argument("--shard-size", type=positive_int, default=8192, help="rows per shard file")
     g.add_argument("--out", required=True, help="cache folder")
     g.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--repair", action="store_true",
+                   help="recompute only the damaged shards of a complete cache (checked by sha256)")
+    add_progress_arg(g)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    import json
+    from pathlib import Path
+
+    try:
+        meta = json.loads((Path(args.out) / "metadata.json").read_text())
+        shards = meta.get("shards", [])
+        rows = sum(r["n_rows"] for r in shards)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return f"nothing of the cache was saved in {args.out}"
+    return (f"{len(shards)} complete shard(s) ({rows} rows) are saved in {args.out}; run the same command again "
+            "to resume")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,18 +58,24 @@ def run(args: argparse.Namespace) -> int:
 
     from ..activation_cache import METADATA_FILE, cache_activations
 
+    if args.overwrite and args.repair:
+        raise ValueError("give --repair or --overwrite, not both")
     t0 = time.perf_counter()
+    resolve_model_args(args)
     model = load_model(args)
     data = load_data(args, model)
     hooks = args.hook or [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
     meta_path = Path(args.out) / METADATA_FILE
     rows_before = 0  # rows an interrupted run already wrote (0 for a new cache)
     if meta_path.is_file() and not args.overwrite:
-        rows_before = sum(r["n_rows"] for r in json.loads(meta_path.read_text()).get("shards", []))
+        try:
+            rows_before = sum(r["n_rows"] for r in json.loads(meta_path.read_text()).get("shards", []))
+        except (ValueError, AttributeError, KeyError, TypeError):
+            rows_before = 0  # cache_activations names the problem
     t1 = time.perf_counter()
     cache = cache_activations(model, data, hooks, args.out, positions=args.positions, dtype=args.dtype,
                               batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
-                              show_progress=not args.no_progress, overwrite=args.overwrite)
+                              show_progress=not args.no_progress, overwrite=args.overwrite, repair=args.repair)
     t2 = time.perf_counter()
     m = cache.metadata
     print(f"cache {cache.root}: {m['model_name']}/{m['pretrained']} on {m['dataset']}/{m['split']}, "

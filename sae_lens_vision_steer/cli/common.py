@@ -1,29 +1,164 @@
-"""Arguments and helpers shared by the subcommands. Heavy imports stay inside functions so that
-`--help` is fast."""
+"""Arguments, exit codes and helpers shared by the subcommands. Heavy imports stay inside functions so
+that `--help` is fast.
+
+Exit codes (one per kind of problem, so scripts can tell them apart):
+
+| code | meaning |
+|---|---|
+| 0 | success |
+| 1 | an internal error (a bug: the traceback is printed) |
+| 2 | a bad flag or value (usage) |
+| 3 | an input cannot be used: missing, corrupt or unreadable file, unreadable image |
+| 4 | the output folder holds something made differently, or another process is writing it |
+| 5 | the output cannot be written: a file, read-only, or the disk is full |
+| 6 | the requested device is not available |
+| 130 | interrupted (Ctrl-C); the message says what was saved |
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_CONFLICT = 4
+EXIT_OUTPUT = 5
+EXIT_DEVICE = 6
+EXIT_INTERRUPTED = 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "an internal error (a bug: the traceback is printed)",
+    EXIT_USAGE: "a bad flag or value",
+    EXIT_INPUT: "an input cannot be used (missing, corrupt or unreadable file or image)",
+    EXIT_CONFLICT: "the output folder holds something made differently, or another process is writing it",
+    EXIT_OUTPUT: "the output cannot be written (a file, read-only, disk full)",
+    EXIT_DEVICE: "the requested device is not available",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); the message says what was saved",
+}
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "openai"
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+
+def error_exit_code(e: BaseException) -> int | None:
+    """The exit code for a user error, or None for an unexpected one (a bug: shown with its traceback)."""
+    from ..data import BadImageError
+    from ..errors import ConflictError, DeviceError, InputError, OutputError
+
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(e, DeviceError):
+        return EXIT_DEVICE
+    if isinstance(e, ConflictError):
+        return EXIT_CONFLICT
+    if isinstance(e, OutputError):
+        return EXIT_OUTPUT
+    if isinstance(e, (InputError, BadImageError, FileNotFoundError, NotADirectoryError)):
+        return EXIT_INPUT
+    if isinstance(e, OSError):  # disk full, permission denied, ... while writing
+        return EXIT_OUTPUT
+    if isinstance(e, (ValueError, KeyError, TypeError)):
+        return EXIT_USAGE
+    return None
+
+
+def error_message(e: BaseException) -> str:
+    """One line naming the file or flag, with a hint."""
+    from ..data import BadImageError
+    from ..fileio import describe_os_error
+
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, BadImageError):
+        return f"{text}; use --skip-bad-images to skip and count unreadable images"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
+        where = f" {e.filename}" if e.filename else ""
+        return (f"cannot write{where}: {describe_os_error(e)}; free some space or choose another --out "
+                "(what was written before stays valid; run the command again to continue)")
+    return " ".join(text.split()) or type(e).__name__
+
+
+# ---------------------------------------------------------------------------------- arguments
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    v = int(text) if text.lstrip("-").isdigit() else None
+    if v is None or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"vision_cfg\": {...}}'")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser, from_sae: bool = False) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, ...)")
-    g.add_argument("--pretrained", default="openai",
-                   help="open_clip pretrained tag, hf-hub: name or checkpoint path (needs network the first time)")
+    default = "the SAE's recorded model, else " if from_sae else ""
+    g.add_argument("--model", default=None,
+                   help=f"open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, hf-hub:ORG/NAME, local-dir:DIR); "
+                        f"default: {default}{DEFAULT_MODEL}")
+    g.add_argument("--pretrained", default=None,
+                   help=f"open_clip pretrained tag or checkpoint path (needs network the first time); default: "
+                        f"{'the SAE' + chr(39) + 's recorded tag, else ' if from_sae else ''}{DEFAULT_PRETRAINED} "
+                        "(none for hf-hub: and local-dir: names, whose weights come with the name)")
     g.add_argument("--random-weights", action="store_true",
                    help="use randomly initialised weights instead of --pretrained (offline smoke runs)")
-    g.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON of extra open_clip.create_model arguments, e.g. \'{"vision_cfg": {...}}\'')
-    g.add_argument("--device", type=resolve_device, default="auto", help="torch device; auto = cuda when available")
+    g.add_argument("--model-kwargs", type=json_object, default=None,
+                   help='JSON of extra open_clip.create_model arguments, e.g. \'{"vision_cfg": {...}}\''
+                        + ("; default: the SAE's recorded ones" if from_sae else ""))
+    add_device_arg(g)
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
+
+
+def add_device_arg(g: Any) -> None:
+    g.add_argument("--device", default="auto", help="torch device (cpu, cuda, cuda:1, mps); auto = cuda when available")
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_data_args(p: argparse.ArgumentParser, split: str = "val") -> None:
@@ -31,33 +166,81 @@ def add_data_args(p: argparse.ArgumentParser, split: str = "val") -> None:
     g.add_argument("--dataset", default="cifar100",
                    help="cifar100, tiny-imagenet, cub200, imagefolder, or a Hub repo id")
     g.add_argument("--data-dir", default=None, help="local data folder; without it the data set comes from the Hub")
-    g.add_argument("--split", default=split, help="data split")
-    g.add_argument("--limit", type=int, default=None, help="use only this many images (evenly spaced)")
-    g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--split", default=split,
+                   help="data split (imagefolder: a subfolder such as train or val; 'all' = the whole folder)")
+    g.add_argument("--limit", type=positive_int, default=None, help="use only this many images (evenly spaced)")
+    g.add_argument("--batch-size", type=positive_int, default=256)
+    g.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader workers")
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
 
 
 def resolve_device(name: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu` (argparse also applies this to the default)."""
-    if name != "auto":
-        return name
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; a device that is not there is refused."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ..errors import DeviceError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"--device {name}: Apple MPS is not available; use --device cpu (or auto)")
+    return name
+
+
+def resolve_model_args(args: argparse.Namespace, sae=None) -> list[str]:
+    """Fill `--model`, `--pretrained`, `--model-kwargs` (and `--random-weights`) that were not given:
+    from the SAE's metadata when there is an SAE, else the defaults. Returns notes to print."""
+    from ..identity import weights_from_name
+
+    meta = sae.cfg.metadata if sae is not None else {}
+    notes = []
+    recorded_model = meta.get("model_name")
+    if args.model is None:
+        args.model = recorded_model or DEFAULT_MODEL
+        if recorded_model:
+            notes.append(f"model {args.model} (from the SAE's metadata)")
+    same_model = recorded_model is not None and args.model == recorded_model
+    if args.model_kwargs is None:
+        args.model_kwargs = dict(meta.get("model_kwargs") or {}) if same_model else {}
+    if args.pretrained is None and not args.random_weights:
+        if same_model and "pretrained" in meta:
+            if meta.get("pretrained") is None and not weights_from_name(args.model):
+                args.random_weights = True  # the SAE was trained on a randomly initialised tower
+                notes.append(f"random weights, seed {args.seed} (the SAE was trained on a random-weight model)")
+            else:
+                args.pretrained = meta.get("pretrained")
+                notes.append(f"weights {args.pretrained} (from the SAE's metadata)")
+        elif not weights_from_name(args.model):
+            args.pretrained = DEFAULT_PRETRAINED
+    return notes
 
 
 def load_model(args: argparse.Namespace):
     import torch
 
     from ..hooked_clip import HookedCLIP
+    from ..identity import weights_from_name
 
+    if args.model is None:
+        resolve_model_args(args)
+    kwargs = dict(args.model_kwargs or {})
     if args.random_weights:
         torch.manual_seed(args.seed)
         pretrained = None
+        if weights_from_name(args.model):
+            kwargs["load_weights"] = False  # open_clip loads an hf-hub:/local-dir: model's weights otherwise
     else:
         pretrained = args.pretrained
-    return HookedCLIP.from_pretrained(args.model, pretrained=pretrained, device=args.device, **args.model_kwargs)
+    return HookedCLIP.from_pretrained(args.model, pretrained=pretrained, device=args.device, **kwargs)
 
 
 def load_data(args: argparse.Namespace, model, split: str | None = None):
@@ -65,6 +248,10 @@ def load_data(args: argparse.Namespace, model, split: str | None = None):
 
     return load_image_dataset(args.dataset, split=split or args.split, data_dir=args.data_dir,
                               transform=model.preprocess, limit=args.limit, skip_bad_images=args.skip_bad_images)
+
+
+def abspath(p: str | None) -> str | None:
+    return None if p is None else str(Path(p).expanduser().resolve())
 
 
 def peak_rss_mib() -> float:
@@ -76,22 +263,10 @@ def peak_rss_mib() -> float:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    from ..fileio import write_json_atomic as _write
+    from ..results import json_default
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        tmp = f.name
-    os.replace(tmp, path)
-    return path
+    return _write(path, obj, indent=2, default=json_default)
 
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.ndarray):
-        return [None if (isinstance(v, float) and v != v) else v for v in o.tolist()]
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

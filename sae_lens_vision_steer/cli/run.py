@@ -13,11 +13,22 @@ differently is refused, naming the difference; `--overwrite` starts again):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args, load_model, peak_rss_mib, write_json_atomic
-from .eval import add_steering_args, print_summary, split_list
+from .common import (
+    add_model_args,
+    add_progress_arg,
+    load_model,
+    non_negative_int,
+    peak_rss_mib,
+    positive_float,
+    positive_int,
+    resolve_model_args,
+    write_json_atomic,
+)
+from .eval import add_steering_args, check_steering_values, gate_methods, print_summary, request_of, split_list
 
 HELP = "the main job: cache the training split, train the SAE, evaluate VS2 and baselines (one folder)"
 DESCRIPTION = (
@@ -34,19 +45,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", help="cifar100, tiny-imagenet, cub200, imagefolder, or a Hub repo id")
     g.add_argument("--data-dir", default=None, help="local data folder; without it the data set comes from the Hub")
-    g.add_argument("--train-split", default="train", help="split the SAE is trained on (labels unused)")
-    g.add_argument("--eval-split", default="val", help="evaluation split ('val' = CIFAR-100 test, Tiny-ImageNet val)")
-    g.add_argument("--train-limit", type=int, default=None, help="cache only this many training images (evenly spaced)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate only this many images (evenly spaced)")
-    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--train-split", default="train",
+                   help="split the SAE is trained on (labels unused; imagefolder: a subfolder, or 'all')")
+    g.add_argument("--eval-split", default="val",
+                   help="evaluation split ('val' = CIFAR-100 test, Tiny-ImageNet val; imagefolder: a subfolder)")
+    g.add_argument("--train-limit", type=positive_int, default=None,
+                   help="cache only this many training images (evenly spaced)")
+    g.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate only this many images (evenly spaced)")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    g.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader workers")
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
     g = p.add_argument_group("SAE")
-    g.add_argument("--k", type=int, default=None, help="active latents (default: the paper's for --model, else 64)")
-    g.add_argument("--expansion", type=int, default=None, help="d_sae / d_in (default: the paper's, else 4)")
-    g.add_argument("--epochs", type=float, default=10, help="passes over the cached training rows")
-    g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--train-batch-size", type=int, default=256, help="SAE training batch size")
+    g.add_argument("--k", type=positive_int, default=None,
+                   help="active latents, at most d_sae (default: the paper's for --model, else 64)")
+    g.add_argument("--expansion", type=positive_int, default=None, help="d_sae / d_in (default: the paper's, else 4)")
+    g.add_argument("--epochs", type=positive_float, default=10, help="passes over the cached training rows")
+    g.add_argument("--lr", type=positive_float, default=5e-4)
+    g.add_argument("--train-batch-size", type=positive_int, default=256, help="SAE training batch size")
     g.add_argument("--sae-holdout-fraction", type=float, default=0.1,
                    help="fraction of training images held out to measure the SAE's FVU")
     g.add_argument("--cache-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
@@ -54,7 +69,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="zeroshot,vs2,rec_final,rec_final_gamma", help="comma-separated methods")
     p.add_argument("--out", required=True, help="output folder for the cache, the SAE and the results")
     p.add_argument("--overwrite", action="store_true", help="recompute the cache and the SAE even if present")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
+
+
+RUN_REQUEST_KEYS = ("model", "pretrained", "random_weights", "model_kwargs", "seed", "dataset", "data_dir",
+                    "train_split", "eval_split", "train_limit", "eval_limit", "skip_bad_images", "k", "expansion",
+                    "epochs", "lr", "train_batch_size", "sae_holdout_fraction", "cache_dtype", "hook", "lam",
+                    "gamma", "fvu_threshold", "fvu_quantile", "gate_methods", "templates", "methods")
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    from .cache import interrupted as cache_interrupted
+    from .train import interrupted as train_interrupted
+
+    out = Path(args.out)
+    if (out / "sae" / "cfg.json").is_file():
+        return f"the cache and the trained SAE are saved in {out}; run the same command again to evaluate"
+    if (out / "sae").is_dir():
+        ns = argparse.Namespace(out=str(out / "sae"))
+        return f"the cache is complete in {out / 'cache_train'}; " + train_interrupted(ns).replace(
+            "run again with --resume", "run the same command again")
+    return cache_interrupted(argparse.Namespace(out=str(out / "cache_train")))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,17 +99,23 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_image_dataset
     from ..evaluation import evaluate
     from ..steering.vs2 import fvu_threshold_from_reference
-    from ..training import PAPER_PRESETS, fvu_distribution, train_sae
+    from ..outputs import prepare_output_dir
+    from ..training import check_training_args, fvu_distribution, sae_size, train_sae
 
-    if args.fvu_threshold is not None and args.fvu_quantile is not None:
-        raise ValueError("give --fvu-threshold or --fvu-quantile, not both")
     if args.reference_cache:
         raise ValueError("run uses its own training cache as the FVU reference; --reference-cache is for eval")
+    check_steering_values(args)
+    gated = gate_methods(args)
     methods = split_list(args.methods)
     if not methods:
         raise ValueError("--methods is empty")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resolve_model_args(args)
+    k, expansion, source = sae_size(args.model, args.k, args.expansion)
+    check_training_args(k=k, expansion_factor=expansion, lr=args.lr, batch_size=args.train_batch_size,
+                        epochs=args.epochs, total_training_samples=None, lr_warm_up_steps=None, lr_decay_steps=None,
+                        holdout_fraction=args.sae_holdout_fraction, n_checkpoints=10)
+    folder = prepare_output_dir(args.out, "run", request_of(args, RUN_REQUEST_KEYS), args.overwrite)
+    out = folder.path
     show = not args.no_progress
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -88,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
                                    args.eval_limit, args.skip_bad_images)
     if list(train_data.classnames) != list(eval_data.classnames):
         raise ValueError("the training and evaluation splits have different classes")
+    if (train_data.dataset_id, train_data.split) == (eval_data.dataset_id, eval_data.split):
+        print(f"WARNING: training and evaluating on the same images ({eval_data.dataset_id}/{eval_data.split}), "
+              "as --train-split and --eval-split ask", file=sys.stderr)
     stages["setup_s"] = time.perf_counter() - t0
 
     # (1) cache the training split (reused when complete and matching, resumed when interrupted)
@@ -100,10 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     # (2) train the SAE (returned as is when a finished run with the same settings is there)
     t = time.perf_counter()
-    preset = PAPER_PRESETS.get(args.model)
-    k = args.k or (preset.k if preset else 64)
-    expansion = args.expansion or (preset.expansion_factor if preset else 4)
-    print(f"[2/4] training a top-k SAE (k={k}, expansion {expansion}) on {cache.n_rows} cached rows")
+    print(f"[2/4] training a top-k SAE (k={k}, expansion {expansion}: {source}) on {cache.n_rows} cached rows")
     trained = train_sae(cache, hook, k=k, expansion_factor=expansion, lr=args.lr, batch_size=args.train_batch_size,
                         epochs=args.epochs, seed=args.seed, device=args.device, out_dir=out / "sae",
                         holdout_fraction=args.sae_holdout_fraction, resume=True, overwrite=args.overwrite,
@@ -118,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     fvu_dist = fvu_distribution(sae, cache, hook)
     tau, gate_cfg = args.fvu_threshold, {}
     if args.fvu_quantile is not None:
-        tau = fvu_threshold_from_reference(sae, cache.root, args.fvu_quantile, hook)
+        tau = fvu_threshold_from_reference(sae, cache.root, args.fvu_quantile, hook, model=model)
         gate_cfg = {"fvu_quantile": args.fvu_quantile, "reference_cache": str(cache.root)}
         print(f"      FVU gate: tau = {tau:.4f} (quantile {args.fvu_quantile} over the training cache)")
     stages["fvu_s"] = time.perf_counter() - t
@@ -130,22 +171,23 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = evaluate(model, eval_data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                           templates=args.templates, hook_name=hook, batch_size=args.batch_size,
-                          num_workers=args.num_workers, show_progress=show,
+                          num_workers=args.num_workers, show_progress=show, gate_methods=gated,
                           config={"sae_path": str(trained.out_dir), "random_weights": args.random_weights,
                                   "seed": args.seed, "train_limit": args.train_limit, "eval_limit": args.eval_limit,
                                   **gate_cfg})
     stages["eval_s"] = time.perf_counter() - t
 
     print("[4/4] writing results")
-    written = result.save(out)
+    print_summary(result)  # before saving: a failing disk cannot take the numbers with it
+    written = result.save(folder)
     stages["total_s"] = time.perf_counter() - t0
-    write_json_atomic(out / "run.json", {
+    folder.add(write_json_atomic(out / "run.json", {
         "command": "run", "args": {k_: v for k_, v in vars(args).items() if not k_.startswith("_")},
         "hook_name": hook, "cache": str(cache.root), "sae": str(trained.out_dir),
         "cache_rows": cache.n_rows, "sae_metrics": trained.metrics, "fvu_distribution": fvu_dist,
         "fvu_threshold": tau, "results": str(written["json"]), "stages": stages, "peak_rss_mib": peak_rss_mib(),
-    })
-    print_summary(result)
+    }))
+    folder.finish()
     print("stages: " + ", ".join(f"{k_[:-2]} {v:.1f} s" for k_, v in stages.items()))
     print(f"wrote {out}/: cache_train/, sae/, results.json, results.md, run.json, "
           + ", ".join(p.name for key, p in written.items() if key.startswith("plot:")))

@@ -6,13 +6,26 @@ import argparse
 import sys
 import time
 
-from .common import add_data_args, add_model_args, load_data, load_model, peak_rss_mib, write_json_atomic
+from .common import (
+    add_data_args,
+    add_model_args,
+    add_progress_arg,
+    finite_float,
+    load_data,
+    load_model,
+    peak_rss_mib,
+    resolve_model_args,
+    write_json_atomic,
+)
 from .eval import (
+    EVAL_REQUEST_KEYS,
     add_steering_args,
-    check_sae_model,
+    check_steering_values,
     default_out,
+    gate_methods,
     load_sae_arg,
     print_summary,
+    request_of,
     resolve_fvu_threshold,
     split_list,
 )
@@ -31,7 +44,7 @@ EVAL_SELECTION_WARNING = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, from_sae=True)
     add_data_args(p)
     add_steering_args(p, sae_required=True)
     g = p.add_argument_group("sweep")
@@ -44,6 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-fraction", type=float, default=0.1,
                    help="fraction of the training split (evenly spaced, all classes) used for selection")
     p.add_argument("--out", default=None, help="output folder (default: runs/sweep_<dataset>_<split>)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of a different request in --out")
+    add_progress_arg(p)
+
+
+SWEEP_REQUEST_KEYS = tuple(k for k in EVAL_REQUEST_KEYS if k not in ("methods", "layer_saes")) + (
+    "lams", "gammas", "select_on", "train_split", "holdout_fraction")
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    return "nothing was saved (results are written at the end); earlier results in --out are unchanged"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,20 +74,28 @@ def run(args: argparse.Namespace) -> int:
     from ..zeroshot import ZeroShotClassifier
     from ..zeroshot_resources import DEFAULT_TEMPLATES
 
-    lams, gammas = split_list(args.lams, float), split_list(args.gammas, float)
+    from ..outputs import prepare_output_dir
+
+    lams, gammas = split_list(args.lams, finite_float), split_list(args.gammas, finite_float)
     if not lams or not gammas:
         raise ValueError("--lams and --gammas need at least one value each")
     if args.select_on == "train-holdout" and not 0 < args.holdout_fraction <= 1:
         raise ValueError(f"--holdout-fraction must be in (0, 1], got {args.holdout_fraction}")
+    check_steering_values(args)
+    gated = gate_methods(args)
+    show = not args.no_progress
     t0 = time.perf_counter()
-    model = load_model(args)
     sae = load_sae_arg(args.sae, args.device)
-    check_sae_model(sae, args)
+    for note in resolve_model_args(args, sae):
+        print(f"using {note}")
+    folder = prepare_output_dir(default_out(args, "sweep"), "sweep", request_of(args, SWEEP_REQUEST_KEYS),
+                                args.overwrite)
+    out = folder.path
+    model = load_model(args)
     data = load_data(args, model)
-    tau, gate_cfg = resolve_fvu_threshold(args, sae)
+    tau, gate_cfg = resolve_fvu_threshold(args, sae, model)
     templates = args.templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
-    classifier = ZeroShotClassifier(model, data.classnames, templates)
-    out = default_out(args, data, "sweep")
+    classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show)
 
     if args.select_on == "eval":
         print(EVAL_SELECTION_WARNING.format(split=f"{data.dataset_id}/{data.split}"), file=sys.stderr)
@@ -80,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
         if list(select_data.classnames) != list(data.classnames):
             raise ValueError("the training split's classes differ from the evaluation split's")
 
-    ev = Evaluator(model, select_data, sae, classifier, args.hook, args.batch_size, args.num_workers,
-                   fvu_threshold=tau)
-    sweep = sweep_vs2(ev, lams, gammas, selected_on=args.select_on)
+    ev = Evaluator(model, select_data, sae, classifier, args.hook, args.batch_size, args.num_workers, show,
+                   fvu_threshold=tau, gate_methods=gated)
+    sweep = sweep_vs2(ev, lams, gammas, selected_on=args.select_on, show_progress=show)
     lam, gamma, top1 = sweep.best
     selection = f"{select_data.dataset_id}/{select_data.split}"
     print(f"VS2 sweep on {selection} ({sweep.n_images} images): zero-shot top-1 {sweep.zeroshot_top1:.2f}")
@@ -90,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"best cell: lam={lam:g}, gamma={gamma:g}: top-1 {top1:.2f} ({top1 - sweep.zeroshot_top1:+.2f} vs zero-shot)"
           + (" [selected on the evaluation split]" if args.select_on == "eval" else ""))
 
-    summary = {"config": {"model": args.model, "pretrained": None if args.random_weights else args.pretrained,
+    summary = {"config": {"model": model.cfg.model_name, "pretrained": model.cfg.pretrained,
                           "dataset": data.dataset_id, "split": data.split, "selection_data": selection,
                           "hook_name": ev.cached.hook_name, "fvu_threshold": tau, "templates": templates,
+                          "gated_methods": gated if tau is not None else [],
                           "sae_path": args.sae, "holdout_fraction": args.holdout_fraction
                           if args.select_on == "train-holdout" else None, **gate_cfg},
                "sweep": sweep.to_json(),
@@ -108,18 +140,19 @@ def run(args: argparse.Namespace) -> int:
                           MethodSpec("vs2", "vs2", {"lam": lam, "gamma": gamma}),
                           MethodSpec("vs2_paper", "vs2", {"lam": 2.1, "gamma": 1.5})],
                          lam=lam, gamma=gamma, fvu_threshold=tau, classifier=classifier, hook_name=args.hook,
-                         batch_size=args.batch_size, num_workers=args.num_workers,
-                         config={"selected_on": selection, "templates": templates, **gate_cfg})
-        final.save(out)
-        print_summary(final)
+                         batch_size=args.batch_size, num_workers=args.num_workers, show_progress=show,
+                         config={"selected_on": selection, "templates": templates, **gate_cfg}, gate_methods=gated)
+        print_summary(final)  # before saving
+        final.save(folder)
         summary["evaluation"] = {k: {"top1": v.top1, "delta_top1": v.delta_top1, "coverage": v.coverage}
                                  for k, v in final.methods.items()}
     summary["timing"]["total_s"] = time.perf_counter() - t0
     summary["timing"]["peak_rss_mib"] = peak_rss_mib()
-    write_json_atomic(out / "sweep.json", summary)
+    folder.add(write_json_atomic(out / "sweep.json", summary))
     title = (f"VS2 top-1 minus zero-shot ({sweep.zeroshot_top1:.2f}) on {selection}, {sweep.n_images} images"
              + (" [test-tuned]" if args.select_on == "eval" else " [held-out train]"))
-    heat = plot_sweep_heatmap(sweep, out / "sweep_heatmap.png", title=title)
+    heat = folder.add(plot_sweep_heatmap(sweep, out / "sweep_heatmap.png", title=title))
+    folder.finish()
     print(f"wrote {out / 'sweep.json'}, {heat}")
     return 0
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import peak_rss_mib, resolve_device
+from .common import add_device_arg, add_progress_arg, non_negative_int, peak_rss_mib, positive_float, positive_int
 
 HELP = "train a top-k SAE on cached activations"
 DESCRIPTION = (HELP + ". Paper settings (final block hook_resid_post, CLS): ViT-B-32 expansion 4, k 64; "
-               "ViT-B-16 expansion 4, k 256; ViT-L-14 expansion 10, k 128 (see --preset). "
+               "ViT-B-16 expansion 4, k 256; ViT-L-14 expansion 10, k 128, applied from the cache's model "
+               "unless --k/--expansion/--preset say otherwise (as `vision-steer run` does). "
                "With --resume an interrupted run continues from its last checkpoint (Ctrl-C saves one).")
 
 
@@ -17,32 +18,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", required=True, help="activation cache folder (from `vision-steer cache`)")
     p.add_argument("--hook", default=None, help="hook to train on (default: the cache's first hook)")
     p.add_argument("--preset", default=None, choices=["ViT-B-32", "ViT-B-16", "ViT-L-14"],
-                   help="the paper's k and expansion for this backbone (explicit --k/--expansion win)")
-    p.add_argument("--k", type=int, default=None, help="active latents per sample (default 64)")
-    p.add_argument("--expansion", type=int, default=None, help="d_sae / d_in (default 4)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (default 5%% of steps)")
-    p.add_argument("--batch-size", type=int, default=256)
+                   help="the paper's k and expansion for this backbone (default: the cache's model; "
+                        "explicit --k/--expansion win)")
+    p.add_argument("--k", type=positive_int, default=None,
+                   help="active latents per sample, at most d_sae (default: the paper's for the model, else 64)")
+    p.add_argument("--expansion", type=positive_int, default=None,
+                   help="d_sae / d_in (default: the paper's for the model, else 4)")
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None, help="LR warm-up steps (default 5%% of steps)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, default=None, help="passes over the training rows (default 10)")
-    g.add_argument("--samples", type=int, default=None, help="total training samples")
+    g.add_argument("--epochs", type=positive_float, default=None, help="passes over the training rows (default 10)")
+    g.add_argument("--samples", type=positive_int, default=None, help="total training samples")
     # PASS (prototype-aligned SAE, pass_sae.py): the same top-k training plus w_aux * ||z - class mean code||^2.
     p.add_argument("--objective", default="topk", choices=["topk", "pass"],
                    help="topk: plain top-k SAE; pass: PASS, needs a class label for every cached image")
     p.add_argument("--w-aux", type=float, default=0.8, help="PASS: weight of the prototype term (paper: 0.8)")
     p.add_argument("--holdout-fraction", type=float, default=0.1, help="fraction of images held out for evaluation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=resolve_device, default="auto", help="torch device; auto = cuda when available")
-    p.add_argument("--n-checkpoints", type=int, default=10, help="checkpoints during training (for --resume)")
+    add_device_arg(p)
+    p.add_argument("--n-checkpoints", type=non_negative_int, default=10, help="checkpoints during training (for --resume)")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     p.add_argument("--out", required=True, help="SAE folder (loadable with sae_lens.SAE.load_from_disk)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or return it if finished)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from ..training import CHECKPOINT_DIR, CHECKPOINT_DONE, _latest_checkpoint
+
+    ckpt = _latest_checkpoint(Path(args.out) / CHECKPOINT_DIR) if Path(args.out).is_dir() else None
+    if ckpt is None:
+        return f"no checkpoint was saved in {args.out}; the run starts again from the beginning"
+    import json
+
+    n = json.loads((ckpt / CHECKPOINT_DONE).read_text()).get("n_training_samples")
+    return f"a checkpoint after {n} training samples is saved in {ckpt}; run again with --resume to continue"
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import PAPER_PRESETS, train_sae
+    from ..activation_cache import ActivationCache
+    from ..training import sae_size, train_sae
 
     train = train_sae
     if args.objective == "pass":  # same arguments; labels are checked before training starts
@@ -52,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
         train = functools.partial(train_pass_sae, w_aux=args.w_aux)
 
-    preset = PAPER_PRESETS.get(args.preset) if args.preset else None
-    k = args.k or (preset.k if preset else 64)
-    expansion = args.expansion or (preset.expansion_factor if preset else 4)
+    cache = ActivationCache.open(args.cache)
+    k, expansion, source = sae_size(cache.metadata.get("model_name"), args.k, args.expansion, args.preset)
+    if args.k is None or args.expansion is None:
+        print(f"k={k}, expansion {expansion} ({source})")
     t0 = time.perf_counter()
     res = train(args.cache, args.hook, k=k, expansion_factor=expansion, lr=args.lr,
                 lr_warm_up_steps=args.warmup_steps, batch_size=args.batch_size,
@@ -68,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
           + (f", objective pass (w_aux {meta.get('w_aux')})" if meta.get("objective") == "pass" else ""))
     fvu = m.get("heldout_fvu")
     print(f"held-out FVU {fvu:.4f}" if fvu is not None else "held-out FVU n/a (no held-out images)",
-          f" train FVU {m['train_fvu']:.4f}  mean L0 {meta.get('mean_l0'):.1f}  dead fraction {m['dead_fraction']:.4f}")
+          f" train FVU {_fmt(m.get('train_fvu'))}  mean L0 {meta.get('mean_l0'):.1f}  dead fraction {m['dead_fraction']:.4f}")
     sps = m.get("train_samples_per_second")
     print(f"time {time.perf_counter() - t0:.1f} s (fit {m['fit_seconds']:.1f} s"
           + (f", {sps:.0f} samples/s" if sps else "") + f"), peak RSS {peak_rss_mib():.0f} MiB")
     return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

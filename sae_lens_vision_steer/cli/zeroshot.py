@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_data_args, add_model_args, load_data, load_model, peak_rss_mib, write_json_atomic
+from .common import (
+    add_data_args,
+    add_model_args,
+    add_progress_arg,
+    load_data,
+    load_model,
+    peak_rss_mib,
+    resolve_model_args,
+    write_json_atomic,
+)
 
 HELP = "zero-shot classification accuracy of a CLIP model"
 
@@ -16,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", default=None,
                    help="template set: cifar (18), imagenet (80), cub, single; default: the data set's CLIP set")
     p.add_argument("--out", default=None, help="results JSON (default: zeroshot_<dataset>_<split>.json)")
+    add_progress_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,12 +35,22 @@ def run(args: argparse.Namespace) -> int:
     from ..zeroshot_resources import DEFAULT_TEMPLATES
 
     t0 = time.perf_counter()
+    resolve_model_args(args)
+    out = args.out or f"zeroshot_{args.dataset.replace('/', '_').replace(':', '_')}_{args.split}.json"
+    from pathlib import Path
+
+    from ..fileio import check_writable_dir
+
+    if Path(out).is_dir():
+        raise IsADirectoryError(21, "--out is a folder; give a file name", out)
+    check_writable_dir(Path(out).absolute().parent, "folder of --out")
     model = load_model(args)
     data = load_data(args, model)
     templates = args.templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
-    clf = ZeroShotClassifier(model, data.classnames, templates)
+    clf = ZeroShotClassifier(model, data.classnames, templates, show_progress=not args.no_progress)
     t1 = time.perf_counter()
-    res = clf.evaluate(model, data, batch_size=args.batch_size, num_workers=args.num_workers)
+    res = clf.evaluate(model, data, batch_size=args.batch_size, num_workers=args.num_workers,
+                       show_progress=not args.no_progress)
     t2 = time.perf_counter()
     ips = res.n_images / (t2 - t1)
     print(f"{data.dataset_id}/{data.split}: {res.n_images} images evaluated"
@@ -38,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  mean per-class {res.mean_per_class:.2f}%")
     print(f"time {t2 - t1:.1f} s ({ips:.1f} images/s; setup {t1 - t0:.1f} s), peak RSS {peak_rss_mib():.0f} MiB,"
           f" torch threads {torch.get_num_threads()}")
-    out = args.out or f"zeroshot_{data.dataset_id.replace('/', '_')}_{data.split}.json"
     write_json_atomic(out, {
-        "model": args.model, "pretrained": None if args.random_weights else args.pretrained,
+        "model": model.cfg.model_name, "pretrained": model.cfg.pretrained,
         "dataset": data.dataset_id, "split": data.split, "templates": templates, **res.summary(),
         "seconds": t2 - t1, "images_per_second": ips, "peak_rss_mib": peak_rss_mib(),
         "classnames": data.classnames, "per_class_acc": res.per_class_acc, "predictions": res.predictions,
