@@ -623,14 +623,14 @@ batch = next(iter(make_loader(eval_data, N_IMAGES, num_workers=0)))
 images, labels = batch.images.to(DEVICE), batch.labels
 classifier = ZeroShotClassifier(model, eval_data.classnames, TEMPLATES, show_progress=SHOW_PROGRESS)
 with torch.no_grad():
-    embeds, cache = model.run_with_cache(images)
-assert isinstance(cache, ActivationCache)
+    embeds, tl_cache = model.run_with_cache(images)
+assert isinstance(tl_cache, ActivationCache)  # TL's own cache class
 clean_logits = classifier.logits(embeds).cpu()
 clean_top1 = (clean_logits.argmax(-1) == labels).float().mean().item() * 100
 L = model.cfg.n_layers - 1
-print(f"{len(cache)} cached activations; top-1 on these {N_IMAGES} images {clean_top1:.2f}%")
+print(f"{len(tl_cache)} cached activations; top-1 on these {N_IMAGES} images {clean_top1:.2f}%")
 for name in (f"blocks.{L}.attn.hook_pattern", f"blocks.{L}.attn.hook_z", f"blocks.{L}.mlp.hook_post", "hook_ln_post"):
-    print(f"  {name:32s} {tuple(cache[name].shape)}")"""),
+    print(f"  {name:32s} {tuple(tl_cache[name].shape)}")"""),
         md("""\
 ## The CLS token's attention to the patches
 
@@ -642,7 +642,7 @@ import matplotlib.pyplot as plt
 import torch.nn.functional as F
 
 grid = model.cfg.image_size // model.cfg.patch_size
-pattern = cache[f"blocks.{L}.attn.hook_pattern"]  # [B, H, T, T]
+pattern = tl_cache[f"blocks.{L}.attn.hook_pattern"]  # [B, H, T, T]
 cls_to_patches = pattern[:, :, 0, 1:].mean(1).reshape(-1, 1, grid, grid)  # averaged over heads
 heat = F.interpolate(cls_to_patches, size=images.shape[-2:], mode="nearest")[:, 0].cpu()
 
@@ -715,8 +715,8 @@ print(f"mean L0 over the batch: {(acts > 0).sum(-1).float().mean():.2f}")"""),
 last row is the model's own zero-shot prediction."""),
         code("""\
 with torch.no_grad():
-    stack, lens_labels = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=0, return_labels=True)
-    normed = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=0)[:, :, 0]  # [layers, B, D]
+    stack, lens_labels = tl_cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=0, return_labels=True)
+    normed = tl_cache.apply_ln_to_stack(stack, layer=-1, pos_slice=0)  # [layers, B, D]
     ln = model.ln_final
     lens_embeds = (normed * ln.w + ln.b) @ model.visual.proj
     lens_logits = torch.stack([classifier.logits(e).cpu() for e in lens_embeds])
