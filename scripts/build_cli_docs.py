@@ -25,6 +25,12 @@ def render() -> str:
              "```text", parser.format_help().rstrip(), "```", ""]
     for name, p in sub.choices.items():
         parts += [f"## `vision-steer {name}`", "", "```text", p.format_help().rstrip(), "```", ""]
+    from sae_lens_vision_steer.cli.common import EXIT_CODES
+
+    parts += ["## Exit codes", "",
+              "User errors print one line (`vision-steer COMMAND: error: ...`) naming the file or flag, with a "
+              "hint, and no traceback (set `VISION_STEER_DEBUG=1` to see one). Each kind has its own code:", "",
+              "| code | meaning |", "|---|---|", *(f"| {k} | {v} |" for k, v in EXIT_CODES.items()), ""]
     return "\n".join(parts)
 
 

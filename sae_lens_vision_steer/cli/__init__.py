@@ -30,14 +30,14 @@ def _subcommands() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .common import EXIT_CODES
+
     parser = argparse.ArgumentParser(
-        prog="vision-steer",
+        prog="vision-steer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items()),
         description="Hooked CLIP image towers, vision SAEs and Visual Sparse Steering (VS2, VS2++, PASS) on SAELens.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from .common import EXIT_CODES
-
-    parser.epilog = "exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
     for name in _subcommands():
         mod = importlib.import_module(f"{__name__}.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
