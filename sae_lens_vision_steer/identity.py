@@ -11,29 +11,30 @@ published metadata. The local folder a data set was read from is recorded only i
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 # Model schemas whose weights come from the name itself (open_clip ignores `pretrained` for them).
 WEIGHTS_FROM_NAME = ("hf-hub:", "local-dir:")
-_JSON_SCALARS = (str, int, float, bool, type(None))
 
 
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    items = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
-    return {k: v for k, v in items.items() if isinstance(v, _JSON_SCALARS) and not k.startswith("_")}
+# The tower's shape and activation, from `HookedCLIPConfig` (a full TL config has ~90 fields).
+MODEL_CONFIG_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_tokens", "embed_dim", "image_size",
+                       "patch_size", "act_fn", "eps")
 
 
 def model_identity(model: Any) -> dict[str, Any]:
-    """`model_name`, `pretrained`, `model_kwargs` (the extra `open_clip.create_model` arguments, when
-    known) and `model_config` (the tower's real shape: layers, widths, patch size, ...)."""
+    """`model_name`, `pretrained`, `act_fn` (`gelu` or `quick_gelu`: `ViT-B-32` with the `openai` tag is
+    built with QuickGELU), `model_kwargs` (the extra `open_clip.create_model` arguments, when known) and
+    `model_config` (the tower's real shape: layers, widths, patch size, ...)."""
     cfg = model.cfg
-    config = _config_dict(cfg)
+    config = {k: getattr(cfg, k) for k in MODEL_CONFIG_FIELDS if hasattr(cfg, k)}
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
     return {
         "model_name": cfg.model_name,
         "pretrained": cfg.pretrained,
-        "model_kwargs": dict(getattr(model, "open_clip_kwargs", None) or {}),
-        "model_config": {k: v for k, v in config.items() if k not in ("model_name", "pretrained")},
+        "act_fn": getattr(cfg, "act_fn", None),
+        "model_kwargs": dict(getattr(cfg, "model_kwargs", None) or {}),
+        "model_config": config,
     }
 
 
