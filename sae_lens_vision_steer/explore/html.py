@@ -35,7 +35,7 @@ BROWSER_JS = r"""
   }
   function render(){
     const q = search.value.trim().toLowerCase();
-    const rows = data.latents.filter(l => !q || String(l.id) === q || l.text.includes(q));
+    const rows = data.latents.filter(l => !q || (/^\d+$/.test(q) ? String(l.id) === q : l.text.includes(q)));
     rows.sort((a,b) => { const x = a[key], y = b[key];
       const c = (typeof x === "string") ? x.localeCompare(y) : x - y; return desc ? -c : c; });
     body.replaceChildren(...rows.map(row));

@@ -44,7 +44,7 @@ def index_rows(inputs: PageInputs) -> list[dict[str, Any]]:
         top_class = class_name(inputs, int(st.class_means_SC[s].argmax())) if st.class_means_SC is not None else ""
         rows.append({"id": int(s), "freq": round(float(st.freq_S[s]), 6), "mean_act": round(float(st.mean_act_S[s]), 5),
                      "promoted": promoted, "promoted_text": ", ".join(promoted), "top_class": top_class,
-                     "text": " ".join([str(int(s)), *promoted, top_class]).lower()})
+                     "text": " | ".join([*promoted, top_class]).lower()})
     return rows
 
 
