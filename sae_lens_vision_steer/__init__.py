@@ -13,6 +13,7 @@ from .evaluation import Evaluator, evaluate, sweep_vs2
 from .hooked_clip import HookedCLIP, HookedCLIPConfig
 from .hub import VisionSAEInfo, load_vision_sae, publish_sae
 from .pass_sae import train_pass_sae
+from .results import save_json
 from .retrieval import build_index
 from .steering import (
     SAEReconstruction,
@@ -30,6 +31,6 @@ __all__ = [
     "VS2PPSteering", "VS2Steering", "VisionSAEInfo", "ZeroShotClassifier", "ZeroShotResult", "__version__",
     "accuracy_metrics", "build_index", "cache_activations", "evaluate", "fvu_distribution",
     "fvu_threshold_from_reference", "load_image_dataset", "load_vision_sae", "make_loader", "per_sample_fvu",
-    "per_sample_fvu_on_cache", "publish_sae", "sweep_vs2", "train_pass_sae", "train_sae", "vs2_steer",
+    "per_sample_fvu_on_cache", "publish_sae", "save_json", "sweep_vs2", "train_pass_sae", "train_sae", "vs2_steer",
     "vs2pp_steering_vector",
 ]

@@ -357,6 +357,19 @@ class Evaluator:
     def labels_N(self) -> torch.Tensor:
         return self.cached.labels_N
 
+    @property
+    def tokens_ND(self) -> torch.Tensor:
+        """The evaluation images' CLS tokens at the hook, from the one backbone pass."""
+        return self.cached.cls_ND
+
+    @property
+    def backbone_seconds(self) -> float:
+        return self.cached.seconds
+
+    def embed_tokens(self, tokens_ND: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of (edited) hook tokens: the rest of the tower, as every method uses it."""
+        return self.ctx.tokens_to_embeds(tokens_ND)
+
     def _classify_tokens(self, tokens_ND: torch.Tensor) -> ZeroShotResult:
         return self._classify_embeds(self.ctx.tokens_to_embeds(tokens_ND))
 

@@ -33,6 +33,14 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def save_json(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON atomically (numpy arrays and scalars and paths allowed), creating
+    the folder; a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_json_atomic(path, obj, indent=2, default=json_default)
+
+
 @dataclass
 class MethodScores:
     top1: float
