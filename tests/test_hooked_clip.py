@@ -140,8 +140,21 @@ def test_non_vit_tower_is_refused():
     clip = open_clip.create_model("RN50", pretrained=None, embed_dim=32,
                                   vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8),
                                   text_cfg=dict(context_length=16, width=32, heads=2, layers=1))
-    with pytest.raises(TypeError, match="standard ViT"):
+    with pytest.raises(TypeError, match="no model family handles a CLIP; supported: open_clip_vit"):
         HookedCLIP(clip)
+
+
+@pytest.mark.parametrize("name", ["RN50", "convnext_base"])
+def test_unsupported_towers_are_refused_from_the_config_before_download(name, monkeypatch):
+    import huggingface_hub
+
+    def no_download(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(TypeError, match=r"ResNet|ConvNeXt|convnext") as err:
+        HookedCLIP.from_pretrained(name, pretrained="openai" if name == "RN50" else "laion400m_s13b_b51k")
+    assert "Supported families" in str(err.value) and "Nearest supported" in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["ViT-B-16-quickgelu", "ViT-L-14"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from transformer_lens import HookedTransformerConfig
 
 
@@ -21,6 +20,9 @@ class HookedCLIPConfig(HookedTransformerConfig):
     image_size: int | tuple[int, int] = 0  # as open_clip's vision config gives it
     patch_size: int = 0
     model_kwargs: dict | None = None  # extra open_clip.create_model arguments (architecture overrides)
+    family: str = "open_clip_vit"  # the registry family that adapted the model
+    pooling: str = "cls"  # how the image embedding pools the tokens: cls | map (attention pool) | mean
+    n_prefix_tokens: int = 1  # CLS and register tokens before the patches
 
     @classmethod
     def build(cls, act_fn: str, **fields) -> "HookedCLIPConfig":

@@ -1,4 +1,5 @@
-"""`HookedCLIP`: an open_clip CLIP image tower as a TransformerLens `HookedRootModule`.
+"""`HookedCLIP`: a ViT image tower (open_clip, timm or transformers; see `registry.py`) as a
+TransformerLens `HookedRootModule`.
 
 The tower is re-run through its own submodules (no weight copies) with TL's hook names and shapes:
 
@@ -9,8 +10,10 @@ The tower is re-run through its own submodules (no weight copies) with TL's hook
     blocks.{i}.                  hook_resid_pre, ln1.*, attn.hook_q|k|v|z|attn_scores|pattern|result,
                                  hook_attn_out, hook_resid_mid, ln2.*, mlp.hook_pre|post, hook_mlp_out,
                                  hook_resid_post
-    ln_final.hook_scale / hook_normalized [B, T, 1] / [B, T, D]   open_clip's `ln_post`, on every token
-    hook_ln_post [B, D]          the pooled CLS token after ln_post
+    ln_final.hook_scale / hook_normalized [B, T, 1] / [B, T, D]   the final norm (open_clip's `ln_post`)
+    hook_ln_post [B, D]          CLS families: the pooled CLS token after the final norm
+    hook_pooled [B, D]           families without a CLS token: the attention-pool output (SigLIP) or the
+                                 mean of the patch tokens
     hook_image_embed [B, E]      after the projection, before normalisation
 
 `run_with_cache` returns a TL `ActivationCache`; `cfg` is a `HookedTransformerConfig`. SAEs are
@@ -23,19 +26,19 @@ import difflib
 from functools import partial
 from typing import Any, Callable
 
-import open_clip
 import torch
 import torch.nn as nn
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from ..splice import SAESpliceMixin
-from . import open_clip_vit
-from .components import LayerNorm, TransformerBlock
+from . import registry
+from .components import Attention, LayerNorm, MLP, TransformerBlock
+from .config import HookedCLIPConfig
+from .tower import Tower
 
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
-POOLED_HOOKS = ("hook_ln_post", "hook_image_embed")  # [B, width]: no position dimension
+POOLED_HOOKS = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # [B, width]: no position dimension
 
 
 class HookedCLIP(SAESpliceMixin, HookedRootModule):
@@ -43,7 +46,7 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
 
     def __init__(
         self,
-        clip_model: nn.Module,
+        model: nn.Module,
         model_name: str = "custom",
         pretrained: str | None = None,
         preprocess: Callable[[Any], torch.Tensor] | None = None,
@@ -51,51 +54,60 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
         use_attn_result: bool = False,
         model_kwargs: dict | None = None,
     ):
+        """Wrap a library model of any registered family (see `registry.describe()`)."""
         super().__init__()
-        visual = getattr(clip_model, "visual", None)
-        if visual is None:
-            raise TypeError(f"expected an open_clip CLIP model with a `.visual` tower, got {type(clip_model).__name__}")
-        open_clip_vit.check_standard_vit(visual)
-        self.clip = clip_model.eval()
-        self.cfg = open_clip_vit.build_config(clip_model, model_name, pretrained, visual.class_embedding.device,
-                                              use_attn_result=use_attn_result, model_kwargs=model_kwargs)
+        tower = registry.tower_for(model, model_name=model_name, preprocess=preprocess, tokenizer=tokenizer)
+        self._tower = tower
+        self.clip = tower.library_model.eval()
+        self.cfg = _config(tower, model_name, pretrained, use_attn_result, model_kwargs)
+        self.preprocess = tower.preprocess
+        self.tokenizer = tower.tokenizer
         self.hook_patch_embed = HookPoint()
-        self.ln_pre = LayerNorm(visual.ln_pre)
+        self.ln_pre = LayerNorm(tower.ln_pre) if tower.ln_pre is not None else None
         self.hook_embed = HookPoint()
-        self.blocks = nn.ModuleList(TransformerBlock(b, self.cfg) for b in visual.transformer.resblocks)
-        self.ln_final = LayerNorm(visual.ln_post)
-        self.hook_ln_post = HookPoint()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(p.ln1, Attention(self.cfg, **p.attn), p.ln2, MLP(p.fc1, p.act, p.fc2), p.ls1, p.ls2)
+            for p in tower.blocks)
+        self.ln_final = LayerNorm(tower.ln_final) if tower.ln_final is not None else None
+        pooled = "hook_ln_post" if tower.pooling == "cls" else "hook_pooled"
+        setattr(self, pooled, HookPoint())
+        self._pooled = getattr(self, pooled)
         self.hook_image_embed = HookPoint()
-        self.preprocess = preprocess or image_transform_v2(
-            PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip_model)), is_train=False
-        )
-        self.tokenizer = tokenizer or self._default_tokenizer(model_name, clip_model)
         self.init_splice()
         self.setup()
-
-    @staticmethod
-    def _default_tokenizer(model_name: str, clip_model: nn.Module) -> Callable[..., torch.Tensor]:
-        context_length = open_clip.get_model_tokenize_cfg(clip_model).get("context_length")
-        try:
-            return open_clip.get_tokenizer(model_name, context_length=context_length)
-        except Exception:  # unknown custom name: CLIP's BPE tokenizer is the open_clip default
-            return open_clip.SimpleTokenizer(context_length=context_length or 77)
 
     @classmethod
     def from_pretrained(
         cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
-        use_attn_result: bool = False, **open_clip_kwargs: Any,
+        use_attn_result: bool = False, **kwargs: Any,
     ) -> "HookedCLIP":
-        """Build with `open_clip.create_model_and_transforms`; arguments mean what they mean there.
+        """Load by name: open_clip names and tags (`ViT-B-32`, `openai`), `hf-hub:` and `local-dir:` names,
+        transformers repo ids as `hf:openai/clip-vit-base-patch32`, timm names as `timm:vit_base_patch14_dinov2`.
+        Unsupported towers are refused from their config, before any weights are downloaded.
 
-        When the pretrained tag was trained with QuickGELU (OpenAI's weights, LAION-400M's, ...), the
+        When an open_clip tag's weights were trained with QuickGELU (OpenAI's, LAION-400M's, ...), the
         network is built with QuickGELU even if the name lacks `-quickgelu`, so that `ViT-B-32` +
         `openai` is the same network as `ViT-B-32-quickgelu` + `openai`.
         """
-        model, preprocess = open_clip_vit.create(model_name, pretrained, device, **open_clip_kwargs)
-        arch_kwargs = {k: v for k, v in open_clip_kwargs.items() if k != "force_quick_gelu"}
-        return cls(model, model_name=model_name, pretrained=pretrained, preprocess=preprocess,
+        model, preprocess, tokenizer = registry.load(model_name, pretrained, device, **kwargs)
+        arch_kwargs = {k: v for k, v in kwargs.items() if k != "force_quick_gelu"}
+        return cls(model, model_name=model_name, pretrained=pretrained, preprocess=preprocess, tokenizer=tokenizer,
                    use_attn_result=use_attn_result, model_kwargs=arch_kwargs)
+
+    @property
+    def pooled_hook(self) -> str:
+        """The pooled-token hook: `hook_ln_post` (CLS families) or `hook_pooled`."""
+        return "hook_ln_post" if self.cfg.pooling == "cls" else "hook_pooled"
+
+    @property
+    def steer_hook(self) -> str:
+        """Where the paper's SAEs and VS2 sit by default ("the final CLS token"): the CLS token of the final
+        block for CLS families, the pooled token (`hook_pooled`) for families without one."""
+        return f"blocks.{self.cfg.n_layers - 1}.hook_resid_post" if self.cfg.pooling == "cls" else "hook_pooled"
+
+    @property
+    def has_text(self) -> bool:
+        return self._tower.has_text
 
     # ------------------------------------------------------------------ hook names
     @property
@@ -158,7 +170,7 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
             cache[hook.name + ("_grad" if is_backward else "")] = t[0] if remove_batch_dim else t
 
         for name in POOLED_HOOKS:
-            if keep(name):
+            if name in self.hook_dict and keep(name):
                 fwd.append((name, save_pooled))
                 if incl_bwd:
                     bwd.append((name, partial(save_pooled, is_backward=True)))
@@ -193,26 +205,24 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
     # ------------------------------------------------------------------ forward passes
     @property
     def visual(self) -> nn.Module:
+        """open_clip's image tower (`model.clip.visual`), for open_clip families."""
         return self.clip.visual
-
-    @property
-    def device(self) -> torch.device:
-        return self.visual.class_embedding.device
 
     def to(self, *args: Any, **kwargs: Any) -> "HookedCLIP":  # keep cfg.device/dtype true, as TL does
         out = super().to(*args, **kwargs)
         self.cfg.device = str(self.device)
-        self.cfg.dtype = self.visual.class_embedding.dtype
+        self.cfg.dtype = next(self.clip.parameters()).dtype
         return out
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
     def embed(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """Images -> the residual stream's start `[B, T, D]` (open_clip's `VisionTransformer._embeds`)."""
-        v = self.visual
-        x = v.conv1(images_BCHW.to(v.conv1.weight.dtype))
-        x = self.hook_patch_embed(x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1))
-        cls_tok = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls_tok, x], dim=1) + v.positional_embedding.to(x.dtype)
-        return self.hook_embed(self.ln_pre(v.patch_dropout(x)))
+        """Images -> the residual stream's start `[B, T, D]`."""
+        t = self._tower
+        x = t.add_tokens(self.hook_patch_embed(t.patch_embed(images_BCHW)), images_BCHW)
+        return self.hook_embed(self.ln_pre(x) if self.ln_pre is not None else x)
 
     def run_blocks(self, resid_BTD: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run blocks `start .. stop-1` on the residual stream."""
@@ -221,15 +231,24 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
         return resid_BTD
 
     def head(self, final_resid: torch.Tensor) -> torch.Tensor:
-        """`ln_post`, CLS pooling and projection: the tower after the last block.
+        """Final norm, pooling and projection: the tower after the last block.
 
-        Accepts the full final residual stream `[B, T, D]` or only its CLS token `[B, D]`
-        (`ln_post` acts per token, so both give the same embedding).
+        Accepts the full final residual stream `[B, T, D]` or, for CLS families, only its CLS token
+        `[B, D]` (the final norm acts per token, so both give the same embedding).
         """
-        normed = self.ln_final(final_resid)
-        pooled_BD = self.hook_ln_post(normed[:, 0] if normed.ndim == 3 else normed)
-        embed_BE = pooled_BD @ self.visual.proj if self.visual.proj is not None else pooled_BD
-        return self.hook_image_embed(embed_BE)
+        normed = self.ln_final(final_resid) if self.ln_final is not None else final_resid
+        if normed.ndim == 2:
+            if self.cfg.pooling != "cls":
+                raise ValueError(f"{self.cfg.model_name} pools its tokens ({self.cfg.pooling}); head() needs all "
+                                 "of them, [B, T, D]")
+            pooled_BD = normed
+        else:
+            pooled_BD = self._tower.pool(normed)
+        return self.head_from_pooled(self._pooled(pooled_BD))
+
+    def head_from_pooled(self, pooled_BD: torch.Tensor) -> torch.Tensor:
+        """The projection after the pooled token (`hook_ln_post` / `hook_pooled`)."""
+        return self.hook_image_embed(self._tower.project(pooled_BD))
 
     def forward(self, images_BCHW: torch.Tensor, stop_at_layer: int | None = None) -> torch.Tensor:
         """Image embeddings `[B, embed_dim]` (unnormalised, as `open_clip.encode_image`).
@@ -246,37 +265,44 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
         embed = self(images_BCHW)
         return nn.functional.normalize(embed, dim=-1) if normalize else embed
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """open_clip's `encode_text`, trimmed to the longest prompt in the batch.
+    def library_encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """The library's own image embedding, no hooks (open_clip `encode_image`, transformers
+        `get_image_features`, timm's forward): the reference `encode_image` equals."""
+        return self._tower.library_forward(images_BCHW)
 
-        Prompts are padded to 77 tokens, but CLIP's text tower is causal and pools the EOT token, so
-        positions after the last EOT cannot change the result. Dropping them makes prompt ensembles
-        (80 templates x 200 classes) several times cheaper. Other text towers run unchanged.
-        """
-        clip = self.clip
-        trimmable = (
-            type(clip).__name__ == "CLIP" and getattr(clip, "text_pool_type", None) == "argmax"
-            and getattr(clip, "attn_mask", None) is not None
-        )
-        if not trimmable:
-            return clip.encode_text(tokens, normalize=normalize)
-        n = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the highest token id
-        tokens = tokens[:, :n]
-        cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:n].to(cast_dtype)
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        proj = clip.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    def _text(self):
+        if not self._tower.has_text:
+            raise ValueError(f"{self.cfg.model_name} ({self._tower.family}) is an image-only backbone: it has no text "
+                             "tower, so zero-shot classification and text prompts are not available")
+        return self._tower
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self._text().encode_text(tokens)
         return nn.functional.normalize(x, dim=-1) if normalize else x
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(texts).to(self.device)
+        return self._text().tokenizer(texts).to(self.device)
 
     @property
     def logit_scale(self) -> float:
-        return float(self.clip.logit_scale.detach().exp())
+        return self._text().logit_scale()
+
+
+def _config(tower: Tower, model_name: str, pretrained: str | None, use_attn_result: bool,
+            model_kwargs: dict | None) -> HookedCLIPConfig:
+    first = tower.blocks[0]
+    d_model = first.fc1.weight.shape[1]
+    param = next(tower.library_model.parameters())
+    return HookedCLIPConfig.build(
+        act_fn=tower.act_fn, model_name=model_name, pretrained=pretrained, n_layers=len(tower.blocks),
+        d_model=d_model, n_heads=first.attn["n_heads"], d_head=first.attn["d_head"], d_mlp=first.fc1.weight.shape[0],
+        n_ctx=tower.n_tokens, d_vocab=-1, eps=first.ln1.eps, normalization_type="LN",
+        positional_embedding_type="standard", attention_dir="bidirectional", post_embedding_ln=tower.ln_pre is not None,
+        original_architecture=f"{tower.family}.{type(tower.library_model).__name__}", use_attn_result=use_attn_result,
+        device=str(param.device), dtype=param.dtype, embed_dim=tower.embed_dim, n_tokens=tower.n_tokens,
+        image_size=tower.image_size, patch_size=tower.patch_size, model_kwargs=model_kwargs or None,
+        family=tower.family, pooling=tower.pooling, n_prefix_tokens=tower.n_prefix_tokens,
+    )
 
 
 def _as_filter(names_filter: Any) -> Callable[[str], bool]:
