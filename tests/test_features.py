@@ -227,3 +227,31 @@ def test_pages_in_headless_chromium(setup, browser, tmp_path):
     assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram rect")) == 24
     assert browser.save_screenshot(str(tmp_path / "latent.png"))
     assert (tmp_path / "latent.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_token_sae_heatmaps_are_its_patch_activations(tiny_clip, tiny_imagenet_dir, tmp_path):
+    """An SAE trained on all tokens: the heatmap is the SAE on each patch token, here recomputed from a
+    fresh forward pass (not from the cache)."""
+    from sae_lens_vision_steer.explore import sae_patch_maps
+
+    ds = load_image_dataset("tiny-imagenet", "val", tiny_imagenet_dir, transform=tiny_clip.preprocess, limit=40)
+    cache_activations(tiny_clip, ds, HOOK, positions="all", out_dir=tmp_path / "cache", show_progress=False)
+    sae = train_sae(tmp_path / "cache", k=4, expansion_factor=2, epochs=1, batch_size=64, out_dir=tmp_path / "sae",
+                    show_progress=False).sae
+    fb = build_feature_browser(tmp_path / "cache", sae, tiny_clip, tmp_path / "fb", top_k=3, show_progress=False)
+    assert fb.stats.n_images == 40
+    s = int(fb.stats.alive[0])
+    img = int(fb.stats.top_images_SK[s, 0])
+    (maps,) = sae_patch_maps(ActivationCache.open(tmp_path / "cache"), sae, HOOK, [img], [[s]])
+    with torch.no_grad():
+        _, c = tiny_clip.run_with_cache(ds[img][0][None], names_filter=[HOOK])
+        want = sae.encode(c[HOOK][0, 1:])[:, s]
+    np.testing.assert_allclose(maps[0], want.numpy(), rtol=1e-2, atol=1e-2)  # the cache is float16
+    # the image-level activation is the maximum over the image's tokens, CLS included
+    assert fb.stats.top_values_SK[s, 0] == pytest.approx(float(sae.encode(c[HOOK][0])[:, s].max()), rel=1e-2, abs=1e-2)
+    # a CLS-only SAE is refused on this cache of all tokens
+    cls_sae = train_sae(tmp_path / "cache", k=4, expansion_factor=2, epochs=1, batch_size=64,
+                        out_dir=tmp_path / "sae2", show_progress=False).sae
+    cls_sae.cfg.metadata.positions = "cls"
+    with pytest.raises(ValueError, match="positions"):
+        build_feature_browser(tmp_path / "cache", cls_sae, tiny_clip, tmp_path / "fb2", show_progress=False)
