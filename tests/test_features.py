@@ -255,3 +255,19 @@ def test_all_token_sae_heatmaps_are_its_patch_activations(tiny_clip, tiny_imagen
     cls_sae.cfg.metadata.positions = "cls"
     with pytest.raises(ValueError, match="positions"):
         build_feature_browser(tmp_path / "cache", cls_sae, tiny_clip, tmp_path / "fb2", show_progress=False)
+
+
+def test_refuses_sae_of_another_hook_or_width(setup, tiny_clip, tmp_path):
+    import copy
+
+    from sae_lens_vision_steer.errors import InputError
+
+    other_hook = copy.deepcopy(setup["sae"])
+    other_hook.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    with pytest.raises(InputError, match="not the SAE's hook 'blocks.0.hook_resid_post'"):
+        build_feature_browser(setup["root"] / "cache", other_hook, tiny_clip, tmp_path / "a", show_progress=False)
+    narrow = copy.deepcopy(setup["sae"])
+    narrow.cfg.d_in = 32
+    with pytest.raises(InputError, match="the SAE's d_in is 32"):
+        build_feature_browser(setup["root"] / "cache", narrow, tiny_clip, tmp_path / "b", show_progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

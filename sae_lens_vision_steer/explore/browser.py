@@ -31,6 +31,7 @@ from ..activation_cache import ActivationCache, model_fingerprint
 from ..errors import ConflictError, InputError
 from ..fileio import file_mode, write_json_atomic
 from ..hooked_clip import HookedCLIP
+from ..identity import portable_model_name
 from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 from . import heatmaps as hm
 from .directions import decoder_class_scores, promoted_classes
@@ -61,7 +62,8 @@ def check_sae_and_cache(sae: SAE, cache: ActivationCache, model: HookedCLIP, hoo
     elif cache.d_in(hook) != sae.cfg.d_in:
         problems.append(f"the cache's width at {hook!r} is {cache.d_in(hook)}, the SAE's d_in is {sae.cfg.d_in}")
     req, meta = cache.metadata.get("request", {}), sae.cfg.metadata
-    if meta.get("model_name") and req.get("model_name") and meta["model_name"] != req["model_name"]:
+    same_name = portable_model_name(meta.get("model_name")) == portable_model_name(req.get("model_name"))
+    if meta.get("model_name") and req.get("model_name") and not same_name:  # local-dir: by folder name
         problems.append(f"the cache was made with {req['model_name']!r}, the SAE with {meta['model_name']!r}")
     if req.get("model_fingerprint") and req["model_fingerprint"] != model_fingerprint(model):
         problems.append("the cache was made with other model weights than the model loaded")

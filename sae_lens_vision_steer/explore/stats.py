@@ -58,7 +58,7 @@ def _image_rows(cache: ActivationCache) -> int:
 def _per_image_labels(cache: ActivationCache, rows_per_image: int, missing: dict[str, str]):
     """Labels and data-set indices, one per image; None (with the reason in `missing`) when absent."""
     out = []
-    for name, why in (("labels", "per-class means"), ("image_index", "top images")):
+    for name, why in (("labels", "per-class means"), ("image_index", "top-image thumbnails and heatmaps")):
         try:
             arr = getattr(cache, name)[::rows_per_image].astype(np.int64)
         except (KeyError, FileNotFoundError, ValueError) as e:
