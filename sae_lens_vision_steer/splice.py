@@ -31,6 +31,9 @@ from sae_lens import SAE
 from transformer_lens.hook_points import HookPoint
 
 from .models.match import check_sae_matches_model
+from .models.positions import position_index
+
+POOLED = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # as models.hooked.POOLED_HOOKS (no import cycle)
 
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons")
 
@@ -58,18 +61,19 @@ def trained_positions(sae: SAE) -> str:
     return sae.cfg.metadata.get("positions") or "all"
 
 
-def resolve_positions(sae: SAE, positions: str | Sequence[int] | None, n_tokens: int) -> str | tuple[int, ...]:
+def resolve_positions(sae: SAE, positions: str | Sequence[int] | None, n_tokens: int,
+                      n_prefix: int = 1) -> str | tuple[int, ...]:
     trained = trained_positions(sae)
     if positions is None:
         return trained
     if isinstance(positions, str):
         if positions not in ("cls", "patches", "all"):
             raise ValueError(f"positions must be 'cls', 'patches', 'all' or a list of token indices, got {positions!r}")
-        wanted = {"cls": {0}, "patches": set(range(1, n_tokens)), "all": set(range(n_tokens))}[positions]
+        wanted = {"cls": {0}, "patches": set(range(n_prefix, n_tokens)), "all": set(range(n_tokens))}[positions]
     else:
         positions = tuple(int(p) for p in positions)
         wanted = {p % n_tokens for p in positions}
-    allowed = {"cls": {0}, "patches": set(range(1, n_tokens)), "all": set(range(n_tokens))}.get(trained)
+    allowed = {"cls": {0}, "patches": set(range(n_prefix, n_tokens)), "all": set(range(n_tokens))}.get(trained)
     if allowed is not None and not wanted <= allowed:
         raise ValueError(f"this SAE was trained on {trained!r} tokens; it cannot run on positions {positions!r} "
                          f"(token indices {sorted(wanted - allowed)[:8]} are outside what it was trained on)")
@@ -129,7 +133,9 @@ class SAESpliceMixin:
                              f"whose width is {self.hook_width(output_hook)}")
         if check_model:
             check_sae_matches_model(sae, self)
-        pos = resolve_positions(sae, positions, self.cfg.n_tokens)
+        pos = resolve_positions(sae, positions, self.cfg.n_tokens, self.cfg.n_prefix_tokens)
+        if pos in ("cls", "patches") and input_hook not in POOLED:
+            position_index(self.cfg, pos, input_hook)  # `cls` on a model without a CLS token: refused
         # Everything is checked: from here on nothing can fail half-way.
         if input_hook in self._splices:
             self._detach(input_hook)
@@ -236,7 +242,7 @@ class SAESpliceMixin:
         elif site.positions == "cls":
             idx = slice(0, 1)
         elif site.positions == "patches":
-            idx = slice(1, None)
+            idx = slice(self.cfg.n_prefix_tokens, None)
         else:
             idx = list(site.positions)
         pooled = act.ndim == 2

@@ -20,6 +20,7 @@ from ..fileio import write_bytes_atomic as _write_bytes_atomic  # noqa: F401
 from ..fileio import write_json_atomic as _write_json_atomic  # noqa: F401
 from ..hooked_clip import HookedCLIP
 from ..identity import dataset_identity, model_identity
+from ..models.positions import position_index
 
 Positions = Literal["cls", "patches", "all"]
 POSITIONS = ("cls", "patches", "all")
@@ -31,7 +32,7 @@ SHARD_NAME_RE = re.compile(r"^shard_\d{5}\.safetensors$")  # our shard names, no
 ARRAY_FILES = ("labels.npy", "image_index.npy")
 DEFAULT_SHARD_SIZE = 8192
 STATS_BLOCK_ROWS = 1024
-HEAD_HOOKS = ("hook_ln_post", "hook_image_embed")  # [B, D]: the pooled CLS only
+HEAD_HOOKS = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # [B, D]: the pooled token only
 
 # Fields of the request that must agree for a cache to be reused or resumed.
 IDENTITY_FIELDS = (
@@ -100,17 +101,19 @@ def _stable_repr(obj: Any) -> str:
 
 
 def rows_per_image(model: HookedCLIP, positions: str) -> int:
-    return {"cls": 1, "patches": model.cfg.n_tokens - 1, "all": model.cfg.n_tokens}[positions]
+    n_prefix = getattr(model.cfg, "n_prefix_tokens", 1)
+    return {"cls": 1, "patches": model.cfg.n_tokens - n_prefix, "all": model.cfg.n_tokens}[positions]
 
 
-def select_positions(act: torch.Tensor, positions: str) -> torch.Tensor:
-    """`[B, T, D]` (or `[B, D]` for head hooks) -> rows `[B * P, D]`, image-major."""
+def select_positions(act: torch.Tensor, positions: str, n_prefix_tokens: int = 1) -> torch.Tensor:
+    """`[B, T, D]` (or `[B, D]` for head hooks) -> rows `[B * P, D]`, image-major. `patches` are the
+    tokens after the `n_prefix_tokens` CLS and register tokens (see `models.positions`)."""
     if act.ndim == 2:
-        return act  # head hooks: one pooled CLS vector per image
+        return act  # head hooks: one pooled vector per image
     if positions == "cls":
         return act[:, 0]
     if positions == "patches":
-        return act[:, 1:].reshape(-1, act.shape[-1])
+        return act[:, n_prefix_tokens:].reshape(-1, act.shape[-1])
     return act.reshape(-1, act.shape[-1])
 
 
@@ -122,8 +125,11 @@ def _normalise_hooks(model: HookedCLIP, hook_names: str | Sequence[str], positio
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     for name in names:
         model.check_hook_name(name)
-        if name in HEAD_HOOKS and positions != "cls":
-            raise ValueError(f"hook {name!r} holds only the pooled CLS vector; use positions='cls'")
+        if name in HEAD_HOOKS:
+            if positions != "cls":
+                raise ValueError(f"hook {name!r} holds only the pooled vector; use positions='cls'")
+        else:
+            position_index(model.cfg, positions, name)  # e.g. `cls` on a model without a CLS token: refused
     return names
 
 

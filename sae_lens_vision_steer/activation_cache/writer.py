@@ -278,6 +278,7 @@ class _Writer:
         """Feed images from `start_image` on and hand each finished shard to `on_shard` (False: stop)."""
         model, dataset, hooks, request = self.model, self.dataset, self.hooks, self.request
         batch_size, positions = self.batch_size, request["positions"]
+        n_prefix = getattr(model.cfg, "n_prefix_tokens", 1)
         shard_size = request["shard_size"] if stop_rows is None else stop_rows
         n_images = len(dataset)
         torch_dtype = CACHE_DTYPES[request["dtype"]]
@@ -306,7 +307,7 @@ class _Writer:
                 with torch.inference_mode():
                     _, act_cache = model.run_with_cache(images.to(model.device), names_filter=hooks,
                                                         stop_at_layer=stop_at)
-                    acts = {h: select_positions(act_cache[h], positions).to("cpu", torch_dtype) for h in hooks}
+                    acts = {h: select_positions(act_cache[h], positions, n_prefix).to("cpu", torch_dtype) for h in hooks}
                 del act_cache
                 row_labels = labels.numpy().repeat(P)
                 row_images = indices.numpy().repeat(P)

@@ -23,6 +23,7 @@ class HookedCLIPConfig(HookedTransformerConfig):
     family: str = "open_clip_vit"  # the registry family that adapted the model
     pooling: str = "cls"  # how the image embedding pools the tokens: cls | map (attention pool) | mean
     n_prefix_tokens: int = 1  # CLS and register tokens before the patches
+    has_cls_token: bool = True  # position 0 is a CLS token (SigLIP has none)
 
     @classmethod
     def build(cls, act_fn: str, **fields) -> "HookedCLIPConfig":

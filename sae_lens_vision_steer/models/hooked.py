@@ -302,6 +302,7 @@ def _config(tower: Tower, model_name: str, pretrained: str | None, use_attn_resu
         device=str(param.device), dtype=param.dtype, embed_dim=tower.embed_dim, n_tokens=tower.n_tokens,
         image_size=tower.image_size, patch_size=tower.patch_size, model_kwargs=model_kwargs or None,
         family=tower.family, pooling=tower.pooling, n_prefix_tokens=tower.n_prefix_tokens,
+        has_cls_token=tower.has_cls_token,
     )
 
 

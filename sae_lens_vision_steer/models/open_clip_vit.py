@@ -127,7 +127,7 @@ def tower(clip_model: nn.Module, model_name: str = "custom", preprocess=None, to
         blocks=[_block_parts(b) for b in v.transformer.resblocks], ln_pre=v.ln_pre, ln_final=v.ln_post,
         pool=lambda x: x[:, 0], pooling="cls",
         project=lambda pooled: pooled @ v.proj if v.proj is not None else pooled,
-        n_prefix_tokens=1, n_tokens=v.positional_embedding.shape[0],
+        n_prefix_tokens=1, has_cls_token=True, n_tokens=v.positional_embedding.shape[0],
         image_size=image_size[0] if image_size[0] == image_size[1] else image_size, patch_size=v.patch_size[0],
         embed_dim=v.proj.shape[1] if v.proj is not None else v.class_embedding.shape[-1],
         act_fn=act_fn_name(v.transformer.resblocks[0].mlp.gelu),

@@ -112,7 +112,7 @@ def _trunk_tower(trunk: nn.Module, library_model: nn.Module, family: str, projec
         blocks=[_block_parts(b) for b in trunk.blocks],
         ln_pre=None if _is_identity(trunk.norm_pre) else trunk.norm_pre,
         ln_final=None if _is_identity(trunk.norm) else trunk.norm, pool=pool, pooling=pooling, project=project,
-        n_prefix_tokens=n_prefix, n_tokens=n_prefix + grid[0] * grid[1],
+        n_prefix_tokens=n_prefix, has_cls_token=trunk.cls_token is not None, n_tokens=n_prefix + grid[0] * grid[1],
         image_size=img[0] if img[0] == img[1] else tuple(img), patch_size=trunk.patch_embed.patch_size[0],
         embed_dim=embed_dim, act_fn=act_fn_name(trunk.blocks[0].mlp.act), preprocess=preprocess,
         library_forward=library_forward, **text)

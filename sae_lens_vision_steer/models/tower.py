@@ -45,6 +45,7 @@ class Tower:
     pooling: Pooling
     project: Callable[[torch.Tensor], torch.Tensor]  # pooled [B, D] -> image embedding [B, E]
     n_prefix_tokens: int  # CLS and register tokens before the patches
+    has_cls_token: bool  # position 0 is a CLS token
     n_tokens: int
     image_size: int | tuple[int, int]
     patch_size: int

@@ -16,6 +16,8 @@ import torch
 from sae_lens import SAE
 
 from ..hooked_clip import HookedCLIP
+from ..models.hooked import POOLED_HOOKS
+from ..models.positions import position_index
 from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 
 Positions = Union[str, Sequence[int]]  # "cls" | "all" | "patches" | explicit token indices
@@ -111,6 +113,9 @@ class TokenIntervention:
         """Clear errors when a hook does not exist on `model` or an SAE's width does not match it."""
         for site in self.sites:
             check_sae_fits_hook(site.sae, model, site.hook_name)
+            if isinstance(self.positions, str) and site.hook_name not in POOLED_HOOKS:
+                position_index(model.cfg, self.positions, site.hook_name)  # `cls` without a CLS token: refused
+        self._n_prefix = getattr(model.cfg, "n_prefix_tokens", 1)
 
     def fwd_hooks(self, model: HookedCLIP | None = None) -> list[tuple[str, HookFn]]:
         """`[(hook_name, fn), ...]` for `model.hooks(fwd_hooks=...)`, `run_with_hooks` or `add_hook`.
@@ -137,7 +142,7 @@ class TokenIntervention:
             out = act.clone()  # a copy: other hooks may hold a reference to `act`
             out[:, 0] = new.to(act.dtype)
         else:
-            idx = slice(1, None) if self.positions == "patches" else list(self.positions)
+            idx = slice(getattr(self, "_n_prefix", 1), None) if self.positions == "patches" else list(self.positions)
             new, changed = self.transform(act[:, idx], site)
             out = act.clone()
             out[:, idx] = new.to(act.dtype)
