@@ -233,6 +233,8 @@ def _hook_cut(model: HookedCLIP, hook_name: str) -> tuple[int, int]:
     """`(stop_at_layer, start_block)` for a residual hook: the forward that ends at the hook, and the
     first block the rest of the tower has to run."""
     model.check_hook_name(hook_name)
+    if hook_name == "hook_pooled":  # families without a CLS token: the pooled token, after every block
+        return model.cfg.n_layers, model.cfg.n_layers
     m = _RESID_HOOK.match(hook_name)
     if not m:
         raise ValueError(f"the evaluation runner caches residual-stream hooks (blocks.i.hook_resid_pre/post); "
@@ -259,6 +261,12 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
         n_skipped += batch.n_skipped
         if len(batch.labels) == 0:
             continue
+        if hook_name == "hook_pooled":
+            _, acts = model.run_with_cache(batch.images.to(model.device), names_filter=[hook_name],
+                                           return_cache_object=False)
+            cls.append(acts[hook_name])
+            labels.append(batch.labels)
+            continue
         tokens_BTD = model(batch.images.to(model.device), stop_at_layer=stop)
         cls.append(tokens_BTD[:, 0].clone())
         if keep_all:
@@ -279,7 +287,7 @@ def make_tower_tail(model: HookedCLIP, cached: HookTokens, batch_size: int = 256
             raise ValueError(f"expected {len(cached.cls_ND)} tokens (one per cached image), got {len(cls_ND)}")
         out = []
         for i in range(0, len(cls_ND), batch_size):
-            c = cls_ND[i:i + batch_size].to(model.device, model.visual.class_embedding.dtype)
+            c = cls_ND[i:i + batch_size].to(model.device, model.cfg.dtype)
             if cached.resid_NTD is None:
                 out.append(model.head(c))
             else:
@@ -336,7 +344,7 @@ class Evaluator:
             hook_name = sae_hook_name(sae, hook_name)
             check_sae_fits_hook(sae, model, hook_name)
             check_sae_positions(sae, "cls", "by the evaluation runner (it steers the CLS token)")
-        hook_name = hook_name or f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        hook_name = hook_name or model.steer_hook
         _hook_cut(model, hook_name)  # a hook the runner cannot cache fails before the backbone pass
         self.model, self.data, self.sae, self.classifier = model, data, sae, classifier
         self.default_settings: dict[str, Any] = {"fvu_threshold": fvu_threshold}

@@ -73,7 +73,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 def model_fingerprint(model: HookedCLIP) -> str:
     """sha256 over the image tower's weights: tells apart two random-weight models of one name."""
     h = hashlib.sha256()
-    for name, t in model.visual.state_dict().items():
+    for name, t in model.vision_state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()[:16]

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_model_args(args)
     model = load_model(args)
     data = load_data(args, model)
-    hooks = args.hook or [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    hooks = args.hook or [model.steer_hook]
     meta_path = Path(args.out) / METADATA_FILE
     rows_before = 0  # rows an interrupted run already wrote (0 for a new cache)
     if meta_path.is_file() and not args.overwrite:

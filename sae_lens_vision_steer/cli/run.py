@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     stages: dict[str, float] = {}
 
     model = load_model(args)
-    hook = args.hook or f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"  # the paper: final block, CLS
+    hook = args.hook or model.steer_hook  # the paper: final block, CLS (the pooled token without one)
     model.check_hook_name(hook)
     train_data = load_image_dataset(args.dataset, args.train_split, args.data_dir, model.preprocess,
                                     args.train_limit, args.skip_bad_images)

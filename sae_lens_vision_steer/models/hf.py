@@ -97,6 +97,7 @@ def clip_tower(model: nn.Module, model_name: str = "custom", preprocess=None, to
         preprocess=preprocess or _transform(cfg.image_size, mean, std),
         library_forward=(lambda x: _features(model.get_image_features(pixel_values=x))) if hasattr(
             model, "get_image_features") else (lambda x: _vision_only(model, x)),
+        vision_modules=[vm] + ([proj] if proj is not None else []),
         **text)
 
 
@@ -130,7 +131,7 @@ def dinov2_tower(model: nn.Module, model_name: str = "custom", preprocess=None, 
         patch_size=cfg.patch_size, embed_dim=cfg.hidden_size,
         act_fn=act_fn_name(model.encoder.layer[0].mlp.activation_fn),
         preprocess=preprocess or _transform(cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        library_forward=lambda x: model(pixel_values=x).pooler_output)
+        library_forward=lambda x: model(pixel_values=x).pooler_output, vision_modules=[model])
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -233,18 +233,32 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
     def head(self, final_resid: torch.Tensor) -> torch.Tensor:
         """Final norm, pooling and projection: the tower after the last block.
 
-        Accepts the full final residual stream `[B, T, D]` or, for CLS families, only its CLS token
-        `[B, D]` (the final norm acts per token, so both give the same embedding).
+        Accepts the full final residual stream `[B, T, D]` or one vector per image `[B, D]`: for CLS
+        families the final block's CLS token (the final norm acts per token, so both give the same
+        embedding); for the others the pooled token (`hook_pooled`), which only the projection follows.
         """
+        if final_resid.ndim == 2 and self.cfg.pooling != "cls":
+            return self.head_from_pooled(self._pooled(final_resid))
         normed = self.ln_final(final_resid) if self.ln_final is not None else final_resid
         if normed.ndim == 2:
-            if self.cfg.pooling != "cls":
-                raise ValueError(f"{self.cfg.model_name} pools its tokens ({self.cfg.pooling}); head() needs all "
-                                 "of them, [B, T, D]")
             pooled_BD = normed
         else:
             pooled_BD = self._tower.pool(normed)
         return self.head_from_pooled(self._pooled(pooled_BD))
+
+    def head_unhooked(self, x: torch.Tensor) -> torch.Tensor:
+        """`head` through the library's own modules, firing no hook point (for precomputing embeddings
+        while steering hooks are attached)."""
+        t = self._tower
+        if x.ndim == 2 and self.cfg.pooling != "cls":
+            return t.project(x)
+        normed = t.ln_final(x) if t.ln_final is not None else x
+        return t.project(normed if normed.ndim == 2 else t.pool(normed))
+
+    def vision_state_dict(self) -> dict[str, torch.Tensor]:
+        """The image tower's weights (for fingerprints): open_clip's `visual`, transformers' vision model
+        and projection, or the whole timm/DINOv2 backbone."""
+        return {f"{i}.{k}": v for i, m in enumerate(self._tower.vision_modules) for k, v in m.state_dict().items()}
 
     def head_from_pooled(self, pooled_BD: torch.Tensor) -> torch.Tensor:
         """The projection after the pooled token (`hook_ln_post` / `hook_pooled`)."""

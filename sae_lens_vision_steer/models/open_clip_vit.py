@@ -133,7 +133,7 @@ def tower(clip_model: nn.Module, model_name: str = "custom", preprocess=None, to
         act_fn=act_fn_name(v.transformer.resblocks[0].mlp.gelu),
         preprocess=preprocess or image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip_model)),
                                                     is_train=False),
-        library_forward=clip_model.encode_image,
+        library_forward=clip_model.encode_image, vision_modules=[v],
         encode_text=lambda tokens: encode_text(clip_model, tokens),
         tokenizer=tokenizer or _default_tokenizer(model_name, clip_model),
         logit_scale=lambda: float(clip_model.logit_scale.detach().exp()),

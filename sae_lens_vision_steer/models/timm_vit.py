@@ -139,7 +139,7 @@ def open_clip_tower(model: nn.Module, model_name: str = "custom", preprocess=Non
         v.trunk, model, "open_clip_timm_vit", project=project, embed_dim=_out_width(project, v.trunk, model),
         preprocess=preprocess or image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
                                                     is_train=False),
-        library_forward=model.encode_image, encode_text=model.encode_text,
+        library_forward=model.encode_image, vision_modules=[v], encode_text=model.encode_text,
         tokenizer=tokenizer or _default_tokenizer(model_name, model),
         logit_scale=lambda: float(model.logit_scale.detach().exp()),
     )
@@ -162,7 +162,7 @@ def tower(model: nn.Module, model_name: str = "custom", preprocess=None, tokeniz
     if preprocess is None:
         preprocess = timm.data.create_transform(**timm.data.resolve_data_config(model=model), is_training=False)
     return _trunk_tower(model, model, "timm_vit", project=model.head, embed_dim=_out_width(model.head, model, model),
-                        preprocess=preprocess, library_forward=model)
+                        preprocess=preprocess, library_forward=model, vision_modules=[model])
 
 
 def load(name: str, pretrained: str | None, device: str | torch.device, **kwargs: Any):

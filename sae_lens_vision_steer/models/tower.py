@@ -53,6 +53,7 @@ class Tower:
     act_fn: str
     preprocess: Callable[[Any], torch.Tensor]
     library_forward: Callable[[torch.Tensor], torch.Tensor]  # the library's own image embedding (tests)
+    vision_modules: list[nn.Module]  # the image tower's modules: its weights identify the model
     encode_text: Callable[[torch.Tensor], torch.Tensor] | None = None  # tokens -> text embedding
     tokenizer: Callable[..., torch.Tensor] | None = None
     logit_scale: Callable[[], float] | None = None

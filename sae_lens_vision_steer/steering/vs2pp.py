@@ -395,7 +395,7 @@ class VS2PPSteering(TokenIntervention):
 
     def validate(self, model) -> None:
         super().validate(model)
-        final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        final = model.steer_hook
         if getattr(self.embed_fn, "expects_final_cls", False) and self.hook_names[0] != final:
             raise ValueError(f"clip_head_fn maps the final block's CLS to the CLIP embedding, but this SAE sits on "
                              f"{self.hook_names[0]!r}; give another embed_fn or precomputed vectors")
@@ -446,11 +446,8 @@ class VS2PPSteering(TokenIntervention):
 def clip_head_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """Final-block CLS `[B, d_model]` -> CLIP image embedding, without firing the model's hooks
     (the tower's `ln_post` and projection, as `HookedCLIP.head` does)."""
-    visual = model.visual
-
     def head(cls_BD: torch.Tensor) -> torch.Tensor:
-        pooled = visual.ln_post(cls_BD.to(visual.class_embedding.dtype))
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        return model.head_unhooked(cls_BD.to(model.cfg.dtype))
 
     head.expects_final_cls = True  # type: ignore[attr-defined]  (checked by VS2PPSteering.validate)
     return head

@@ -18,7 +18,10 @@ and the neighbours of the evaluation set are computed once per run and shared by
 setting (`ctx.scratch`). Options (`ctx.options`, CLI flags of `vision-steer eval`): `pool_cache`,
 `n_neighbours` (50), `retrieval_backend` (`exact`), `pool_retrieval_embeds` and
 `query_retrieval_embeds` (`.npy` files of another embedding, e.g. DINOv2, aligned with the pool
-cache's rows and with the evaluation set), `rag_alpha` (0.5), `vs2pp_fallback` (`vs2`).
+cache's rows and with the evaluation set), or `retrieval_backbone` (a `HookedCLIP` or any name
+`load_retrieval_backbone` takes, e.g. `dinov2-base`; with `retrieval_pretrained`,
+`retrieval_random_weights`, `retrieval_model_kwargs`, `retrieval_cache`: the pool and the queries are
+embedded once and cached, see `retrieval_backbone.py`), `rag_alpha` (0.5), `vs2pp_fallback` (`vs2`).
 
 Kept apart from `vs2pp.py` so that the steering code does not import the evaluation runner (the
 runner imports the steering package, and this module imports both).
@@ -26,6 +29,7 @@ runner imports the steering package, and this module imports both).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -66,7 +70,7 @@ def load_pool_from_cache(cache_dir: str | Path, model, classifier, hook_name: st
     """
     cache = check_pool_cache(cache_dir, model, hook_name, sae, eval_data)
     acts = cache.load(hook_name)
-    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    final = model.steer_hook
     if "hook_image_embed" in cache.hook_names:
         clip = cache.load("hook_image_embed")
     elif final in cache.hook_names:
@@ -120,6 +124,9 @@ def _check_pool_options(ctx: MethodContext) -> None:
     if (ctx.options.get("query_retrieval_embeds") is None) != (ctx.options.get("pool_retrieval_embeds") is None):
         raise ValueError("a custom retrieval embedding needs both the pool's and the queries' arrays "
                          "(--pool-retrieval-embeds and --query-retrieval-embeds)")
+    if ctx.options.get("retrieval_backbone") is not None and ctx.options.get("pool_retrieval_embeds") is not None:
+        raise ValueError("give --retrieval-backbone or precomputed embeddings (--pool-retrieval-embeds and "
+                         "--query-retrieval-embeds), not both")
     for key, what in (("pool_retrieval_embeds", "pool retrieval embeddings"),
                       ("query_retrieval_embeds", "query retrieval embeddings")):
         if ctx.options.get(key) is not None:
@@ -127,8 +134,42 @@ def _check_pool_options(ctx: MethodContext) -> None:
     n = ctx.options.get("n_neighbours")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n_neighbours (--n-neighbours) must be a positive whole number, got {n!r}")
-    hook = ctx.hook_name or f"blocks.{ctx.model.cfg.n_layers - 1}.hook_resid_post"
+    hook = ctx.hook_name or ctx.model.steer_hook
     check_pool_cache(pool_dir, ctx.model, hook, ctx.sae, ctx.data)
+    if ctx.options.get("retrieval_backbone") is not None:
+        _retrieval_backbone(ctx)  # loads the backbone and checks its cache folder, before the backbone pass
+
+
+def _retrieval_backbone(ctx: MethodContext):
+    """`(backbone, cache folder)` for `options["retrieval_backbone"]`, loaded once per run."""
+    from ..retrieval_backbone import load_retrieval_backbone, open_retrieval_cache
+
+    if "retrieval_backbone" not in ctx.scratch:
+        o, model = ctx.options, ctx.options["retrieval_backbone"]
+        if isinstance(model, str):
+            model = load_retrieval_backbone(model, o.get("retrieval_pretrained"), ctx.model.device,
+                                            bool(o.get("retrieval_random_weights")), int(o.get("seed") or 0),
+                                            o.get("retrieval_model_kwargs"))
+        folder = open_retrieval_cache(model, o["pool_cache"], o.get("retrieval_cache"))
+        ctx.scratch["retrieval_backbone"] = (model, folder)
+        ctx.scratch["retrieval_features"] = {"retrieval_backbone": model.cfg.model_name,
+                                             "retrieval_backbone_fingerprint": folder.backbone["model_fingerprint"],
+                                             "retrieval_cache": str(folder.root)}
+    return ctx.scratch["retrieval_backbone"]
+
+
+def _backbone_embeds(ctx: MethodContext, role: str, n_rows: int) -> np.ndarray:
+    """The pool's (`role="pool"`) or the evaluation set's retrieval embeddings from the backbone (cached)."""
+    from ..retrieval_backbone import pool_retrieval_embeddings, query_retrieval_embeddings
+
+    backbone, folder = _retrieval_backbone(ctx)
+    kw = dict(batch_size=ctx.batch_size, num_workers=ctx.num_workers, show_progress=ctx.show_progress)
+    r = (pool_retrieval_embeddings(backbone, ctx.options["pool_cache"], folder=folder, **kw) if role == "pool"
+         else query_retrieval_embeddings(backbone, ctx.data, folder, **kw))
+    if len(r.embeds) != n_rows:
+        raise ValueError(f"the retrieval backbone embedded {len(r.embeds)} {role} images, expected {n_rows}")
+    ctx.scratch["retrieval_features"].update({f"{role}_feature_s": r.seconds, f"{role}_features_cached": r.cached})
+    return r.embeds
 
 
 def _load_npy(path: str | Path, what: str) -> np.ndarray:
@@ -151,11 +192,19 @@ def _pool(ctx: MethodContext, method: str, with_sae: bool) -> RetrievalPool:
                              "activation cache (--pool-cache DIR)")
         embeds = ctx.options.get("pool_retrieval_embeds")
         t0 = time.perf_counter()
+        embeds = None if embeds is None else _load_npy(embeds, "pool retrieval embeddings")
+        if ctx.options.get("retrieval_backbone") is not None:
+            from ..activation_cache import ActivationCache
+
+            embeds = _backbone_embeds(ctx, "pool", ActivationCache.open(pool_dir).n_rows)
         ctx.scratch["vs2pp_pool"] = load_pool_from_cache(
             pool_dir, ctx.model, ctx.classifier,
-            ctx.hook_name or f"blocks.{ctx.model.cfg.n_layers - 1}.hook_resid_post", sae=ctx.sae,
-            retrieval_embeds=None if embeds is None else _load_npy(embeds, "pool retrieval embeddings"),
+            ctx.hook_name or ctx.model.steer_hook, sae=ctx.sae,
+            retrieval_embeds=embeds,
             backend=ctx.options.get("retrieval_backend") or "exact", eval_data=ctx.data)
+        if ctx.options.get("retrieval_backbone") is not None:  # name the embedding in every output
+            ctx.scratch["vs2pp_pool"] = dataclasses.replace(
+                ctx.scratch["vs2pp_pool"], retrieval_embedding=ctx.scratch["retrieval_features"]["retrieval_backbone"])
         ctx.scratch["vs2pp_pool_build_s"] = time.perf_counter() - t0
     pool = ctx.scratch["vs2pp_pool"]
     if with_sae:
@@ -172,6 +221,10 @@ def _query_embeds(ctx: MethodContext, n_queries: int) -> tuple[torch.Tensor, tor
     if (path is None) != (ctx.options.get("pool_retrieval_embeds") is None):
         raise ValueError("a custom retrieval embedding needs both the pool's and the queries' arrays "
                          "(--pool-retrieval-embeds and --query-retrieval-embeds)")
+    if ctx.options.get("retrieval_backbone") is not None:
+        if "vs2pp_query_retrieval" not in ctx.scratch:
+            ctx.scratch["vs2pp_query_retrieval"] = torch.as_tensor(_backbone_embeds(ctx, "query", n_queries)).float()
+        return clip, ctx.scratch["vs2pp_query_retrieval"]
     if path is None:
         return clip, None
     if "vs2pp_query_retrieval" not in ctx.scratch:
@@ -196,6 +249,7 @@ def _neighbours(ctx: MethodContext, pool: RetrievalPool, n: int, n_queries: int)
             "n_neighbours": n, "pool_size": pool.n_items, "retrieval_embedding": pool.retrieval_embedding,
             "retrieval_backend": type(pool.index).__name__, "retrieval_s": dt,
             "retrieval_s_per_1000_queries": 1000 * dt / max(len(queries), 1),
+            **ctx.scratch.get("retrieval_features", {}),
         })
     return ctx.scratch[key]
 
