@@ -98,17 +98,10 @@ def load_retrieval_backbone(name: str, pretrained: str | None = None, device: st
 
 
 def backbone_fingerprint(model) -> str:
-    """The project's weight fingerprint (`activation_cache.model_fingerprint`, over open_clip's `visual`);
-    for timm and transformers families, the same sha256 over the whole library model."""
+    """The project's weight fingerprint (`activation_cache.model_fingerprint`: the image tower of any family)."""
     from .activation_cache import model_fingerprint
 
-    if getattr(model, "visual", None) is not None:
-        return model_fingerprint(model)
-    h = hashlib.sha256()
-    for name, t in model.clip.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+    return model_fingerprint(model)
 
 
 def backbone_identity(model) -> dict[str, Any]:

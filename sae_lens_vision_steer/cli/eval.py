@@ -13,6 +13,7 @@ from .common import (
     add_model_args,
     add_progress_arg,
     finite_float,
+    json_object,
     load_data,
     load_model,
     peak_rss_mib,
@@ -84,16 +85,48 @@ def add_retrieval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-retrieval-embeds", default=None,
                    help=".npy [pool rows, dim] retrieval embedding (e.g. DINOv2) instead of CLIP; needs the next flag")
     g.add_argument("--query-retrieval-embeds", default=None, help=".npy [test images, dim], aligned with the test set")
+    add_retrieval_backbone_args(g)
     g.add_argument("--rag-alpha", type=finite_float, default=0.5, help="weighted RAG: weight of the query embedding")
     g.add_argument("--vs2pp-fallback", default="vs2", choices=["vs2", "none"],
                    help="VS2++ when S+ or S- is empty: plain VS2 for that image, or no steering")
+
+
+def add_retrieval_backbone_args(g: Any) -> None:
+    """A second image backbone for VS2++ retrieval (eval, sweep, run)."""
+    g.add_argument("--retrieval-backbone", default=None,
+                   help="retrieve neighbours with this image backbone instead of CLIP (the paper: DINOv2): dinov2-small|"
+                        "base|large (= hf:facebook/dinov2-*), or any --model name (hf:REPO, timm:NAME, open_clip); "
+                        "pool and test images are embedded once and cached next to the pool cache")
+    g.add_argument("--retrieval-pretrained", default=None,
+                   help="its weights: open_clip tag or checkpoint (needed for open_clip names), hf: revision, timm: tag "
+                        "or checkpoint (default for timm: timm's pretrained weights)")
+    g.add_argument("--retrieval-random-weights", action="store_true",
+                   help="random retrieval-backbone weights, seeded by --seed (offline smoke runs)")
+    g.add_argument("--retrieval-model-kwargs", type=json_object, default=None,
+                   help='JSON of extra arguments for the backbone\'s constructor, e.g. \'{"img_size": 224}\'')
+    g.add_argument("--retrieval-cache", default=None,
+                   help="folder for the cached retrieval embeddings (default: <pool cache>.retrieval/<backbone>/)")
+
+
+RETRIEVAL_BACKBONE_KEYS = ("retrieval_backbone", "retrieval_pretrained", "retrieval_random_weights",
+                           "retrieval_model_kwargs", "retrieval_cache")
 
 
 def retrieval_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"pool_cache": args.pool_cache, "n_neighbours": args.n_neighbours,
             "retrieval_backend": args.retrieval_backend, "pool_retrieval_embeds": args.pool_retrieval_embeds,
             "query_retrieval_embeds": args.query_retrieval_embeds, "rag_alpha": args.rag_alpha,
-            "vs2pp_fallback": args.vs2pp_fallback}
+            "vs2pp_fallback": args.vs2pp_fallback, **retrieval_backbone_options(args)}
+
+
+def retrieval_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {k: getattr(args, k, None) for k in RETRIEVAL_BACKBONE_KEYS}
+    if opts["retrieval_backbone"] is None:
+        extra = [f"--{k.replace('_', '-')}" for k in RETRIEVAL_BACKBONE_KEYS[1:] if opts[k]]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} only apply with --retrieval-backbone")
+        return {}
+    return {**opts, "seed": args.seed}
 
 
 def split_list(text: str | None, cast: Any = str) -> list[Any]:
@@ -178,7 +211,7 @@ def default_out(args: argparse.Namespace, prefix: str) -> Path:
 def request_of(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
     """The settings that decide the numbers, for the output folder's record (paths made absolute)."""
     paths = {"sae", "data_dir", "reference_cache", "pool_cache", "layer_saes", "pool_retrieval_embeds",
-             "query_retrieval_embeds"}
+             "query_retrieval_embeds", "retrieval_cache"}
     values = {k: getattr(args, k, None) for k in keys if hasattr(args, k)}
     return {k: (abspath(v) if k in paths and v and "," not in str(v) else v) for k, v in values.items()}
 
@@ -188,6 +221,7 @@ EVAL_REQUEST_KEYS = (
     "skip_bad_images", "sae", "hook", "lam", "gamma", "fvu_threshold", "fvu_quantile", "reference_cache",
     "gate_methods", "templates", "methods", "layer_saes", "pool_cache", "n_neighbours", "retrieval_backend",
     "pool_retrieval_embeds", "query_retrieval_embeds", "rag_alpha", "vs2pp_fallback",
+    "retrieval_backbone", "retrieval_pretrained", "retrieval_random_weights", "retrieval_model_kwargs",
 )
 
 
@@ -203,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     if not methods:
         raise ValueError("--methods is empty")
     check_steering_values(args)
+    retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
     gated = gate_methods(args)
     t0 = time.perf_counter()
     sae = load_sae_arg(args.sae, args.device)
