@@ -18,8 +18,8 @@ WEIGHTS_FROM_NAME = ("hf-hub:", "local-dir:")
 
 
 # The tower's shape and activation, from `HookedCLIPConfig` (a full TL config has ~90 fields).
-MODEL_CONFIG_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_tokens", "embed_dim", "image_size",
-                       "patch_size", "act_fn", "eps")
+MODEL_CONFIG_FIELDS = ("family", "pooling", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_tokens",
+                       "n_prefix_tokens", "embed_dim", "image_size", "patch_size", "act_fn", "eps")
 
 
 def model_identity(model: Any) -> dict[str, Any]:

@@ -32,6 +32,9 @@ def check_sae_matches_model(sae: SAE, model: Any) -> None:
         # Same network, other weights (a fine-tune, random weights in a test): allowed, but said.
         warnings.warn(f"this SAE was trained on weights {meta.get('pretrained')!r}; this model has "
                       f"{cfg.pretrained!r}", stacklevel=3)
+    recorded_family = (meta.get("model_config") or {}).get("family")
+    if recorded_family and recorded_family != getattr(cfg, "family", recorded_family):
+        diffs.append(f"model family {recorded_family!r} (this model: {cfg.family!r})")
     act = meta.get("act_fn")
     if act and act != cfg.act_fn:
         diffs.append(f"activation {act!r} (this model: {cfg.act_fn!r})")
