@@ -496,8 +496,9 @@ def _sae_summary(sae: SAE | None) -> dict[str, Any]:
 
 
 def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[float], selected_on: str = "eval",
-              fvu_threshold: float | None = None, show_progress: bool = True) -> SweepResult:
-    """VS2 top-1 over a lam x gamma grid on the evaluator's cached tokens (no extra backbone pass)."""
+              fvu_threshold: float | None = None, show_progress: bool = True, method: str = "vs2") -> SweepResult:
+    """VS2 (or another lam/gamma method, e.g. `vs2pp`) top-1 over a lam x gamma grid on the evaluator's
+    cached tokens (no extra backbone pass)."""
     if not lams or not gammas:
         raise ValueError("the sweep needs at least one lam and one gamma")
     t0 = time.perf_counter()
@@ -508,7 +509,7 @@ def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[floa
         settings = {"lam": float(lams[li]), "gamma": float(gammas[gi])}
         if fvu_threshold is not None:
             settings["fvu_threshold"] = fvu_threshold
-        s = evaluator.score(MethodSpec("vs2", "vs2", settings))
+        s = evaluator.score(MethodSpec(method, method, settings))
         top1[gi, li], cov[gi, li] = s.top1, s.coverage
     return SweepResult([float(v) for v in lams], [float(v) for v in gammas], top1, cov, evaluator.zeroshot.top1,
                        selected_on, len(evaluator.labels_N), time.perf_counter() - t0)

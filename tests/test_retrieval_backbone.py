@@ -187,3 +187,33 @@ def test_cli_eval_with_a_retrieval_backbone(setup, tmp_path) -> None:
                         "--query-retrieval-embeds", "y.npy"]) == EXIT_USAGE  # "not both", before any file is read
     no_pool = [a for a in args if a not in ("--pool-cache", str(root / "pool"))]
     assert main(no_pool + ["--out", str(tmp_path / "e5")]) == EXIT_USAGE
+
+
+def test_cli_run_and_sweep_vs2pp_with_a_retrieval_backbone(setup, tmp_path) -> None:
+    """The paper's VS2++ as one command (`run`), then a lam x gamma sweep of VS2++ on the same retrieval cache."""
+    from sae_lens_vision_steer.cli import main
+
+    _, _, _, root = setup
+    data = write_image_folder(tmp_path / "data" / "train", 3, 8, seed=3).parent
+    write_image_folder(data / "val", 3, 3, seed=4)
+    backbone = ["--retrieval-backbone", "timm:vit_tiny_patch16_224", "--retrieval-random-weights",
+                "--retrieval-model-kwargs", '{"depth": 1}']
+    common = ["--random-weights", "--seed", "0", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS), "--device", "cpu",
+              "--dataset", "imagefolder", "--data-dir", str(data), "--templates", "single", "--num-workers", "0",
+              "--no-progress"]
+    run = ["run", *common, "--epochs", "1", "--k", "8", "--train-batch-size", "8", "--methods", "zeroshot,vs2,vs2pp", "--n-neighbours", "5",
+           *backbone, "--out", str(tmp_path / "run")]
+    assert main(run) == 0
+    info = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["vs2pp"]["info"]
+    assert info["retrieval_backbone"] == "timm:vit_tiny_patch16_224" and info["n_neighbours"] == 5
+    rcache = tmp_path / "run" / "cache_train.retrieval" / "timm_vit_tiny_patch16_224"
+    assert (rcache / "pool.npy").is_file() and info["retrieval_cache"] == str(rcache)
+
+    sweep = ["sweep", *common, "--split", "val", "--sae", str(tmp_path / "run" / "sae"), "--sweep-method", "vs2pp",
+             "--pool-cache", str(tmp_path / "run" / "cache_train"), "--n-neighbours", "5", *backbone,
+             "--lams", "1,2", "--gammas", "1.5", "--out", str(tmp_path / "sweep")]
+    assert main(sweep) == 0
+    sw = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sw["config"]["sweep_method"] == "vs2pp" and np.array(sw["sweep"]["top1"]).shape == (1, 2)
+    i = sweep.index("--retrieval-backbone")  # --retrieval-* flags without a backbone: refused up front
+    assert main(sweep[:i] + sweep[i + 2:] + ["--out", str(tmp_path / "s2")]) == EXIT_USAGE

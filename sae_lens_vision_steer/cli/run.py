@@ -28,7 +28,16 @@ from .common import (
     resolve_model_args,
     write_json_atomic,
 )
-from .eval import add_steering_args, check_steering_values, gate_methods, print_summary, request_of, split_list
+from .eval import (
+    add_retrieval_backbone_args,
+    add_steering_args,
+    check_steering_values,
+    gate_methods,
+    print_summary,
+    request_of,
+    retrieval_backbone_options,
+    split_list,
+)
 
 HELP = "the main job: cache the training split, train the SAE, evaluate VS2 and baselines (one folder)"
 DESCRIPTION = (
@@ -66,7 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of training images held out to measure the SAE's FVU")
     g.add_argument("--cache-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     add_steering_args(p, with_sae=False)
-    p.add_argument("--methods", default="zeroshot,vs2,rec_final,rec_final_gamma", help="comma-separated methods")
+    p.add_argument("--methods", default="zeroshot,vs2,rec_final,rec_final_gamma",
+                   help="comma-separated methods (VS2++ ones, e.g. vs2pp, retrieve from the run's own training cache)")
+    g = p.add_argument_group("retrieval (VS2++: the pool is the run's training cache)")
+    g.add_argument("--n-neighbours", type=positive_int, default=50, help="neighbours retrieved per test image (paper: 50)")
+    add_retrieval_backbone_args(g)
     p.add_argument("--out", required=True, help="output folder for the cache, the SAE and the results")
     p.add_argument("--overwrite", action="store_true", help="recompute the cache and the SAE even if present")
     add_progress_arg(p)
@@ -75,7 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 RUN_REQUEST_KEYS = ("model", "pretrained", "random_weights", "model_kwargs", "seed", "dataset", "data_dir",
                     "train_split", "eval_split", "train_limit", "eval_limit", "skip_bad_images", "k", "expansion",
                     "epochs", "lr", "train_batch_size", "sae_holdout_fraction", "cache_dtype", "hook", "lam",
-                    "gamma", "fvu_threshold", "fvu_quantile", "gate_methods", "templates", "methods")
+                    "gamma", "fvu_threshold", "fvu_quantile", "gate_methods", "templates", "methods", "n_neighbours",
+                    "retrieval_backbone", "retrieval_pretrained", "retrieval_random_weights", "retrieval_model_kwargs",
+                    "retrieval_cache")
 
 
 def interrupted(args: argparse.Namespace) -> str:
@@ -105,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reference_cache:
         raise ValueError("run uses its own training cache as the FVU reference; --reference-cache is for eval")
     check_steering_values(args)
+    retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
     gated = gate_methods(args)
     methods = split_list(args.methods)
     if not methods:
@@ -172,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(model, eval_data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                           templates=args.templates, hook_name=hook, batch_size=args.batch_size,
                           num_workers=args.num_workers, show_progress=show, gate_methods=gated,
+                          options={"pool_cache": str(cache.root), "n_neighbours": args.n_neighbours,
+                                   **retrieval_backbone_options(args)},
                           config={"sae_path": str(trained.out_dir), "random_weights": args.random_weights,
                                   "seed": args.seed, "train_limit": args.train_limit, "eval_limit": args.eval_limit,
                                   **gate_cfg})

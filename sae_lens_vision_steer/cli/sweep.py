@@ -19,6 +19,7 @@ from .common import (
 )
 from .eval import (
     EVAL_REQUEST_KEYS,
+    add_retrieval_args,
     add_steering_args,
     check_steering_values,
     default_out,
@@ -27,6 +28,8 @@ from .eval import (
     print_summary,
     request_of,
     resolve_fvu_threshold,
+    retrieval_backbone_options,
+    retrieval_options,
     split_list,
 )
 
@@ -50,19 +53,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sweep")
     g.add_argument("--lams", default="1,1.5,2,2.5,3", help="comma-separated lambda values")
     g.add_argument("--gammas", default="1.25,1.5,1.75,2,2.5", help="comma-separated gamma values")
+    g.add_argument("--sweep-method", default="vs2", choices=["vs2", "vs2pp", "vs2pp_majority", "vs2pp_oracle"],
+                   help="method swept over the grid (VS2++ ones need --pool-cache; the pool must not be the "
+                        "selection split)")
     g.add_argument("--select-on", choices=["eval", "train-holdout"], default="eval",
                    help="where the best cell is chosen: the evaluation split (test-tuned) or a held-out part "
                         "of the training split")
     g.add_argument("--train-split", default="train", help="training split for --select-on train-holdout")
     g.add_argument("--holdout-fraction", type=float, default=0.1,
                    help="fraction of the training split (evenly spaced, all classes) used for selection")
+    add_retrieval_args(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/sweep_<dataset>_<split>)")
     p.add_argument("--overwrite", action="store_true", help="replace results of a different request in --out")
     add_progress_arg(p)
 
 
 SWEEP_REQUEST_KEYS = tuple(k for k in EVAL_REQUEST_KEYS if k not in ("methods", "layer_saes")) + (
-    "lams", "gammas", "select_on", "train_split", "holdout_fraction")
+    "lams", "gammas", "select_on", "train_split", "holdout_fraction", "sweep_method")
 
 
 def interrupted(args: argparse.Namespace) -> str:
@@ -82,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     if args.select_on == "train-holdout" and not 0 < args.holdout_fraction <= 1:
         raise ValueError(f"--holdout-fraction must be in (0, 1], got {args.holdout_fraction}")
     check_steering_values(args)
+    retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
     gated = gate_methods(args)
     show = not args.no_progress
+    method = args.sweep_method
     t0 = time.perf_counter()
     sae = load_sae_arg(args.sae, args.device)
     for note in resolve_model_args(args, sae):
@@ -112,16 +121,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("the training split's classes differ from the evaluation split's")
 
     ev = Evaluator(model, select_data, sae, classifier, args.hook, args.batch_size, args.num_workers, show,
-                   fvu_threshold=tau, gate_methods=gated)
-    sweep = sweep_vs2(ev, lams, gammas, selected_on=args.select_on, show_progress=show)
+                   options=retrieval_options(args), fvu_threshold=tau, gate_methods=gated, prepare=[method])
+    sweep = sweep_vs2(ev, lams, gammas, selected_on=args.select_on, show_progress=show, method=method)
     lam, gamma, top1 = sweep.best
     selection = f"{select_data.dataset_id}/{select_data.split}"
-    print(f"VS2 sweep on {selection} ({sweep.n_images} images): zero-shot top-1 {sweep.zeroshot_top1:.2f}")
+    print(f"{method} sweep on {selection} ({sweep.n_images} images): zero-shot top-1 {sweep.zeroshot_top1:.2f}")
     print(format_grid(sweep))
     print(f"best cell: lam={lam:g}, gamma={gamma:g}: top-1 {top1:.2f} ({top1 - sweep.zeroshot_top1:+.2f} vs zero-shot)"
           + (" [selected on the evaluation split]" if args.select_on == "eval" else ""))
 
-    summary = {"config": {"model": model.cfg.model_name, "pretrained": model.cfg.pretrained,
+    summary = {"config": {"sweep_method": method, "model": model.cfg.model_name, "pretrained": model.cfg.pretrained,
                           "dataset": data.dataset_id, "split": data.split, "selection_data": selection,
                           "hook_name": ev.cached.hook_name, "fvu_threshold": tau, "templates": templates,
                           "gated_methods": gated if tau is not None else [],
@@ -137,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
                            "only their labels are used here, for choosing the cell")
         final = evaluate(model, data, sae,
                          [MethodSpec("zeroshot", "zeroshot"),
-                          MethodSpec("vs2", "vs2", {"lam": lam, "gamma": gamma}),
-                          MethodSpec("vs2_paper", "vs2", {"lam": 2.1, "gamma": 1.5})],
+                          MethodSpec(method, method, {"lam": lam, "gamma": gamma}),
+                          MethodSpec(f"{method}_paper", method, {"lam": 2.1, "gamma": 1.5})],
                          lam=lam, gamma=gamma, fvu_threshold=tau, classifier=classifier, hook_name=args.hook,
                          batch_size=args.batch_size, num_workers=args.num_workers, show_progress=show,
+                         options=retrieval_options(args),
                          config={"selected_on": selection, "templates": templates, **gate_cfg}, gate_methods=gated)
         print_summary(final)  # before saving
         final.save(folder)
@@ -149,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     summary["timing"]["total_s"] = time.perf_counter() - t0
     summary["timing"]["peak_rss_mib"] = peak_rss_mib()
     folder.add(write_json_atomic(out / "sweep.json", summary))
-    title = (f"VS2 top-1 minus zero-shot ({sweep.zeroshot_top1:.2f}) on {selection}, {sweep.n_images} images"
+    title = (f"{method} top-1 minus zero-shot ({sweep.zeroshot_top1:.2f}) on {selection}, {sweep.n_images} images"
              + (" [test-tuned]" if args.select_on == "eval" else " [held-out train]"))
     heat = folder.add(plot_sweep_heatmap(sweep, out / "sweep_heatmap.png", title=title))
     folder.finish()
