@@ -151,8 +151,8 @@ def test_unsupported_models_are_refused_before_download(monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("downloaded"))
-    for name, match in (("EVA02-B-16", "Eva tower"), ("PE-Core-B-16", "Eva tower"), ("RN50", "ResNet"),
-                        ("timm:eva02_base_patch16_clip_224", "Eva tower")):
+    for name, match in (("EVA02-B-16", "Eva ViT"), ("PE-Core-B-16", "Eva ViT"), ("RN50", "ResNet"),
+                        ("timm:eva02_base_patch16_clip_224", "Eva ViT")):
         with pytest.raises(UnsupportedModelError, match=match):
             HookedCLIP.from_pretrained(name, pretrained=None)
     with pytest.raises(TypeError, match="fc_norm"):  # a timm ViT that norms after mean pooling
@@ -195,3 +195,16 @@ def test_transformers_repos_load_offline_from_the_hf_cache(tmp_path):
         ours, theirs, fam = got[name]
         assert fam == family
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_support_table_is_current():
+    """docs/support.md is generated from the registry (python scripts/build_support_table.py)."""
+    from pathlib import Path
+
+    from sae_lens_vision_steer.models.support import markdown, open_clip_rows
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "support.md"
+    assert doc.read_text() == markdown(), "docs/support.md is stale: run python scripts/build_support_table.py"
+    rows = {(m, t): s for m, t, s in open_clip_rows()}
+    assert rows[("ViT-B-32", "openai")] == "yes" and rows[("ViT-B-16-SigLIP", "webli")] == "yes"
+    assert "ResNet" in rows[("RN50", "openai")]

@@ -27,7 +27,7 @@ def trunk_problems(trunk: nn.Module) -> list[str]:
     """What a timm model has that this adapter does not reproduce exactly (empty: supported)."""
     kind = type(trunk).__name__
     if kind != "VisionTransformer":
-        what = {"Eva": "an Eva tower (rotary position embeddings: EVA02, PE-Core)"}.get(kind, f"a {kind}, not a ViT")
+        what = {"Eva": "an Eva ViT with rotary position embeddings (EVA02, PE-Core)"}.get(kind, f"a {kind}, not a ViT")
         return [what]
     problems = []
     blocks = list(trunk.blocks)
@@ -53,10 +53,7 @@ def unsupported_reason(timm_name: str, pool: str = "avg", proj: str = "linear") 
     """From the timm model's structure, built on the meta device (no weights, nothing downloaded)."""
     import timm
 
-    if proj == "mlp":
-        return "its timm tower has an MLP projection head"
-    if pool in ("abs_attn", "rot_attn", ""):
-        return f"its timm tower pools with {pool!r}"
+    custom_pool = pool in ("abs_attn", "rot_attn", "")
     try:
         with torch.device("meta"):
             try:
@@ -66,7 +63,13 @@ def unsupported_reason(timm_name: str, pool: str = "avg", proj: str = "linear") 
     except Exception as e:  # noqa: BLE001 - any failure to even build it means: not supported
         return f"its timm tower {timm_name!r} could not be inspected ({type(e).__name__}: {e})"
     problems = trunk_problems(trunk)
-    return f"its timm tower {timm_name} has " + ", ".join(problems) if problems else None
+    if type(trunk).__name__ != "VisionTransformer":
+        return f"its timm tower is {problems[0]}"
+    if custom_pool:
+        problems = [f"open_clip pooling {pool!r}"]
+    elif proj == "mlp":
+        problems.append("an MLP projection head")
+    return "its timm tower has " + ", ".join(problems) if problems else None
 
 
 def _block_parts(b: nn.Module) -> BlockParts:
