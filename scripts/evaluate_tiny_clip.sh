@@ -11,7 +11,7 @@ OUT=${2:-runs/tiny-clip}
 MODEL=local-dir:assets/tiny-clip-tinyimagenet
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 COMMON=(--dataset tiny-imagenet --data-dir "$DATA" --num-workers 1)
-ALL=zeroshot,vs2,rec_final,rec_final_gamma,rec_all,vs2pp,vs2pp_majority,vs2pp_oracle,clip_steer,clip_steer_oracle,weighted_rag,weighted_rag_oracle
+ALL=zeroshot,vs2,rec_final,rec_final_gamma,vs2pp,vs2pp_majority,vs2pp_oracle,clip_steer,clip_steer_oracle,weighted_rag,weighted_rag_oracle
 
 mkdir -p "$OUT"
 vision-steer zeroshot --model "$MODEL" "${COMMON[@]}" --split val --out "$OUT/zeroshot_val.json"
