@@ -53,9 +53,19 @@ def tower_for(model: nn.Module, **kwargs: Any) -> Tower:
     raise UnsupportedModelError(f"no model family handles a {type(model).__name__}; supported: {describe()}")
 
 
+# Short names for common image-only backbones (e.g. the DINOv2 models the paper retrieves VS2++ neighbours with).
+ALIASES = {f"dinov2-{size}": f"hf:facebook/dinov2-{size}" for size in ("small", "base", "large")}
+
+
+def resolve_alias(model_name: str) -> str:
+    return ALIASES.get(model_name.lower(), model_name) if model_name else model_name
+
+
 def load(model_name: str, pretrained: str | None, device: str | torch.device, **kwargs: Any):
-    """(library model, preprocess or None, tokenizer or None), after `check_name` accepted the name."""
+    """(library model, preprocess or None, tokenizer or None); unsupported towers are refused first."""
     from . import open_clip_vit
+
+    model_name = resolve_alias(model_name)
 
     if model_name.startswith("hf:"):
         from . import hf

@@ -163,7 +163,11 @@ def tower(model: nn.Module, model_name: str = "custom", preprocess=None, tokeniz
     import timm
 
     if preprocess is None:
-        preprocess = timm.data.create_transform(**timm.data.resolve_data_config(model=model), is_training=False)
+        data_cfg = timm.data.resolve_data_config(model=model)
+        # timm resolves the transform from the pretrained config; a model built with another img_size
+        # needs its own input size.
+        data_cfg["input_size"] = (3, *model.patch_embed.img_size)
+        preprocess = timm.data.create_transform(**data_cfg, is_training=False)
     return _trunk_tower(model, model, "timm_vit", project=model.head, embed_dim=_out_width(model.head, model, model),
                         preprocess=preprocess, library_forward=model, vision_modules=[model])
 
