@@ -437,13 +437,15 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
              batch_size: int = 256, num_workers: int = 2, show_progress: bool = True,
              options: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
              out_dir: str | Path | None = None,
-             gate_methods: Sequence[str] = DEFAULT_GATED_METHODS) -> EvaluationResult:
+             gate_methods: Sequence[str] = DEFAULT_GATED_METHODS,
+             text_cache: str | Path | None = None) -> EvaluationResult:
     """Zero-shot accuracy of each method on `data`, with one backbone pass for all token methods.
 
     `lam`, `gamma` and `fvu_threshold` are the shared settings; a `MethodSpec` can override them per
     row. The gate (`fvu_threshold`) applies to the methods named in `gate_methods` only (default VS2,
     as in the paper); each method's inputs are checked before the backbone pass. The zero-shot row is always included (it is the reference for Δtop-1). With `out_dir`,
-    writes `results.json`, `results.md` and per-class plots there.
+    writes `results.json`, `results.md` and per-class plots there. `text_cache`: a folder for the
+    class-prompt embeddings (`text_cache.py`), used when no `classifier` is given.
     """
     from .zeroshot_resources import DEFAULT_TEMPLATES
 
@@ -456,7 +458,8 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     t_start = time.perf_counter()
     if classifier is None:
         templates = templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
-        classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show_progress)
+        classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show_progress,
+                                        text_cache=text_cache)
     t_text = time.perf_counter() - t_start
     ev = Evaluator(model, data, sae, classifier, hook_name, batch_size, num_workers, show_progress, options,
                    fvu_threshold, gate_methods, prepare=[s.method for s in specs])
@@ -466,7 +469,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
         rows[spec.label] = ev.score(spec)
     # Put zero-shot first whatever the order asked for.
     rows = {"zeroshot": rows["zeroshot"], **{k: v for k, v in rows.items() if k != "zeroshot"}}
-    timing = {"text_s": t_text, "backbone_s": ev.cached.seconds, "n_backbone_passes": ev.n_backbone_passes,
+    timing = {"text_s": t_text, "text_cache": getattr(classifier, "text_cache_status", "off"), "backbone_s": ev.cached.seconds, "n_backbone_passes": ev.n_backbone_passes,
               "methods_s": {k: v.seconds for k, v in rows.items()}, "total_s": time.perf_counter() - t_start,
               "n_images": len(ev.labels_N)}
     identity = model_identity(model)  # model identity fields: see identity.model_identity

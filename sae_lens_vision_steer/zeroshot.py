@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, make_loader
 from .hooked_clip import HookedCLIP
-from .zeroshot_resources import templates_for
+from .zeroshot_resources import DEFAULT_TEMPLATES, templates_for
 
 
 @dataclass
@@ -60,14 +61,30 @@ class ZeroShotClassifier:
 
     `W[:, c]` is the class-`c` text embedding: each prompt embedding normalised, averaged over the
     templates, then normalised again (CLIP's prompt ensembling).
+
+    With `text_cache=DIR` the matrix is read from / written to an on-disk cache keyed by the model's
+    weights, the class names and the template strings (`text_cache.py`); `text_cache_status` says
+    `hit`, `built`, `rebuilt` (a mismatched file was refused) or `off`.
     """
 
     def __init__(self, model: HookedCLIP, classnames: Sequence[str], templates: str | Sequence[str] = "single",
-                 batch_size: int = 256, show_progress: bool = True):
+                 batch_size: int = 256, show_progress: bool = True, text_cache: str | Path | None = None):
         self.classnames = list(classnames)
+        templates_name = DEFAULT_TEMPLATES.get(templates, templates) if isinstance(templates, str) else None
         self.templates = templates_for(templates) if isinstance(templates, str) else list(templates)
         self.logit_scale = model.logit_scale
-        self.weights_EC = self.build_class_weights(model, self.classnames, self.templates, batch_size, show_progress)
+
+        def build() -> torch.Tensor:
+            return self.build_class_weights(model, self.classnames, self.templates, batch_size, show_progress)
+
+        self.text_cache_path: Path | None = None
+        if text_cache is None:
+            self.weights_EC, self.text_cache_status = build(), "off"
+        else:
+            from .text_cache import cached_class_weights
+
+            self.weights_EC, self.text_cache_status, self.text_cache_path = cached_class_weights(
+                model, self.classnames, self.templates, templates_name, text_cache, build)
 
     @staticmethod
     @torch.no_grad()

@@ -27,6 +27,12 @@ def make_tiny_clip(seed: int = 0) -> HookedCLIP:
     return HookedCLIP.from_pretrained("ViT-B-32", pretrained=None, **TINY_CLIP_KWARGS)
 
 
+@pytest.fixture(autouse=True)
+def _text_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The CLI caches text embeddings in the user's cache dir by default: keep tests out of it."""
+    monkeypatch.setenv("VISION_STEER_TEXT_CACHE", str(tmp_path_factory.mktemp("text_cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_clip() -> HookedCLIP:
     return make_tiny_clip()

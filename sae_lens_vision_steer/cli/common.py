@@ -161,6 +161,24 @@ def add_progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_text_cache_args(g: Any) -> None:
+    g.add_argument("--text-cache", default=None, metavar="DIR",
+                   help="folder caching the class-prompt text embeddings (default: $VISION_STEER_TEXT_CACHE, else "
+                        "~/.cache/sae_lens_vision_steer/text)")
+    g.add_argument("--no-text-cache", action="store_true", help="encode the prompts again and cache nothing")
+
+
+def resolve_text_cache(args: argparse.Namespace) -> Path | None:
+    """The text-embedding cache folder of `--text-cache` / `--no-text-cache` / the environment, or None."""
+    from ..text_cache import default_text_cache_dir
+
+    if getattr(args, "no_text_cache", False):
+        return None
+    if getattr(args, "text_cache", None):
+        return Path(args.text_cache).expanduser()
+    return default_text_cache_dir()
+
+
 def add_data_args(p: argparse.ArgumentParser, split: str = "val") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100",

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    add_text_cache_args,
+    resolve_text_cache,
     abspath,
     add_data_args,
     add_model_args,
@@ -53,6 +55,7 @@ def add_steering_args(p: argparse.ArgumentParser, with_sae: bool = True, sae_req
                    help="comma-separated methods the FVU gate applies to (the paper gates VS2 only)")
     g.add_argument("--templates", default=None,
                    help="template set: cifar (18), imagenet (80), cub, single; default: the data set's CLIP set")
+    add_text_cache_args(g)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                       templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
                       num_workers=args.num_workers, show_progress=not args.no_progress,
                       options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config,
-                      gate_methods=gated)
+                      gate_methods=gated, text_cache=resolve_text_cache(args))
     result.timing["setup_s"] = setup_s
     result.timing["peak_rss_mib"] = peak_rss_mib()
     print_summary(result)  # before saving: a failing disk cannot take the numbers with it
@@ -274,5 +277,5 @@ def print_summary(result) -> None:
           + (f", FVU gate tau={c['fvu_threshold']:.4g} on {', '.join(c.get('gated_methods') or []) or 'no method'}"
              if c.get("fvu_threshold") is not None else ""))
     print(result.table())
-    print(f"time: text {t['text_s']:.1f} s, backbone {t['backbone_s']:.1f} s ({t['n_backbone_passes']} pass(es)), "
+    print(f"time: text {t['text_s']:.1f} s{' (cached)' if t.get('text_cache') == 'hit' else ''}, backbone {t['backbone_s']:.1f} s ({t['n_backbone_passes']} pass(es)), "
           f"methods {sum(t['methods_s'].values()):.2f} s, total {t['total_s']:.1f} s")

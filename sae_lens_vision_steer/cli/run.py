@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .common import (
+    resolve_text_cache,
     add_model_args,
     add_progress_arg,
     load_model,
@@ -188,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(model, eval_data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                           templates=args.templates, hook_name=hook, batch_size=args.batch_size,
                           num_workers=args.num_workers, show_progress=show, gate_methods=gated,
+                          text_cache=resolve_text_cache(args),
                           options={"pool_cache": str(cache.root), "n_neighbours": args.n_neighbours,
                                    **retrieval_backbone_options(args)},
                           config={"sae_path": str(trained.out_dir), "random_weights": args.random_weights,

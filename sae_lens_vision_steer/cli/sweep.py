@@ -7,6 +7,7 @@ import sys
 import time
 
 from .common import (
+    resolve_text_cache,
     add_data_args,
     add_model_args,
     add_progress_arg,
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(args, model)
     tau, gate_cfg = resolve_fvu_threshold(args, sae, model)
     templates = args.templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
-    classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show)
+    classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show,
+                                    text_cache=resolve_text_cache(args))
 
     if args.select_on == "eval":
         print(EVAL_SELECTION_WARNING.format(split=f"{data.dataset_id}/{data.split}"), file=sys.stderr)

@@ -6,6 +6,8 @@ import argparse
 import time
 
 from .common import (
+    add_text_cache_args,
+    resolve_text_cache,
     add_data_args,
     add_model_args,
     add_progress_arg,
@@ -24,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     p.add_argument("--templates", default=None,
                    help="template set: cifar (18), imagenet (80), cub, single; default: the data set's CLIP set")
+    add_text_cache_args(p)
     p.add_argument("--out", default=None, help="results JSON (default: zeroshot_<dataset>_<split>.json)")
     add_progress_arg(p)
 
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     data = load_data(args, model)
     templates = args.templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
-    clf = ZeroShotClassifier(model, data.classnames, templates, show_progress=not args.no_progress)
+    clf = ZeroShotClassifier(model, data.classnames, templates, show_progress=not args.no_progress,
+                             text_cache=resolve_text_cache(args))
     t1 = time.perf_counter()
     res = clf.evaluate(model, data, batch_size=args.batch_size, num_workers=args.num_workers,
                        show_progress=not args.no_progress)
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(out, {
         "model": model.cfg.model_name, "pretrained": model.cfg.pretrained,
         "dataset": data.dataset_id, "split": data.split, "templates": templates, **res.summary(),
-        "seconds": t2 - t1, "images_per_second": ips, "peak_rss_mib": peak_rss_mib(),
+        "seconds": t2 - t1, "setup_seconds": t1 - t0, "text_cache": clf.text_cache_status, "images_per_second": ips, "peak_rss_mib": peak_rss_mib(),
         "classnames": data.classnames, "per_class_acc": res.per_class_acc, "predictions": res.predictions,
         "labels": res.labels,
     })
