@@ -2,8 +2,9 @@
 
 Each variant runs in a fresh process (its `ru_maxrss` is its own):
 
-  pass      read every shard of the cache at the SAE's hook (`ActivationCache.iter_shards`, sha256
-            checked): the cost of one pass over the cache, the floor for anything that reads it
+  pass      one pass over the cache: read every shard at the SAE's hook (`ActivationCache.iter_shards`,
+            sha256 checked) and encode every row with the SAE, the least any per-latent statistic
+            needs (the bare read is timed too and printed)
   features  `build_feature_browser(cache, sae, model, out)`: the statistics pass, promoted classes,
             thumbnails and heatmaps of the top images, and every page
 
@@ -32,12 +33,22 @@ quiet_progress()
 
 
 def child_pass(args) -> dict:
+    import torch
+
     from sae_lens_vision_steer.activation_cache import ActivationCache
+    from sae_lens_vision_steer.evaluation import load_sae
 
     cache = ActivationCache.open(args.cache)
+    sae = load_sae(args.sae[0])
     t0 = time.perf_counter()
     rows = sum(len(a) for a in cache.iter_shards(args.hook))
-    return {"seconds": time.perf_counter() - t0, "rows": rows}
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for acts in cache.iter_shards(args.hook):
+            for x in acts.split(4096):
+                sae.encode(x)
+    return {"seconds": time.perf_counter() - t0, "read_seconds": read_s, "rows": rows}
 
 
 def child_features(args) -> dict:
@@ -81,12 +92,14 @@ def main() -> None:
     print(f"# {' '.join(sys.argv)}\n# {machine_line()}")
     base = [__file__, "--cache", args.cache, "--model", args.model, "--hook", args.hook, "--threads",
             str(args.threads), "--work-dir", args.work_dir, "--top-k", str(args.top_k)]
-    passes = [run_measured_child(base + ["--sae", args.sae[0], "--child", "pass"]) for _ in range(args.reps)]
-    pass_s = statistics.median(r["seconds"] for r in passes)
-    pass_rss = max(r["self_peak_mib"] for r in passes)
-    print(f"one pass over the cache: {pass_s:.2f} s median of {args.reps} ({min(r['seconds'] for r in passes):.2f}-"
-          f"{max(r['seconds'] for r in passes):.2f}), {passes[0]['rows']} rows, peak RSS {pass_rss:.0f} MiB")
     for sae in args.sae:
+        passes = [run_measured_child(base + ["--sae", sae, "--child", "pass"]) for _ in range(args.reps)]
+        pass_s = statistics.median(r["seconds"] for r in passes)
+        pass_rss = max(r["self_peak_mib"] for r in passes)
+        print(f"one pass over the cache (read + SAE encode, {sae}): {pass_s:.2f} s median of {args.reps} "
+              f"({min(r['seconds'] for r in passes):.2f}-{max(r['seconds'] for r in passes):.2f}; bare read "
+              f"{statistics.median(r['read_seconds'] for r in passes):.3f} s), {passes[0]['rows']} rows, "
+              f"peak RSS {pass_rss:.0f} MiB")
         r = run_measured_child(base + ["--sae", sae, "--child", "features"])
         t = r["timing"]
         line = (f"features d_sae={r['d_sae']} ({r['alive']} alive, {r['dead']} dead) over {r['images']} images: "

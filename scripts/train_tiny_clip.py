@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(log[-1]), flush=True)
     bar.close()
     train_s = time.time() - t_train
-    report = {"model_cfg": MODEL_CFG, "args": vars(args), "train_seconds": round(train_s, 1),
+    report = {"model_cfg": MODEL_CFG, "args": {**vars(args), "data_dir": Path(args.data_dir).name},  # no local path "train_seconds": round(train_s, 1),
               "total_seconds_incl_decode": round(time.time() - t0, 1), "torch": torch.__version__,
               "open_clip": open_clip.__version__, "epochs": log,
               "n_train_images": n, "n_parameters": sum(p_.numel() for p_ in model.parameters())}
