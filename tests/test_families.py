@@ -208,3 +208,62 @@ def test_support_table_is_current():
     rows = {(m, t): s for m, t, s in open_clip_rows()}
     assert rows[("ViT-B-32", "openai")] == "yes" and rows[("ViT-B-16-SigLIP", "webli")] == "yes"
     assert "ResNet" in rows[("RN50", "openai")]
+
+
+OFFLINE_TAGS_SCRIPT = r"""
+import json, sys, torch
+from sae_lens_vision_steer import HookedCLIP
+kwargs = json.loads(sys.argv[1])
+x = torch.load(sys.argv[2])
+siglip = HookedCLIP.from_pretrained("ViT-B-16-SigLIP", pretrained="webli", **kwargs)
+dino = HookedCLIP.from_pretrained("timm:vit_small_patch14_dinov2", pretrained="lvd142m", depth=2, img_size=98)
+with torch.no_grad():
+    out = {"siglip": (siglip.encode_image(x), siglip.cfg.family, siglip.cfg.pooling),
+           "dino": (dino.encode_image(x[..., :98, :98]), dino.cfg.family, dino.cfg.pooling)}
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_open_clip_timm_tag_and_timm_pretrained_load_offline(tmp_path):
+    """The real tag paths of `ViT-B-16-SigLIP` + `webli` (open_clip: `timm/ViT-B-16-SigLIP`,
+    `open_clip_model.safetensors`) and `timm:vit_small_patch14_dinov2` (timm:
+    `timm/vit_small_patch14_dinov2.lvd142m`, `model.safetensors`), from replicas with random values of
+    shrunk towers, with HF_HUB_OFFLINE=1. The references load the same files by hand."""
+    from safetensors.torch import save_file
+
+    assert open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")["hf_hub"] == "timm/ViT-B-16-SigLIP/"
+    torch.manual_seed(0)
+    siglip_ref = open_clip_timm_map().eval()
+    dino_ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, num_classes=0).eval()
+    cache = tmp_path / "hf"
+    for repo, file, sd in (("timm/ViT-B-16-SigLIP", "open_clip_model.safetensors", siglip_ref.state_dict()),
+                           ("timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", dino_ref.state_dict())):
+        snap = cache / ("models--" + repo.replace("/", "--")) / "snapshots" / ("b" * 40)
+        snap.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(snap / file))
+        (snap.parents[1] / "refs").mkdir()
+        (snap.parents[1] / "refs" / "main").write_text("b" * 40)
+    kwargs = dict(embed_dim=192, vision_cfg=dict(image_size=224, timm_model_name="vit_tiny_patch16_224",
+                                                 timm_pool="map", timm_proj="none"),
+                  text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1, hf_tokenizer_name=None,
+                                no_causal_mask=True, pool_type="last"))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_TAGS_SCRIPT, json.dumps(kwargs), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "y.pt")
+    with torch.no_grad():
+        siglip_expected = siglip_ref.encode_image(x)
+        dino_model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, img_size=98,
+                                       num_classes=0).eval()
+        sd = dino_ref.state_dict()
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        dino_model.load_state_dict(checkpoint_filter_fn(sd, dino_model))  # timm's own pos-embed resampling
+        dino_expected = dino_model(x[..., :98, :98])
+    assert got["siglip"][1:] == ("open_clip_timm_vit", "map") and got["dino"][1:] == ("timm_vit", "cls")
+    torch.testing.assert_close(got["siglip"][0], siglip_expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["dino"][0], dino_expected, atol=1e-5, rtol=0)
