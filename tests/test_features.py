@@ -271,3 +271,15 @@ def test_refuses_sae_of_another_hook_or_width(setup, tiny_clip, tmp_path):
     with pytest.raises(InputError, match="the SAE's d_in is 32"):
         build_feature_browser(setup["root"] / "cache", narrow, tiny_clip, tmp_path / "b", show_progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_out_is_a_file_and_results_not_json(setup, tmp_path):
+    root = setup["root"]
+    args = ["features", "--cache", str(root / "cache"), "--sae", str(root / "sae"), "--no-progress",
+            "--random-weights", "--model-kwargs", json.dumps(_tiny_kwargs())]
+    (tmp_path / "file").write_text("x")
+    assert cli_main(args + ["--out", str(tmp_path / "file")]) == 5
+    (tmp_path / "r.json").write_text("{not json")
+    assert cli_main(args + ["--out", str(tmp_path / "fb"), "--results", str(tmp_path / "r.json")]) == 3
+    assert cli_main(args + ["--out", str(tmp_path / "fb"), "--results", str(tmp_path / "missing.json")]) == 3
+    assert not (tmp_path / "fb").exists()

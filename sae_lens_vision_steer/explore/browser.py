@@ -28,7 +28,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationCache, model_fingerprint
-from ..errors import ConflictError, InputError
+from ..errors import ConflictError, InputError, OutputError
 from ..fileio import file_mode, write_json_atomic
 from ..hooked_clip import HookedCLIP
 from ..identity import portable_model_name
@@ -79,7 +79,7 @@ def _check_destination(out: Path) -> list[str]:
     if not out.exists():
         return []
     if not out.is_dir():
-        raise ConflictError(f"--out {out} is a file; give a folder for the feature browser")
+        raise OutputError(f"--out {out} is a file; give a folder for the feature browser")
     entries = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
     if not entries:
         return []
