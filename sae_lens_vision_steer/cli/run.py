@@ -45,8 +45,9 @@ DESCRIPTION = (
     "Caches the final block's CLS activations of the training split, trains a top-k SAE on them (the paper's "
     "k and expansion for ViT-B-32/B-16/L-14), and evaluates zero-shot CLIP, VS2 and the SAE-reconstruction "
     "baselines on the evaluation split. Defaults follow the paper: ViT-B-32 openai, CIFAR-100 from the Hub. "
-    "Offline example: vision-steer run --dataset tiny-imagenet --data-dir ../shared/datasets/tiny-imagenet-200 "
-    "--random-weights --train-limit 2000 --eval-limit 1000 --out runs/demo"
+    "Offline example (the small CLIP trained on Tiny-ImageNet, committed in assets/): vision-steer run "
+    "--model local-dir:assets/tiny-clip-tinyimagenet --dataset tiny-imagenet "
+    "--data-dir ../shared/datasets/tiny-imagenet-200 --k 16 --expansion 4 --out runs/demo"
 )
 
 
