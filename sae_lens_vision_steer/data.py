@@ -385,9 +385,17 @@ def load_image_dataset(
         else:
             raise ValueError(f"no local loader for dataset {dataset!r}; use tiny-imagenet, cifar100 or imagefolder")
     else:
+        from .ood_datasets import OOD_DATASETS, load_ood_dataset, resolve_ood_name
+
         if name == "imagefolder":
             raise ValueError("dataset 'imagefolder' needs data_dir")
-        ds = load_hub_dataset(name, split or "val", transform, skip_bad_images)
+        if resolve_ood_name(name):
+            ds = load_ood_dataset(resolve_ood_name(name), split or "val", transform, skip_bad_images)
+        elif "/" not in name and name not in HUB_DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; supported: {', '.join([*HUB_DATASETS, *OOD_DATASETS])}, "
+                             "imagefolder (with a data folder), or a Hub repo id owner/name")
+        else:
+            ds = load_hub_dataset(name, split or "val", transform, skip_bad_images)
     return ds.subset(limit)
 
 

@@ -447,6 +447,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     writes `results.json`, `results.md` and per-class plots there. `text_cache`: a folder for the
     class-prompt embeddings (`text_cache.py`), used when no `classifier` is given.
     """
+    from .ood_datasets import dataset_templates
     from .zeroshot_resources import DEFAULT_TEMPLATES
 
     specs = _as_specs(methods)
@@ -457,7 +458,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
         specs.insert(0, MethodSpec("zeroshot", "zeroshot"))
     t_start = time.perf_counter()
     if classifier is None:
-        templates = templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
+        templates = templates or dataset_templates(data, DEFAULT_TEMPLATES.get(data.dataset_id, "single"))
         classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show_progress,
                                         text_cache=text_cache)
     t_text = time.perf_counter() - t_start

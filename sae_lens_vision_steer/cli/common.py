@@ -182,7 +182,8 @@ def resolve_text_cache(args: argparse.Namespace) -> Path | None:
 def add_data_args(p: argparse.ArgumentParser, split: str = "val") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100",
-                   help="cifar100, tiny-imagenet, cub200, imagefolder, or a Hub repo id")
+                   help="cifar100, tiny-imagenet, cub200, aircraft, food101, flowers102, caltech101, sun397, eurosat, "
+                        "imagefolder, or a Hub repo id")
     g.add_argument("--data-dir", default=None, help="local data folder; without it the data set comes from the Hub")
     g.add_argument("--split", default=split,
                    help="data split (imagefolder: a subfolder such as train or val; 'all' = the whole folder)")

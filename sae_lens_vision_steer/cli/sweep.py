@@ -80,6 +80,7 @@ def interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import Evaluator, MethodSpec, evaluate, plot_sweep_heatmap, sweep_vs2
     from ..zeroshot import ZeroShotClassifier
+    from ..ood_datasets import dataset_templates
     from ..zeroshot_resources import DEFAULT_TEMPLATES
 
     from ..outputs import prepare_output_dir
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     data = load_data(args, model)
     tau, gate_cfg = resolve_fvu_threshold(args, sae, model)
-    templates = args.templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
+    templates = args.templates or dataset_templates(data, DEFAULT_TEMPLATES.get(data.dataset_id, "single"))
     classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show,
                                     text_cache=resolve_text_cache(args))
 

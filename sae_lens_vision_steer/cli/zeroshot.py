@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..zeroshot import ZeroShotClassifier
+    from ..ood_datasets import dataset_templates
     from ..zeroshot_resources import DEFAULT_TEMPLATES
 
     t0 = time.perf_counter()
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable_dir(Path(out).absolute().parent, "folder of --out")
     model = load_model(args)
     data = load_data(args, model)
-    templates = args.templates or DEFAULT_TEMPLATES.get(data.dataset_id, "single")
+    templates = args.templates or dataset_templates(data, DEFAULT_TEMPLATES.get(data.dataset_id, "single"))
     clf = ZeroShotClassifier(model, data.classnames, templates, show_progress=not args.no_progress,
                              text_cache=resolve_text_cache(args))
     t1 = time.perf_counter()
