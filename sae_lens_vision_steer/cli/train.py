@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                 n_checkpoints=args.n_checkpoints, resume=args.resume, overwrite=args.overwrite,
                 show_progress=not args.no_progress)
     m, meta = res.metrics, res.sae.cfg.metadata
-    print(f"SAE {res.out_dir}: {meta.get('hook_name')} of {meta.get('model_name')}/{meta.get('pretrained')}, "
+    print(f"SAE {res.out_dir}: {meta.get('hook_name')} of {meta.get('model_name')}"
+          f"{'/' + str(meta.get('pretrained')) if meta.get('pretrained') else ''}, "
           f"d_in {res.sae.cfg.d_in}, d_sae {res.sae.cfg.d_sae}, k {k}, {m['n_training_samples']} samples"
           + (f", objective pass (w_aux {meta.get('w_aux')})" if meta.get("objective") == "pass" else ""))
     fvu = m.get("heldout_fvu")

@@ -11,6 +11,7 @@ other name is open_clip's (including its `hf-hub:` and `local-dir:` schemas).
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -91,11 +92,21 @@ def check_open_clip_name(model_name: str) -> None:
         return  # open_clip itself reports an unknown name, with its list
     reason = unsupported_reason(cfg)
     if reason:
-        supported = [n for n in open_clip.list_models() if not unsupported_reason(open_clip.get_model_config(n) or {})]
+        supported = [n for n in open_clip.list_models() if not name_unsupported_reason(n)]
         near = difflib.get_close_matches(model_name, supported, n=3, cutoff=0.0)  # always name some
         raise UnsupportedModelError(
             f"{model_name}: {reason}. Supported families: {describe()}. "
             + (f"Nearest supported open_clip models: {near}." if near else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def name_unsupported_reason(model_name: str) -> str | None:
+    """`unsupported_reason` of a built-in open_clip name, remembered (timm towers are built on the meta
+    device to be inspected, ~0.1 s each)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    return "no config" if cfg is None else unsupported_reason(cfg)
 
 
 def unsupported_reason(cfg: dict) -> str | None:

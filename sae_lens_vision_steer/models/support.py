@@ -11,15 +11,12 @@ def open_clip_rows() -> list[tuple[str, str, str]]:
     """(model, pretrained tag, "yes" or the reason it is refused) for every open_clip pair."""
     import open_clip
 
-    from .registry import unsupported_reason
+    from .registry import name_unsupported_reason
 
-    reasons: dict[str, str | None] = {}
     rows = []
     for name, tag in open_clip.list_pretrained():
-        if name not in reasons:
-            cfg = open_clip.get_model_config(name)
-            reasons[name] = "no config" if cfg is None else unsupported_reason(cfg)
-        rows.append((name, tag, "yes" if reasons[name] is None else reasons[name]))
+        reason = name_unsupported_reason(name)
+        rows.append((name, tag, "yes" if reason is None else reason))
     return rows
 
 
