@@ -31,9 +31,7 @@ from sae_lens import SAE
 from transformer_lens.hook_points import HookPoint
 
 from .models.match import check_sae_matches_model
-from .models.positions import position_index
-
-POOLED = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # as models.hooked.POOLED_HOOKS (no import cycle)
+from .models.positions import POOLED_HOOKS, position_index
 
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons")
 
@@ -134,7 +132,7 @@ class SAESpliceMixin:
         if check_model:
             check_sae_matches_model(sae, self)
         pos = resolve_positions(sae, positions, self.cfg.n_tokens, self.cfg.n_prefix_tokens)
-        if pos in ("cls", "patches") and input_hook not in POOLED:
+        if pos in ("cls", "patches") and input_hook not in POOLED_HOOKS:
             position_index(self.cfg, pos, input_hook)  # `cls` on a model without a CLS token: refused
         # Everything is checked: from here on nothing can fail half-way.
         if input_hook in self._splices:

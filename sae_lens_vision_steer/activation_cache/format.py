@@ -20,7 +20,7 @@ from ..fileio import write_bytes_atomic as _write_bytes_atomic  # noqa: F401
 from ..fileio import write_json_atomic as _write_json_atomic  # noqa: F401
 from ..hooked_clip import HookedCLIP
 from ..identity import dataset_identity, model_identity
-from ..models.positions import position_index
+from ..models.positions import POOLED_HOOKS, position_index
 
 Positions = Literal["cls", "patches", "all"]
 POSITIONS = ("cls", "patches", "all")
@@ -32,7 +32,7 @@ SHARD_NAME_RE = re.compile(r"^shard_\d{5}\.safetensors$")  # our shard names, no
 ARRAY_FILES = ("labels.npy", "image_index.npy")
 DEFAULT_SHARD_SIZE = 8192
 STATS_BLOCK_ROWS = 1024
-HEAD_HOOKS = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # [B, D]: the pooled token only
+HEAD_HOOKS = POOLED_HOOKS  # [B, D]: the pooled token only
 
 # Fields of the request that must agree for a cache to be reused or resumed.
 IDENTITY_FIELDS = (

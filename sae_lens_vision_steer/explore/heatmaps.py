@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationCache
 from ..hooked_clip import HookedCLIP
+from ..models.positions import POOLED_HOOKS
 
 METHODS = ("attention", "occlusion", "sae")
 
@@ -57,7 +58,7 @@ def attention_maps(model: HookedCLIP, images_BCHW: torch.Tensor, hook_name: str,
 
 def _token_rows(model: HookedCLIP, images_BCHW: torch.Tensor, hook_name: str) -> torch.Tensor:
     """The CLS row at the hook, `[B, d_in]`."""
-    if hook_name in ("hook_ln_post", "hook_image_embed"):
+    if hook_name in POOLED_HOOKS:
         _, c = model.run_with_cache(images_BCHW, names_filter=[hook_name])
         return c[hook_name]
     L = hook_block(model, hook_name)

@@ -35,10 +35,10 @@ from ..splice import SAESpliceMixin
 from . import registry
 from .components import Attention, LayerNorm, MLP, TransformerBlock
 from .config import HookedCLIPConfig
+from .positions import POOLED_HOOKS
 from .tower import Tower
 
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
-POOLED_HOOKS = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # [B, width]: no position dimension
 
 
 class HookedCLIP(SAESpliceMixin, HookedRootModule):

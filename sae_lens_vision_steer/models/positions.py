@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 POSITION_NAMES = ("cls", "patches", "all")
+POOLED_HOOKS = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # [B, width]: no position dimension
 
 
 def position_index(cfg: Any, positions: str, hook_name: str | None = None) -> slice:

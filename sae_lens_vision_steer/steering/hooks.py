@@ -16,7 +16,7 @@ import torch
 from sae_lens import SAE
 
 from ..hooked_clip import HookedCLIP
-from ..models.hooked import POOLED_HOOKS
+from ..models.positions import POOLED_HOOKS
 from ..models.positions import position_index
 from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 
