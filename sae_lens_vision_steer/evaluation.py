@@ -34,6 +34,7 @@ from sae_lens import SAE
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import ImageDataset, make_loader
 from .hooked_clip import HookedCLIP
 from .identity import model_identity
@@ -254,7 +255,8 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
     """
     stop, start = _hook_cut(model, hook_name)
     keep_all = start < model.cfg.n_layers
-    loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size, num_workers)
+    # Under torchrun each rank runs its block of the batch grid; the tokens are gathered in order below.
+    loader = data if isinstance(data, DataLoader) else distributed.shard_loader(data, batch_size, num_workers)
     cls, resid, labels, n_skipped = [], [], [], 0
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"backbone to {hook_name}", disable=not show_progress, unit="batch"):
@@ -272,6 +274,13 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
         if keep_all:
             resid.append(tokens_BTD.cpu())
         labels.append(batch.labels)
+    if distributed.active() and not isinstance(data, DataLoader):
+        cls_, labels_, resid_ = distributed.gather_cat([torch.cat(cls) if cls else None,
+                                                        torch.cat(labels) if labels else None,
+                                                        torch.cat(resid) if resid else None])
+        cls, labels, resid = ([t] if t is not None else [] for t in (cls_, labels_, resid_))
+        cls = [c.to(model.device) for c in cls]
+        n_skipped = distributed.sum_int(n_skipped)
     if not cls:
         raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
     return HookTokens(hook_name, torch.cat(cls), torch.cat(labels), n_skipped, time.perf_counter() - t0,
@@ -286,7 +295,11 @@ def make_tower_tail(model: HookedCLIP, cached: HookTokens, batch_size: int = 256
         if len(cls_ND) != len(cached.cls_ND):
             raise ValueError(f"expected {len(cached.cls_ND)} tokens (one per cached image), got {len(cls_ND)}")
         out = []
-        for i in range(0, len(cls_ND), batch_size):
+        # Blocks after the hook are backbone work: under torchrun each rank runs its block of the batch grid.
+        split = cached.resid_NTD is not None and distributed.active()
+        starts = [b[0] for b in distributed.batch_block(len(cls_ND), batch_size)] if split else \
+            range(0, len(cls_ND), batch_size)
+        for i in starts:
             c = cls_ND[i:i + batch_size].to(model.device, model.cfg.dtype)
             if cached.resid_NTD is None:
                 out.append(model.head(c))
@@ -294,6 +307,8 @@ def make_tower_tail(model: HookedCLIP, cached: HookTokens, batch_size: int = 256
                 r = cached.resid_NTD[i:i + batch_size].to(model.device).clone()
                 r[:, 0] = c
                 out.append(model.head(model.run_blocks(r, cached.start_block)))
+        if split:
+            return distributed.gather_cat([torch.cat(out) if out else None], model.device)[0]
         return torch.cat(out)
 
     return tail
@@ -415,10 +430,37 @@ class Evaluator:
             made.reset_coverage()
         else:
             hooks, coverage_fn = list(made), lambda: float("nan")
-        loader = make_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
-        result = self.classifier.evaluate(self.model, loader, fwd_hooks=hooks, show_progress=self.ctx.show_progress)
+        if distributed.active():
+            result, coverage_fn = self._distributed_pass(hooks, coverage_fn)
+        else:
+            loader = make_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
+            result = self.classifier.evaluate(self.model, loader, fwd_hooks=hooks, show_progress=self.ctx.show_progress)
         self.n_backbone_passes += 1
         return result, coverage_fn(), {"hooks": [h for h, _ in hooks]}
+
+
+    def _distributed_pass(self, hooks: list, coverage_fn: Callable[[], float]) -> tuple[ZeroShotResult, Callable[[], float]]:
+        """A hooked pass under torchrun: each rank classifies its block of the batch grid, the logits are
+        gathered in order and scored once. Coverage is the image-weighted mean of the ranks' coverages
+        (equal to one process's up to float rounding)."""
+        loader = distributed.shard_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
+        logits, labels, n_skipped = [], [], 0
+        with torch.no_grad(), self.model.hooks(fwd_hooks=list(hooks)):
+            for batch in tqdm(loader, desc="zero-shot", disable=not self.ctx.show_progress, unit="batch"):
+                n_skipped += batch.n_skipped
+                if len(batch.labels):
+                    logits.append(self.classifier.logits(self.model.encode_image(batch.images.to(self.model.device))).cpu())
+                    labels.append(batch.labels)
+        n_mine = sum(len(t) for t in labels)
+        cov = coverage_fn() if n_mine else 0.0
+        logits_, labels_ = distributed.gather_cat([torch.cat(logits) if logits else None,
+                                                   torch.cat(labels) if labels else None])
+        weighted = distributed.all_gather_object((n_mine, cov))
+        if logits_ is None:
+            raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
+        total = sum(n for n, _ in weighted)
+        coverage = sum(n * c for n, c in weighted if n) / total
+        return accuracy_metrics(logits_, labels_, distributed.sum_int(n_skipped)), lambda: coverage
 
 
 def _json_settings(settings: Mapping[str, Any], method: Method) -> dict[str, Any]:
@@ -484,7 +526,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
         "methods": [s.label for s in specs], **_sae_summary(sae), **(config or {}),
     }
     result = EvaluationResult(cfg, list(data.classnames), rows, timing, ev.labels_N.cpu().numpy())
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():  # under torchrun only rank 0 writes
         result.save(out_dir)
     return result
 

@@ -3,7 +3,9 @@ resume at the first unwritten shard, and repair of damaged shards in a complete 
 
 from __future__ import annotations
 
+import re
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -122,10 +124,19 @@ def damaged_files(root: Path, meta: dict[str, Any]) -> tuple[list[int], list[str
     return bad, problems
 
 
+# Per-rank records of the shards a distributed run wrote (activation_cache/sharded.py); gone once complete.
+PROGRESS_PATTERN = "progress_rank{:05d}.json"
+PROGRESS_RE = re.compile(r"^progress_rank\d{5}\.json$")
+
+
+def progress_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if PROGRESS_RE.match(p.name))
+
+
 def _remove_cache_files(root: Path) -> None:
-    """Delete what a cache run writes: our shard names, metadata, arrays, temp files (nothing else)."""
+    """Delete what a cache run writes: our shard names, metadata, arrays, progress and temp files (nothing else)."""
     for p in root.iterdir():
-        if SHARD_NAME_RE.match(p.name) or p.name in (METADATA_FILE, *ARRAY_FILES):
+        if SHARD_NAME_RE.match(p.name) or PROGRESS_RE.match(p.name) or p.name in (METADATA_FILE, *ARRAY_FILES):
             p.unlink()
     remove_temp_files(root)
 
@@ -165,8 +176,20 @@ def cache_activations(
         raise CacheError(f"cache folder {root} is a file; give a folder")
     root.mkdir(parents=True, exist_ok=True)
     request = _request(model, dataset, hooks, positions, dtype, shard_size)
-    with exclusive_writer(root, "cache", CacheError):
+    from .. import distributed
+    from .sharded import run_sharded
+
+    if distributed.active() and getattr(dataset, "skip_bad_images", False):
+        raise ValueError("--skip-bad-images is not supported by distributed caching (skipped images shift every "
+                         "later row, so the ranks cannot know where their shards start); cache with one process, "
+                         "or remove the unreadable images")
+    with ExitStack() as lock:
+        # Rank 0 holds the folder's lock until every rank is done: a second launch is refused meanwhile
+        # (a ConflictError: exit code 4, "another process is writing it").
+        distributed.on_main(lambda: lock.enter_context(exclusive_writer(root, "cache", CacheMismatchError)))
         writer = _Writer(model, dataset, hooks, request, root, batch_size, num_workers, show_progress)
+        if distributed.active() or (progress_files(root) and not getattr(dataset, "skip_bad_images", False)):
+            return run_sharded(writer, overwrite, repair)  # shard by shard from a plan: any number of ranks
         return writer.run(overwrite, repair)
 
 
@@ -274,13 +297,17 @@ class _Writer:
         return (last_image if skip_rows else last_image + 1), skip_rows
 
     def _forward(self, shard_idx: int, rows_done: int, start_image: int, skip_rows: int,
-                 on_shard: Callable[[dict[str, Any]], bool], stop_rows: int | None = None) -> None:
-        """Feed images from `start_image` on and hand each finished shard to `on_shard` (False: stop)."""
+                 on_shard: Callable[[dict[str, Any]], bool], stop_rows: int | None = None,
+                 stop_image: int | None = None) -> None:
+        """Feed images from `start_image` on (up to `stop_image`, exclusive) and hand each finished shard to
+        `on_shard` (False: stop). Whole grid batches go through the model, also the images before
+        `start_image` in the first one, so that every batch is the one an uninterrupted run feeds it
+        (the bytes can depend on the batch's composition: matmul blocking)."""
         model, dataset, hooks, request = self.model, self.dataset, self.hooks, self.request
         batch_size, positions = self.batch_size, request["positions"]
         n_prefix = getattr(model.cfg, "n_prefix_tokens", 1)
         shard_size = request["shard_size"] if stop_rows is None else stop_rows
-        n_images = len(dataset)
+        n_images = len(dataset) if stop_image is None else stop_image
         torch_dtype = CACHE_DTYPES[request["dtype"]]
         layers = [model.hook_layer(h) for h in hooks]
         # TransformerLens semantics: stop_at_layer=n runs blocks 0..n-1. Head hooks need the whole tower.
@@ -294,20 +321,21 @@ class _Writer:
         loader = DataLoader(dataset, batch_sampler=grid, num_workers=self.num_workers, collate_fn=collate_images,
                             prefetch_factor=4 if self.num_workers > 0 else None)
         buf = _ShardBuffer(hooks, request["d_in"], shard_size, torch_dtype)
-        pbar = tqdm(total=n_images, initial=start_image, desc="Caching activations", unit="img",
+        pbar = tqdm(total=n_images, initial=grid[0][0] if grid else n_images, desc="Caching activations", unit="img",
                     disable=not self.show_progress)
         model.eval()
         try:
             for batch in loader:
                 keep = batch.indices >= start_image
-                pbar.update(int(keep.sum()) + batch.n_skipped)
+                pbar.update(len(batch.indices) + batch.n_skipped)
                 if not keep.any():
                     continue
-                images, labels, indices = batch.images[keep], batch.labels[keep], batch.indices[keep]
+                labels, indices = batch.labels[keep], batch.indices[keep]
                 with torch.inference_mode():
-                    _, act_cache = model.run_with_cache(images.to(model.device), names_filter=hooks,
+                    _, act_cache = model.run_with_cache(batch.images.to(model.device), names_filter=hooks,
                                                         stop_at_layer=stop_at)
-                    acts = {h: select_positions(act_cache[h], positions, n_prefix).to("cpu", torch_dtype) for h in hooks}
+                    acts = {h: select_positions(act_cache[h][keep.to(model.device)], positions,
+                                                n_prefix).to("cpu", torch_dtype) for h in hooks}
                 del act_cache
                 row_labels = labels.numpy().repeat(P)
                 row_images = indices.numpy().repeat(P)
@@ -392,4 +420,6 @@ def _finalise(root: Path, meta: dict[str, Any]) -> ActivationCache:
         "arrays": extra,
     })
     write_json_atomic(root / METADATA_FILE, meta)
+    for p in progress_files(root):  # their shards are all in metadata.json now
+        p.unlink()
     return ActivationCache.open(root)

@@ -53,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     from .common import EXIT_INTERRUPTED, error_exit_code, error_message, resolve_device
 
     args = build_parser().parse_args(argv)
+    from .. import distributed
+
+    started = distributed.launched() and not distributed.active()  # end only a group this call starts
     try:
         if hasattr(args, "device"):
             args.device = resolve_device(args.device)
+        if distributed.launched():  # torchrun / accelerate launch: see docs/distributed.md
+            _start_distributed(args)
         return int(args._run(args) or 0)
     except KeyboardInterrupt as e:
         saved = args._interrupted(args) if args._interrupted else None
@@ -66,8 +71,32 @@ def main(argv: list[str] | None = None) -> int:
         code = error_exit_code(e)
         if code is None or os.environ.get("VISION_STEER_DEBUG"):
             raise  # a bug, not a user error: keep the traceback
-        print(f"vision-steer {args.command}: error: {error_message(e)}", file=sys.stderr)
+        if not getattr(e, "reported_by_main", False):  # rank 0's error, raised on every rank: printed once
+            rank = f" (rank {distributed.rank()})" if distributed.active() else ""
+            print(f"vision-steer {args.command}{rank}: error: {error_message(e)}", file=sys.stderr)
         return code
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+DISTRIBUTED_COMMANDS = ("cache", "eval", "sweep", "run")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Join the process group; ranks other than 0 print nothing to stdout and show no progress bars."""
+    import os
+
+    from .. import distributed
+
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise ValueError(f"vision-steer {args.command} runs in one process; under torchrun / accelerate launch "
+                         f"only {', '.join(DISTRIBUTED_COMMANDS)} are supported")
+    args.device = distributed.init(getattr(args, "device", "cpu"))
+    if not distributed.is_main():
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints the summary; errors still reach stderr
 
 
 if __name__ == "__main__":

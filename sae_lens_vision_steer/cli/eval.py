@@ -233,6 +233,7 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..evaluation import evaluate
     from ..outputs import prepare_output_dir
 
@@ -246,8 +247,8 @@ def run(args: argparse.Namespace) -> int:
     sae = load_sae_arg(args.sae, args.device)
     for note in resolve_model_args(args, sae):
         print(f"using {note}")
-    folder = prepare_output_dir(default_out(args, "eval"), "eval", request_of(args, EVAL_REQUEST_KEYS),
-                                args.overwrite)
+    folder = distributed.on_main(lambda: prepare_output_dir(  # torchrun: rank 0 owns the output folder
+        default_out(args, "eval"), "eval", request_of(args, EVAL_REQUEST_KEYS), args.overwrite))
     model = load_model(args)
     data = load_data(args, model)
     tau, gate_cfg = resolve_fvu_threshold(args, sae, model)
@@ -260,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
                       num_workers=args.num_workers, show_progress=not args.no_progress,
                       options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config,
                       gate_methods=gated, text_cache=resolve_text_cache(args))
+    if not distributed.is_main():
+        return 0  # the other ranks helped with the backbone pass; rank 0 reports and writes
     result.timing["setup_s"] = setup_s
     result.timing["peak_rss_mib"] = peak_rss_mib()
     print_summary(result)  # before saving: a failing disk cannot take the numbers with it

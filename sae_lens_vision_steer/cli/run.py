@@ -112,6 +112,7 @@ def interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import distributed
     from ..activation_cache import cache_activations
     from ..data import load_image_dataset
     from ..evaluation import evaluate
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     check_training_args(k=k, expansion_factor=expansion, lr=args.lr, batch_size=args.train_batch_size,
                         epochs=args.epochs, total_training_samples=None, lr_warm_up_steps=None, lr_decay_steps=None,
                         holdout_fraction=args.sae_holdout_fraction, n_checkpoints=10)
-    folder = prepare_output_dir(args.out, "run", request_of(args, RUN_REQUEST_KEYS), args.overwrite)
+    folder = distributed.on_main(lambda: prepare_output_dir(args.out, "run", request_of(args, RUN_REQUEST_KEYS),
+                                                            args.overwrite))  # torchrun: rank 0 owns it
     out = folder.path
     show = not args.no_progress
     t0 = time.perf_counter()
@@ -163,10 +165,23 @@ def run(args: argparse.Namespace) -> int:
     # (2) train the SAE (returned as is when a finished run with the same settings is there)
     t = time.perf_counter()
     print(f"[2/4] training a top-k SAE (k={k}, expansion {expansion}: {source}) on {cache.n_rows} cached rows")
-    trained = train_sae(cache, hook, k=k, expansion_factor=expansion, lr=args.lr, batch_size=args.train_batch_size,
-                        epochs=args.epochs, seed=args.seed, device=args.device, out_dir=out / "sae",
-                        holdout_fraction=args.sae_holdout_fraction, resume=True, overwrite=args.overwrite,
-                        show_progress=show)
+    box = {}
+
+    def train() -> str:  # under torchrun rank 0 trains; the others load the saved SAE
+        box["trained"] = train_sae(cache, hook, k=k, expansion_factor=expansion, lr=args.lr,
+                                   batch_size=args.train_batch_size, epochs=args.epochs, seed=args.seed,
+                                   device=args.device, out_dir=out / "sae", holdout_fraction=args.sae_holdout_fraction,
+                                   resume=True, overwrite=args.overwrite, show_progress=show)
+        return str(box["trained"].out_dir)
+
+    sae_dir = distributed.on_main(train)
+    if "trained" not in box:
+        from types import SimpleNamespace
+
+        from ..evaluation import load_sae
+
+        box["trained"] = SimpleNamespace(sae=load_sae(sae_dir, args.device), out_dir=Path(sae_dir), metrics={})
+    trained = box["trained"]
     sae = trained.sae
     stages["train_s"] = time.perf_counter() - t
     print(f"      SAE in {trained.out_dir}: held-out FVU {_fmt(trained.metrics.get('heldout_fvu'))}, "
@@ -198,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
                                   **gate_cfg})
     stages["eval_s"] = time.perf_counter() - t
 
+    if not distributed.is_main():
+        return 0  # the other ranks helped with caching and the backbone pass; rank 0 writes
     print("[4/4] writing results")
     print_summary(result)  # before saving: a failing disk cannot take the numbers with it
     written = result.save(folder)

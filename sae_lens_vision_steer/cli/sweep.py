@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..ood_datasets import dataset_templates
     from ..zeroshot_resources import DEFAULT_TEMPLATES
 
+    from .. import distributed
     from ..outputs import prepare_output_dir
 
     lams, gammas = split_list(args.lams, finite_float), split_list(args.gammas, finite_float)
@@ -99,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     sae = load_sae_arg(args.sae, args.device)
     for note in resolve_model_args(args, sae):
         print(f"using {note}")
-    folder = prepare_output_dir(default_out(args, "sweep"), "sweep", request_of(args, SWEEP_REQUEST_KEYS),
-                                args.overwrite)
+    folder = distributed.on_main(lambda: prepare_output_dir(  # torchrun: rank 0 owns the output folder
+        default_out(args, "sweep"), "sweep", request_of(args, SWEEP_REQUEST_KEYS), args.overwrite))
     out = folder.path
     model = load_model(args)
     data = load_data(args, model)
@@ -156,9 +157,12 @@ def run(args: argparse.Namespace) -> int:
                          options=retrieval_options(args),
                          config={"selected_on": selection, "templates": templates, **gate_cfg}, gate_methods=gated)
         print_summary(final)  # before saving
-        final.save(folder)
+        if distributed.is_main():
+            final.save(folder)
         summary["evaluation"] = {k: {"top1": v.top1, "delta_top1": v.delta_top1, "coverage": v.coverage}
                                  for k, v in final.methods.items()}
+    if not distributed.is_main():
+        return 0  # the other ranks helped with the backbone passes; rank 0 writes
     summary["timing"]["total_s"] = time.perf_counter() - t0
     summary["timing"]["peak_rss_mib"] = peak_rss_mib()
     folder.add(write_json_atomic(out / "sweep.json", summary))
