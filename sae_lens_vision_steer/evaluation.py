@@ -65,7 +65,9 @@ class MethodOutput:
 
     tokens: torch.Tensor | None = None  # [N, D] CLS tokens at the SAE hook
     embeds: torch.Tensor | None = None  # [N, E] image embeddings (skips the rest of the tower)
+    logits: torch.Tensor | None = None  # [N, C] class logits (methods with their own head, e.g. TPT)
     coverage: float = 0.0  # fraction of images whose token was changed
+    image_forwards: int = 0  # image-tower forwards the method ran itself (TPT: 64 views per image)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,7 +141,7 @@ def _load_plugin_methods() -> None:
 
     # vs2pp_methods registers vs2pp*, clip_steer*, weighted_rag* (kept out of steering/vs2pp.py so that
     # the steering package never imports this runner: no import cycle).
-    for mod in ("sae_lens_vision_steer.steering.vs2pp_methods",):
+    for mod in ("sae_lens_vision_steer.steering.vs2pp_methods", "sae_lens_vision_steer.steering.tta_methods"):
         try:
             importlib.import_module(mod)
         except ImportError:
@@ -372,6 +374,7 @@ class Evaluator:
                 check(self.ctx)
         self.cached = cache_hook_tokens(model, data, hook_name, batch_size, num_workers, show_progress)
         self.n_backbone_passes = 1
+        self.n_image_forwards = len(self.cached.labels_N)  # every image-tower forward, methods' own included
         self.ctx.tokens_to_embeds = make_tower_tail(model, self.cached, batch_size)
         self.ctx.zeroshot_embeds_NE = self.ctx.tokens_to_embeds(self.cached.cls_ND)
         self.zeroshot: ZeroShotResult = self._classify_embeds(self.ctx.zeroshot_embeds_NE)
@@ -415,10 +418,16 @@ class Evaluator:
                 result, coverage, info = self._score_pass(method, settings)
             else:
                 out = method.fn(self.cached.cls_ND, self.ctx, **settings)
-                if not isinstance(out, MethodOutput) or (out.tokens is None) == (out.embeds is None):
-                    raise TypeError(f"method {spec.method!r} must return a MethodOutput with tokens or embeds")
-                result = self._classify_tokens(out.tokens) if out.embeds is None else self._classify_embeds(out.embeds)
+                if not isinstance(out, MethodOutput) or sum(o is not None for o in (out.tokens, out.embeds, out.logits)) != 1:
+                    raise TypeError(f"method {spec.method!r} must return a MethodOutput with tokens, embeds or logits")
+                if out.logits is not None:
+                    result = accuracy_metrics(out.logits.cpu(), self.labels_N.cpu(), self.cached.n_skipped)
+                else:
+                    result = self._classify_tokens(out.tokens) if out.embeds is None else self._classify_embeds(out.embeds)
                 coverage, info = out.coverage, out.info
+                if out.image_forwards:  # a method's own forwards (TPT's views), per image in results.json
+                    self.n_image_forwards += out.image_forwards
+                    info = {**info, "image_forwards_per_image": out.image_forwards / len(self.labels_N)}
         finally:
             self.ctx.oracle_labels_N = None
         return _scores(result, self.zeroshot, coverage, _json_settings(settings, method), time.perf_counter() - t0, info)
@@ -436,6 +445,7 @@ class Evaluator:
             loader = make_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
             result = self.classifier.evaluate(self.model, loader, fwd_hooks=hooks, show_progress=self.ctx.show_progress)
         self.n_backbone_passes += 1
+        self.n_image_forwards += len(self.labels_N)
         return result, coverage_fn(), {"hooks": [h for h, _ in hooks]}
 
 
@@ -513,6 +523,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     # Put zero-shot first whatever the order asked for.
     rows = {"zeroshot": rows["zeroshot"], **{k: v for k, v in rows.items() if k != "zeroshot"}}
     timing = {"text_s": t_text, "text_cache": getattr(classifier, "text_cache_status", "off"), "backbone_s": ev.cached.seconds, "n_backbone_passes": ev.n_backbone_passes,
+              "n_image_forwards": ev.n_image_forwards,
               "methods_s": {k: v.seconds for k, v in rows.items()}, "total_s": time.perf_counter() - t_start,
               "n_images": len(ev.labels_N)}
     identity = model_identity(model)  # model identity fields: see identity.model_identity

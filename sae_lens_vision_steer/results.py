@@ -109,6 +109,10 @@ def format_table(rows: Mapping[str, MethodScores], fmt: Literal["text", "markdow
     body = [[label + (" (oracle upper bound)" if s.info.get("oracle_upper_bound") else ""), f"{s.top1:.2f}",
              f"{s.top5:.2f}", f"{s.mean_per_class:.2f}", f"{s.delta_top1:+.2f}", f"{s.coverage:.3f}"]
             for label, s in rows.items()]
+    if any(s.info.get("image_forwards_per_image") for s in rows.values()):  # methods with their own passes (TPT)
+        header.append("img fwd/img")
+        for r, s in zip(body, rows.values()):
+            r.append(f"{s.info.get('image_forwards_per_image') or 1:g}")  # TPT's 64 include the original
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
