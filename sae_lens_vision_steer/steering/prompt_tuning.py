@@ -156,7 +156,7 @@ class PromptContextEncoder(nn.Module):
 
 
 def atfd(text_features: torch.Tensor) -> torch.Tensor:
-    """C-TPT's Average Text Feature Dispersion (Yoon et al. 2024, Eq. 4): the mean L2 distance of the
+    """C-TPT's Average Text Feature Dispersion (Yoon et al. 2024): the mean L2 distance of the
     normalised class text features `[.., C, E]` from their centroid. Returns `[..]`."""
     t = F.normalize(text_features, dim=-1)
     return (t - t.mean(dim=-2, keepdim=True)).norm(dim=-1).mean(dim=-1)
