@@ -358,6 +358,7 @@ def load_image_dataset(
     transform: Callable[[Image.Image], torch.Tensor] | None = None,
     limit: int | None = None,
     skip_bad_images: bool = False,
+    stream: bool = False,
 ) -> ImageDataset:
     """One entry point for every supported source.
 
@@ -367,11 +368,16 @@ def load_image_dataset(
       (`train`, `val`, ...); `None` or `"all"` is the whole folder;
     - `dataset in {"cifar100", "tiny-imagenet", "cub200"}` or any `owner/repo`, no `data_dir`: the Hub.
     `split=None` means `"val"` (the whole folder for `imagefolder`). `limit` keeps that many images,
-    evenly spaced so that all classes appear.
+    evenly spaced so that all classes appear. `stream=True`: `streaming.load_streamed_dataset` (WebDataset
+    tar shards or a `datasets` stream; `limit` = the first `limit` samples).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     name = DATASET_ALIASES.get(dataset.lower(), dataset.lower()) if "/" not in dataset else dataset
+    if stream:  # read in order from tar shards or a `datasets` stream, nothing downloaded first (streaming.py)
+        from .streaming import load_streamed_dataset
+
+        return load_streamed_dataset(name, split or "val", data_dir, transform, limit, skip_bad_images)
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.exists():

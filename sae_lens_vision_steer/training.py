@@ -47,6 +47,7 @@ from .fileio import check_writable_dir, exclusive_writer, file_mode, write_json_
 from .fvu import evaluate_sae_on_cache, fvu_distribution, per_sample_fvu_on_cache  # noqa: F401 (re-exported)
 from .sae_metadata import training_metadata
 from .training_data import _open, _rows_mask, activation_batches, holdout_split, mean_of_rows  # noqa: F401
+from .training_data import LoaderStats
 
 
 # ---------------------------------------------------------------------------------- presets
@@ -69,6 +70,7 @@ DEFAULT_DEAD_FEATURE_WINDOW = 100
 RUN_FILE = "training_run.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_DONE = "checkpoint_complete.json"
+LOADER_PREFETCH = 8  # batches the loader's worker keeps ready ahead of the trainer
 
 
 def default_hook_name(n_layers: int) -> str:
@@ -400,8 +402,10 @@ def _train_locked(cache: ActivationCache, hook: str, cfg: TrainRunConfig, req: d
     skip = 0
     if resume_from is not None:
         skip = json.loads((resume_from / CHECKPOINT_DONE).read_text())["n_training_samples"] // batch_size
+    loader_stats = LoaderStats()  # the stream is produced in a DataLoader worker, LOADER_PREFETCH batches ahead
     batches = activation_batches(cache, hook, batch_size, rows=train_mask, seed=seed, buffer_size=buffer_size,
-                                 with_labels=with_labels, skip_batches=skip)
+                                 with_labels=with_labels, skip_batches=skip, prefetch=LOADER_PREFETCH,
+                                 stats=loader_stats)
     provider = _CheckpointingProvider(batches)
     trainer_ref: list[SAETrainer] = []
     trainer = trainer_cls(cfg=trainer_cfg, sae=sae, data_provider=provider,
@@ -424,6 +428,7 @@ def _train_locked(cache: ActivationCache, hook: str, cfg: TrainRunConfig, req: d
     with _graceful_interrupts(provider), _trainer_progress(show_progress):
         trainer.fit()
     fit_seconds = time.perf_counter() - t_fit
+    batches.close()  # stops the loader's worker now, not when the generator is collected
     if log_to_wandb:
         wandb.finish()
 
@@ -458,6 +463,10 @@ def _train_locked(cache: ActivationCache, hook: str, cfg: TrainRunConfig, req: d
         "resumed_from_samples": samples_before if resume_from is not None else None,
         "fit_seconds": fit_seconds,
         "train_samples_per_second": trained_now / fit_seconds if fit_seconds > 0 else None,
+        # The loader's own rate (its worker's time per batch, sharing the CPU with the trainer) and the
+        # time the trainer waited for data: the loader keeps up when the wait is a small part of the fit.
+        "loader_samples_per_second": loader_stats.samples_per_second,
+        "loader_wait_seconds": loader_stats.wait_seconds,
         "total_seconds": time.perf_counter() - t_start,
     }
     write_json_atomic(run_path, {"status": "complete", "config": cfg.to_dict(), "metrics": metrics})

@@ -3,17 +3,27 @@
 - `holdout_split`: row indices `(train, held-out)`, holding out whole images;
 - `activation_batches`: the data provider for SAELens' `SAETrainer`: fixed-size batches shuffled
   across shards in a bounded buffer (SAELens' `mixing_buffer`), deterministic for a seed, optionally
-  with class labels; `skip_batches` replays the stream to where a resumed run stopped.
+  with class labels; `skip_batches` replays the stream to where a resumed run stopped. With
+  `prefetch=N` the stream is produced in one DataLoader worker process, N batches ahead of the
+  trainer (the same batches in the same order), and `LoaderStats` reports its throughput.
+
+Memory is flat in the cache size: one shard is read at a time (checked by sha256 as it is read) plus
+the mixing buffer; only per-row index arrays (`image_index`, the row masks: ~10 bytes per row) grow
+with the cache.
 """
 
 from __future__ import annotations
 
+import functools
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from sae_lens.training.mixing_buffer import mixing_buffer
+from torch.utils.data import DataLoader, IterableDataset
 
 from .activation_cache import ActivationCache
 
@@ -92,6 +102,72 @@ def _with_private_torch_rng(it: Iterator[torch.Tensor], seed: int) -> Iterator[t
         yield item
 
 
+@dataclass
+class LoaderStats:
+    """What a prefetching `activation_batches` measured: samples handed over, the seconds the loader
+    spent producing them (in its own process, sharing the CPU with the trainer) and the seconds the
+    consumer waited for a batch (0 when the loader keeps the trainer fed)."""
+
+    samples: int = 0
+    produce_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float | None:
+        return self.samples / self.produce_seconds if self.produce_seconds > 0 else None
+
+
+class _TimedBatches(IterableDataset):
+    """The batch stream as an IterableDataset for one DataLoader worker; each batch comes with the
+    seconds it took to produce."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]):
+        self.make = make
+
+    def __iter__(self) -> Iterator[tuple[Any, float]]:
+        it = self.make()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            # A copy: the mixing buffer yields views of one large tensor, which would travel (and stay
+            # alive) whole in shared memory otherwise.
+            item = tuple(t.clone() for t in item) if isinstance(item, tuple) else item.clone()
+            yield item, time.perf_counter() - t0
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl-C is the trainer's to handle (it saves a checkpoint between two steps); the worker must not
+    die of it first. (SIGTERM is left alone: the DataLoader stops its workers with it.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _prefetched(make: Callable[[], Iterator[Any]], depth: int, stats: LoaderStats | None) -> Iterator[Any]:
+    # A DataLoader worker rather than a thread: SAELens' mixing buffer shuffles with torch's global RNG
+    # (kept private by `_with_private_torch_rng`), which a thread would share with the trainer.
+    loader = DataLoader(_TimedBatches(make), batch_size=None, num_workers=1, prefetch_factor=depth,
+                        persistent_workers=False, worker_init_fn=_ignore_interrupts)
+    it = iter(loader)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item, produce = next(it)
+            except StopIteration:
+                return
+            if stats is not None:
+                stats.wait_seconds += time.perf_counter() - t0
+                stats.produce_seconds += produce
+                stats.samples += len(item[0] if isinstance(item, tuple) else item)
+            yield item
+    finally:
+        del it  # stops the worker
+
+
 def activation_batches(
     cache: str | Path | ActivationCache,
     hook_name: str | None = None,
@@ -105,6 +181,8 @@ def activation_batches(
     with_labels: bool = False,
     skip_batches: int = 0,
     dtype: torch.dtype = torch.float32,
+    prefetch: int = 0,
+    stats: LoaderStats | None = None,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches `[batch_size, d_in]` of cached activations for `SAETrainer` (a `DataProvider`).
 
@@ -114,7 +192,16 @@ def activation_batches(
     yielded; rows left over at the end of an epoch carry into the next. The stream is a function of
     `seed` only. `with_labels=True` yields `(acts_BD, labels_B)` (int64, -1 where unknown) instead.
     `skip_batches` drops that many batches first (used to resume a run where it stopped).
+    `prefetch=N` (N >= 1): the same stream produced in a DataLoader worker process, up to N batches ahead;
+    `stats` (a `LoaderStats`) then collects the loader's throughput and the consumer's waiting time.
     """
+    if prefetch:
+        cache = _open(cache)
+        make = functools.partial(activation_batches, cache, hook_name, batch_size, rows=rows, seed=seed, epochs=epochs,
+                                 buffer_size=buffer_size, mix_fraction=mix_fraction, with_labels=with_labels,
+                                 skip_batches=skip_batches, dtype=dtype)
+        yield from _prefetched(make, prefetch, stats)
+        return
     cache = _open(cache)
     hook = cache.resolve_hook(hook_name)
     mask = _rows_mask(cache, rows)

@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
     g.add_argument("--repair", action="store_true",
                    help="recompute only the damaged shards of a complete cache (checked by sha256)")
+    g.add_argument("--stream", action="store_true",
+                   help="read the data as a stream, nothing downloaded first: WebDataset tar shards (--dataset "
+                        "webdataset --data-dir DIR, or an OOD data set's Hub shards) or a `datasets` stream (Hub "
+                        "data sets); --limit = the first N samples; one reader thread (--num-workers is ignored)")
     add_progress_arg(g)
 
 
@@ -63,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     resolve_model_args(args)
     model = load_model(args)
+    if args.stream:  # one stream, read ahead by one thread (workers would each read the whole stream)
+        args.num_workers = 0
     data = load_data(args, model)
     hooks = args.hook or [model.steer_hook]
     meta_path = Path(args.out) / METADATA_FILE

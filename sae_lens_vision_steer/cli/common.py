@@ -266,7 +266,8 @@ def load_data(args: argparse.Namespace, model, split: str | None = None):
     from ..data import load_image_dataset
 
     return load_image_dataset(args.dataset, split=split or args.split, data_dir=args.data_dir,
-                              transform=model.preprocess, limit=args.limit, skip_bad_images=args.skip_bad_images)
+                              transform=model.preprocess, limit=args.limit, skip_bad_images=args.skip_bad_images,
+                              stream=getattr(args, "stream", False))  # `cache --stream` (streaming.py)
 
 
 def abspath(p: str | None) -> str | None:

@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     sps = m.get("train_samples_per_second")
     print(f"time {time.perf_counter() - t0:.1f} s (fit {m['fit_seconds']:.1f} s"
           + (f", {sps:.0f} samples/s" if sps else "") + f"), peak RSS {peak_rss_mib():.0f} MiB")
+    lps = m.get("loader_samples_per_second")
+    if lps:  # the data loader's own rate, and how long the trainer waited for it
+        print(f"loader {lps:.0f} samples/s" + (f" ({lps / sps:.1f}x the trainer)" if sps else "")
+              + f", trainer waited {m.get('loader_wait_seconds', 0):.1f} s for data")
     return 0
 
 
