@@ -1,0 +1,283 @@
+"""The declared grid of `vision-steer reproduce`: backbones x data sets x methods, plus the paper's
+ablations, as frozen dataclasses.
+
+A `Cell` is one computation (a method on a data set with a backbone and an SAE); a `Entry` places a
+cell in a paper-style table under a row and a column. Two entries that ask for the same computation
+(the headline VS2 cell is also lam = 2.1, gamma = 1.5 of the lam x gamma table and "last 1 layer"
+of the layers table) share one cell, so it is computed once. A cell's `key` is a digest of what
+decides its numbers (its fields, the backbone's and data set's definitions and the run sizes), so a
+result is reused only for the same request.
+
+`paper_grid()` is the paper's evaluation; `Grid.from_json` reads a custom grid (the test's tiny one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+MAIN_DATASETS = ("cifar100", "cub200", "tiny-imagenet")
+OOD = ("aircraft", "food101", "flowers102", "caltech101", "sun397", "eurosat")
+UNION = ",".join(MAIN_DATASETS)  # the paper's "generalized" SAE is trained on this union
+UNION_GATE = "cifar100,tiny-imagenet"  # v3: its FVU gate is calibrated on this union
+TTA_METHODS = ("zeroshot_single", "prompt_ensemble", "tpt", "ctpt")
+LAMS = (1.0, 1.5, 2.0, 2.1, 2.5, 3.0)
+GAMMAS = (1.25, 1.5, 1.75, 2.0, 2.5)
+QUANTILES = (0.90, 0.95, 0.99, 0.995)
+W_AUX = (0.1, 0.5, 1.0, 2.0)
+EXPANSIONS = (4, 8, 16)
+KS = (64, 128, 256, 512)
+NEIGHBOURS = (10, 25, 50, 100)
+PAPER_W_AUX = 0.8
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A model as `HookedCLIP.from_pretrained` takes it (QuickGELU for `openai` tags is automatic there)."""
+
+    name: str  # the grid's name for it, e.g. "ViT-B-32"
+    model: str
+    pretrained: str | None = "openai"
+    random_weights: bool = False
+    model_kwargs: str = "{}"  # JSON (a dataclass field must be hashable)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data set as `data.load_image_dataset` takes it. `dataset` with commas is a union of members."""
+
+    name: str
+    dataset: str
+    data_dir: str | None = None
+    train_split: str | None = "train"  # None: no training split (the OOD sets are evaluation-only here)
+    eval_split: str = "val"
+
+    @property
+    def members(self) -> list[str]:
+        return [d.strip() for d in self.dataset.split(",")]
+
+    @property
+    def is_union(self) -> bool:
+        return len(self.members) > 1
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """An SAE to train. `train_on` names a `DataSource` (None: the cell's own data set); `layer_from_end`
+    0 is the final block's `hook_resid_post`; k / expansion None take the paper's preset for the backbone."""
+
+    objective: str = "topk"  # or "pass"
+    k: int | None = None
+    expansion: int | None = None
+    w_aux: float | None = None
+    train_on: str | None = None
+    layer_from_end: int = 0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One computation. `settings` are the method's (lam, gamma, ...) as sorted pairs; `fvu_quantile`
+    gates the method with the q-quantile of per-sample FVU over `gate_on` (default: the SAE's training
+    data); `n_neighbours` and `last_n` are run options (VS2++ retrieval, layers steered)."""
+
+    dataset: str
+    backbone: str
+    method: str
+    sae: SAESpec | None = None
+    settings: tuple[tuple[str, float], ...] = ()
+    fvu_quantile: float | None = None
+    gate_on: str | None = None
+    n_neighbours: int = 50
+    last_n: int = 1
+
+    def setting(self, name: str, default: Any = None) -> Any:
+        return dict(self.settings).get(name, default)
+
+
+@dataclass(frozen=True)
+class Entry:
+    table: str
+    row: str
+    column: str  # "<dataset>/<backbone>" for the paper's tables
+    cell: Cell
+    metric: str = "top1"  # top1 | gain (method minus zero-shot) | fvu (of the cell's SAE)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Run sizes: None = the whole split / the defaults of `run` (10 epochs)."""
+
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    sae_epochs: float | None = None
+    sae_samples: int | None = None
+    batch_size: int = 256
+    train_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Grid:
+    backbones: tuple[Backbone, ...]
+    datasets: tuple[DataSource, ...]
+    entries: tuple[Entry, ...]
+
+    # ------------------------------------------------------------------ look-ups
+    def backbone(self, name: str) -> Backbone:
+        for b in self.backbones:
+            if b.name == name:
+                return b
+        raise KeyError(f"backbone {name!r} is not declared; the grid has {[b.name for b in self.backbones]}")
+
+    def data(self, name: str) -> DataSource:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise KeyError(f"data set {name!r} is not declared; the grid has {[d.name for d in self.datasets]}")
+
+    @property
+    def cells(self) -> list[Cell]:
+        return list(dict.fromkeys(e.cell for e in self.entries))
+
+    @property
+    def tables(self) -> list[str]:
+        return list(dict.fromkeys(e.table for e in self.entries))
+
+    def cell_key(self, cell: Cell, sizes: Sizes) -> str:
+        """What decides the cell's numbers: the cell, its backbone's and data sets' definitions, the sizes."""
+        names = {cell.dataset, *(n for n in (cell.gate_on, cell.sae and cell.sae.train_on) if n)}
+        return digest({"cell": asdict(cell), "backbone": asdict(self.backbone(cell.backbone)),
+                       "data": [asdict(self.data(n)) for n in sorted(names)], "sizes": asdict(sizes)})
+
+    # ------------------------------------------------------------------ selection
+    def select(self, datasets: Iterable[str] | None = None, backbones: Iterable[str] | None = None,
+               methods: Iterable[str] | None = None, tables: Iterable[str] | None = None) -> "Grid":
+        """The entries whose data set, backbone, method and table are among those given (None: all).
+        A name the grid does not declare is refused, with the declared ones."""
+        entries = list(self.entries)
+        for what, wanted, have, get in (
+                ("data set", datasets, [d.name for d in self.datasets], lambda e: e.cell.dataset),
+                ("backbone", backbones, [b.name for b in self.backbones], lambda e: e.cell.backbone),
+                ("method", methods, sorted({e.cell.method for e in self.entries}), lambda e: e.cell.method),
+                ("table", tables, self.tables, lambda e: e.table)):
+            if wanted is None:
+                continue
+            wanted = list(wanted)
+            unknown = [w for w in wanted if w not in have]
+            if unknown:
+                raise ValueError(f"unknown {what}(s) {unknown}; the grid declares {have}")
+            entries = [e for e in entries if get(e) in wanted]
+        if not entries:
+            raise ValueError("the selection leaves no cell to run")
+        return replace(self, entries=tuple(entries))
+
+    # ------------------------------------------------------------------ files
+    def to_json(self) -> dict[str, Any]:
+        return {"backbones": [asdict(b) for b in self.backbones], "datasets": [asdict(d) for d in self.datasets],
+                "entries": [asdict(e) for e in self.entries]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any] | str | Path) -> "Grid":
+        if not isinstance(obj, dict):
+            path = Path(obj)
+            if not path.is_file():
+                raise FileNotFoundError(f"grid file {path} does not exist")
+            try:
+                obj = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"grid file {path} is not valid JSON: {e}") from None
+        try:
+            backbones = tuple(Backbone(**b) for b in obj["backbones"])
+            datasets = tuple(DataSource(**d) for d in obj["datasets"])
+            entries = tuple(_entry(e) for e in obj["entries"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"grid file: {e} (expected backbones, datasets and entries with the fields of "
+                             "reproduce/grid.py)") from None
+        grid = cls(backbones, datasets, entries)
+        for c in grid.cells:  # every name must resolve
+            grid.backbone(c.backbone), grid.data(c.dataset)
+            for n in (c.gate_on, c.sae and c.sae.train_on):
+                if n:
+                    grid.data(n)
+        return grid
+
+
+def _entry(e: dict[str, Any]) -> Entry:
+    c = dict(e["cell"])
+    if c.get("sae") is not None:
+        c["sae"] = SAESpec(**c["sae"])
+    c["settings"] = tuple(tuple(p) for p in c.get("settings", ()))
+    return Entry(e["table"], e["row"], e["column"], Cell(**c), e.get("metric", "top1"))
+
+
+# ---------------------------------------------------------------------------------- the paper's grid
+def paper_grid() -> Grid:
+    """The paper's evaluation (see docs/reproduce.md for the table-by-table list and our choices)."""
+    backbones = tuple(Backbone(n, n) for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14"))
+    datasets = (*(DataSource(d, d) for d in MAIN_DATASETS), *(DataSource(d, d, train_split=None) for d in OOD),
+                DataSource("union", UNION), DataSource("union-gate", UNION_GATE))
+    sae = SAESpec()
+    pass_sae = SAESpec("pass", w_aux=PAPER_W_AUX)
+    union_sae = SAESpec(train_on="union")
+    vs2 = (("gamma", 1.5), ("lam", 2.1))
+    e: list[Entry] = []
+
+    def add(table: str, row: str, ds: str, bb: str, method: str, sae_: SAESpec | None = None, metric: str = "top1",
+            column: str | None = None, **kw: Any) -> None:
+        settings = kw.pop("settings", vs2 if sae_ is not None else ())
+        e.append(Entry(table, row, column or f"{ds}/{bb}",
+                       Cell(ds, bb, method, sae_, tuple(sorted(settings)), **kw), metric))
+
+    for bb in ("ViT-B-32", "ViT-B-16"):  # Table 1, and the SAEs' FVU
+        for ds in MAIN_DATASETS:
+            add("headline", "zeroshot", ds, bb, "zeroshot")
+            for row in ("rec_final", "rec_final_gamma", "vs2", "vs2pp", "vs2pp_oracle"):
+                add("headline", row, ds, bb, row, sae)
+            add("headline", "vs2_pass", ds, bb, "vs2", pass_sae)
+            add("sae_fvu", "fvu", ds, bb, "vs2", sae, metric="fvu")
+    for ds in MAIN_DATASETS:  # v3: ViT-L/14
+        add("vitl14", "zeroshot", ds, "ViT-L-14", "zeroshot")
+        add("vitl14", "vs2", ds, "ViT-L-14", "vs2", sae)
+        add("vitl14", "vs2_gain", ds, "ViT-L-14", "vs2", sae, metric="gain")
+    for bb in ("ViT-B-32", "ViT-B-16", "ViT-L-14"):  # v3: OOD data sets, steered with the generalized SAE
+        for ds in OOD:
+            add("ood", "zeroshot", ds, bb, "zeroshot")
+            add("ood", "vs2", ds, bb, "vs2", union_sae, fvu_quantile=0.99, gate_on="union-gate")
+    for ds in MAIN_DATASETS:  # v3: the generalized SAE on each training set's own test split
+        add("generalized", "vs2", ds, "ViT-B-32", "vs2", union_sae, fvu_quantile=0.99, gate_on="union-gate")
+        add("generalized", "fvu", ds, "ViT-B-32", "vs2", union_sae, metric="fvu", fvu_quantile=0.99,
+            gate_on="union-gate")
+    for m in (*TTA_METHODS, "zeroshot"):  # v3: test-time adaptation baselines
+        add("tta", m, "cifar100", "ViT-B-32", m)
+    add("tta", "vs2", "cifar100", "ViT-B-32", "vs2", sae)
+    for lam in LAMS:  # ablations on CIFAR-100
+        for gamma in GAMMAS:
+            add("lam_gamma", f"lam={lam:g},gamma={gamma:g}", "cifar100", "ViT-B-32", "vs2", sae,
+                settings=(("gamma", gamma), ("lam", lam)))
+    for n in (1, 2, 3):
+        add("layers", f"last{n}", "cifar100", "ViT-B-16", "vs2" if n == 1 else "vs2_last_n", sae, last_n=n)
+    for ds in MAIN_DATASETS:
+        for q in QUANTILES:
+            add("gate", f"q={q:g}", ds, "ViT-B-32", "vs2", sae, fvu_quantile=q)
+    for w in W_AUX:
+        spec = SAESpec("pass", w_aux=w)
+        add("pass_waux", f"w_aux={w:g}", "cifar100", "ViT-B-16", "vs2", spec)
+        add("pass_waux", f"w_aux={w:g}", "cifar100", "ViT-B-16", "vs2", spec, metric="fvu",
+            column="cifar100/ViT-B-16 fvu")
+    for x in EXPANSIONS:
+        for k in KS:
+            add("width_k", f"x{x},k={k}", "cifar100", "ViT-B-32", "vs2", SAESpec(k=k, expansion=x))
+    for n in NEIGHBOURS:
+        add("vs2pp_n", f"N={n}", "cifar100", "ViT-B-32", "vs2pp", sae, n_neighbours=n)
+    return Grid(backbones, datasets, tuple(e))
+
+
+__all__ = ["Backbone", "Cell", "DataSource", "Entry", "Grid", "MAIN_DATASETS", "OOD", "SAESpec", "Sizes",
+           "TTA_METHODS", "UNION", "digest", "paper_grid"]

@@ -1,0 +1,300 @@
+"""Runs a planned grid in one folder, reusing everything already computed, cell by cell resumable.
+
+    ROOT/caches/<backbone>/<data>/<split>-L<i>-<key>/   activation caches (`cache_activations`)
+    ROOT/saes/<backbone>/<data>/<objective>-L<i>-<key>/ SAEs (`train_sae`, `train_pass_sae`)
+    ROOT/groups/<key>/results.json ...                  one `evaluate` call per evaluation group
+    ROOT/cells/<key>.json                               each cell's state: done (with its numbers) or failed (with the error)
+    ROOT/text_cache/                                    class-prompt embeddings (`text_cache.py`), unless given
+
+Each cell's state is written atomically as soon as its group ends. A rerun skips done cells, retries
+failed ones, and reuses complete caches and finished SAEs (the library verifies they match the
+request; a mismatch is refused naming the difference and fails only the cells that need it). A cell
+that fails (an unknown method, a data set that cannot be loaded, a union that is not available) does
+not stop the others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..fileio import write_json_atomic
+from .grid import Cell, Grid, Sizes
+from .plan import CacheJob, EvalGroup, Plan, SAEJob, gate_cache, gate_in_union, make_plan, pool_cache
+
+STATE_DIR = "cells"
+
+
+@dataclass
+class RunReport:
+    computed: Counter = field(default_factory=Counter)  # caches, saes, groups, cells, text (built)
+    reused: Counter = field(default_factory=Counter)  # caches, saes, cells, text (hit)
+    failed: dict[str, str] = field(default_factory=dict)  # cell key -> error
+    seconds: float = 0.0
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def state_path(self, key: str) -> Path:
+        return self.root / STATE_DIR / f"{key}.json"
+
+    def state(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.state_path(key).read_text())
+        except (OSError, ValueError):
+            return None  # missing, or unreadable: the cell runs again
+
+    def is_done(self, key: str) -> bool:
+        s = self.state(key)
+        return bool(s and s.get("status") == "done")
+
+    def write_state(self, key: str, cell: Cell, status: str, **fields: Any) -> None:
+        self.state_path(key).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.state_path(key), {"status": status, "cell": asdict(cell), **fields,
+                                                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                          indent=1, default=str)
+
+
+class GridRunner:
+    """`GridRunner(grid, root, sizes).run()`; `log` receives one line per step."""
+
+    def __init__(self, grid: Grid, root: str | Path, sizes: Sizes = Sizes(), device: str = "cpu",
+                 show_progress: bool = True, text_cache: str | Path | None = None, num_workers: int = 0,
+                 log: Callable[[str], None] = print):
+        from . import methods  # noqa: F401  (registers vs2_last_n)
+
+        self.grid, self.sizes, self.device, self.show = grid, sizes, device, show_progress
+        self.ws = Workspace(root)
+        self.text_cache = Path(text_cache) if text_cache else self.ws.root / "text_cache"
+        self.num_workers, self.log = num_workers, log
+        self.report = RunReport()
+        self._model: tuple[str, Any] | None = None
+        self._saes: dict[str, Any] = {}
+        self._caches: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ entry point
+    def run(self) -> RunReport:
+        t0 = time.perf_counter()
+        plan, bad = make_plan(self.grid, self.sizes)
+        for cell, err in bad.items():
+            self._fail(cell, err)
+        groups = sorted(plan.groups, key=lambda g: (g.backbone, g.data))
+        for i, group in enumerate(groups):
+            keys = {c: self.grid.cell_key(c, self.sizes) for c in group.cells}
+            todo = [c for c in group.cells if not self.ws.is_done(keys[c])]
+            self.report.reused["cells"] += len(group.cells) - len(todo)
+            if not todo:
+                continue
+            self.log(f"[{i + 1}/{len(groups)}] {group.data} / {group.backbone}: {len(todo)} cell(s)"
+                     + (f", SAE {group.sae.folder}" if group.sae else ""))
+            runnable = [c for c in todo if self._method_known(c, keys[c])]
+            if runnable:
+                self._run_group(plan, group, runnable, keys)
+        self.report.seconds = time.perf_counter() - t0
+        return self.report
+
+    # ------------------------------------------------------------------ failures
+    def _fail(self, cell: Cell, error: str, key: str | None = None) -> None:
+        key = key or self.grid.cell_key(cell, self.sizes)
+        self.report.failed[key] = error
+        self.ws.write_state(key, cell, "failed", error=error)
+        self.log(f"      FAILED {cell.method} on {cell.dataset}/{cell.backbone}: {error}")
+
+    def _method_known(self, cell: Cell, key: str) -> bool:
+        from ..evaluation import get_method
+
+        try:
+            get_method(cell.method)
+            return True
+        except KeyError as e:
+            self._fail(cell, f"KeyError: {e.args[0]}", key)
+            return False
+
+    def _run_group(self, plan: Plan, group: EvalGroup, cells: list[Cell], keys: dict[Cell, str]) -> None:
+        try:
+            records = self._evaluate(plan, group, cells, keys)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one group's failure is reported on its cells; the others go on
+            err = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            if not isinstance(e, (ValueError, KeyError, OSError, RuntimeError, ImportError)):
+                err += " | " + traceback.format_exc(limit=3).splitlines()[-1]
+            for c in cells:
+                self._fail(c, err, keys[c])
+            return
+        self.report.computed["groups"] += 1
+        for c in cells:
+            self.ws.write_state(keys[c], c, "done", **records[c])
+            self.report.computed["cells"] += 1
+
+    # ------------------------------------------------------------------ work
+    def model(self, backbone: str):
+        if self._model is None or self._model[0] != backbone:
+            import torch
+
+            from ..hooked_clip import HookedCLIP
+            from ..identity import weights_from_name
+
+            b = self.grid.backbone(backbone)
+            self._model, self._saes, self._caches = None, {}, {}
+            kwargs = json.loads(b.model_kwargs)
+            pretrained = None if b.random_weights else b.pretrained
+            if b.random_weights:
+                torch.manual_seed(b.seed)
+                if weights_from_name(b.model):
+                    kwargs["load_weights"] = False
+            self._model = (backbone, HookedCLIP.from_pretrained(b.model, pretrained=pretrained, device=self.device,
+                                                                **kwargs))
+        return self._model[1]
+
+    def hook(self, model, layer_from_end: int) -> str:
+        if layer_from_end == 0:
+            return model.steer_hook
+        return f"blocks.{model.cfg.n_layers - 1 - layer_from_end}.hook_resid_post"
+
+    def cache(self, job: CacheJob):
+        from ..activation_cache import ActivationCache, cache_activations
+        from .dryrun import _complete
+
+        if job.key in self._caches:
+            return self._caches[job.key]
+        folder = self.ws.root / job.folder
+        model = self.model(job.backbone)
+        src = self.grid.data(job.data)
+        if src.is_union:
+            from ..union import load_union_dataset  # the union helper's API
+
+            data = load_union_dataset(src.members, job.split, src.data_dir, model.preprocess, job.limit)
+        else:
+            from ..data import load_image_dataset
+
+            data = load_image_dataset(src.dataset, job.split, src.data_dir, model.preprocess, job.limit)
+        reused = _complete(folder)
+        cache = cache_activations(model, data, self.hook(model, job.layer_from_end), folder, positions="cls",
+                                  batch_size=self.sizes.batch_size, num_workers=self.num_workers,
+                                  show_progress=self.show)
+        (self.report.reused if reused else self.report.computed)["caches"] += 1
+        self._caches[job.key] = cache if isinstance(cache, ActivationCache) else ActivationCache.open(folder)
+        return self._caches[job.key]
+
+    def sae(self, job: SAEJob):
+        if job.key in self._saes:
+            return self._saes[job.key]
+        from ..training import sae_size, train_sae
+
+        cache = self.cache(job.cache)
+        folder = self.ws.root / job.folder
+        run_file = folder / "training_run.json"
+        reused = run_file.is_file() and json.loads(run_file.read_text()).get("status") == "complete"
+        b = self.grid.backbone(job.backbone)
+        k, x, _ = sae_size(b.model, job.spec.k, job.spec.expansion)
+        sizes = dict(job.sizes)
+        kw = dict(k=k, expansion_factor=x, batch_size=sizes["batch"], epochs=sizes["epochs"],
+                  total_training_samples=sizes["samples"], seed=b.seed, device=self.device, out_dir=folder,
+                  resume=True, show_progress=self.show)
+        if kw["epochs"] is None and kw["total_training_samples"] is None:
+            kw["epochs"] = 10  # as `vision-steer run`
+        hook = self.hook(self.model(job.backbone), job.spec.layer_from_end)
+        if job.spec.objective == "pass":
+            from ..pass_sae import train_pass_sae
+
+            trained = train_pass_sae(cache.root, hook, w_aux=job.spec.w_aux, **kw)
+        elif job.spec.objective == "topk":
+            trained = train_sae(cache, hook, **kw)
+        else:
+            raise ValueError(f"unknown SAE objective {job.spec.objective!r} (topk or pass)")
+        (self.report.reused if reused else self.report.computed)["saes"] += 1
+        self._saes[job.key] = (trained.sae, trained.metrics, cache)
+        return self._saes[job.key]
+
+    def _evaluate(self, plan: Plan, group: EvalGroup, cells: list[Cell], keys: dict[Cell, str]) -> dict[Cell, dict]:
+        import torch
+
+        from ..data import load_image_dataset
+        from ..evaluation import MethodSpec, evaluate
+
+        model = self.model(group.backbone)
+        sae = metrics = None
+        if group.sae is not None:
+            sae, metrics, _ = self.sae(group.sae)
+        options: dict[str, Any] = {"n_neighbours": group.n_neighbours}
+        if group.last_n > 1:
+            options["last_n_saes"] = [self.sae(j)[0] for j in group.layer_saes()]
+        specs, taus = [], {}
+        for c in cells:
+            settings = dict(c.settings)
+            pool = pool_cache(plan, group, c)
+            if pool is not None:
+                options["pool_cache"] = str(self.cache(pool).root)
+            if c.fvu_quantile is not None:
+                settings["fvu_threshold"] = taus[c] = self._tau(plan, group, c, sae, model)
+            specs.append(MethodSpec(keys[c], c.method, settings))
+        src = self.grid.data(group.data)
+        data = load_image_dataset(src.dataset, src.eval_split, src.data_dir, model.preprocess, self.sizes.eval_limit)
+        with torch.no_grad():
+            result = evaluate(model, data, sae, specs, batch_size=self.sizes.batch_size, num_workers=self.num_workers,
+                              show_progress=self.show, options=options, gate_methods=(), text_cache=self.text_cache,
+                              config={"reproduce_group": group.key})
+        result.save(self.ws.root / "groups" / group.key, plots=False)
+        text = result.timing.get("text_cache")
+        (self.report.reused if text == "hit" else self.report.computed)["text"] += 1
+        zs = result.methods["zeroshot"].top1
+        out = {}
+        for c in cells:
+            row = result.methods[keys[c]]
+            rec = {"top1": row.top1, "top5": row.top5, "mean_per_class": row.mean_per_class, "zeroshot_top1": zs,
+                   "gain": row.top1 - zs, "coverage": row.coverage, "settings": row.settings,
+                   "fvu_threshold": taus.get(c), "n_images": result.config["n_images"], "group": group.key,
+                   "backbone_passes": result.timing["n_backbone_passes"], "text_cache": text}
+            if sae is not None:
+                rec["sae"] = str(self.ws.root / group.sae.folder)
+                rec["sae_heldout_fvu"] = metrics.get("heldout_fvu")
+                rec["fvu"] = self._fvu_on(plan, group, c, sae, metrics)
+            out[c] = rec
+        return out
+
+    def _tau(self, plan: Plan, group: EvalGroup, cell: Cell, sae, model) -> float:
+        if gate_in_union(self.grid, group, cell):
+            from ..union import union_fvu_threshold
+
+            tau, _ = union_fvu_threshold(sae, self.sae(group.sae)[2], cell.fvu_quantile,
+                                         datasets=self.grid.data(cell.gate_on).members, model=model)
+            return tau
+        from ..steering.vs2 import fvu_threshold_from_reference
+
+        ref = self.cache(gate_cache(plan, group, cell))
+        return fvu_threshold_from_reference(sae, ref.root, cell.fvu_quantile, model=model)
+
+    def _fvu_on(self, plan: Plan, group: EvalGroup, cell: Cell, sae, metrics) -> float | None:
+        """The SAE's FVU on the cell's data set: its held-out FVU when trained on that data set, else the
+        FVU over that data set's training rows (the generalized SAE, per data set)."""
+        if group.sae.cache.data == cell.dataset:
+            return metrics.get("heldout_fvu")
+        import numpy as np
+
+        from ..fvu import evaluate_sae_on_cache
+
+        src = self.grid.data(cell.dataset)
+        if src.train_split is None:
+            return None
+        own = self.cache(CacheJob(cell.backbone, cell.dataset, src.train_split, group.sae.spec.layer_from_end,
+                                  self.sizes.train_limit))
+        mask = np.ones(own.n_rows, dtype=bool)
+        return evaluate_sae_on_cache(sae, own, self.hook(self.model(cell.backbone), group.sae.spec.layer_from_end),
+                                     mask, mask)["heldout_fvu"]
+
+
+def cell_states(grid: Grid, root: str | Path, sizes: Sizes) -> dict[Cell, dict[str, Any] | None]:
+    ws = Workspace(root)
+    return {c: ws.state(grid.cell_key(c, sizes)) for c in grid.cells}
+
+
+__all__ = ["GridRunner", "RunReport", "Workspace", "cell_states"]
