@@ -369,10 +369,15 @@ def load_image_dataset(
     - `dataset in {"cifar100", "tiny-imagenet", "cub200"}` or any `owner/repo`, no `data_dir`: the Hub.
     `split=None` means `"val"` (the whole folder for `imagefolder`). `limit` keeps that many images,
     evenly spaced so that all classes appear. `stream=True`: `streaming.load_streamed_dataset` (WebDataset
-    tar shards or a `datasets` stream; `limit` = the first `limit` samples).
+    tar shards or a `datasets` stream; `limit` = the first `limit` samples). Several names
+    (`"cifar100,cub200"` or a list) give a `union.UnionImageDataset` (`limit` per member; `data_dir` per member, see `union.member_data_dirs`).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if not isinstance(dataset, str) or "," in dataset:  # several data sets: one union (union.py), limit per member
+        from .union import load_union_dataset
+
+        return load_union_dataset(dataset, split, data_dir, transform, limit, skip_bad_images)
     name = DATASET_ALIASES.get(dataset.lower(), dataset.lower()) if "/" not in dataset else dataset
     if stream:  # read in order from tar shards or a `datasets` stream, nothing downloaded first (streaming.py)
         from .streaming import load_streamed_dataset

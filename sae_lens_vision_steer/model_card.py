@@ -120,6 +120,12 @@ def _eval_settings(results: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _portable_data_name(data: Any) -> str:
+    if isinstance(data, str) and data.startswith("imagefolder:"):  # keep local paths out of a public card
+        return f"imagefolder {Path(data.split(':', 1)[1]).name}"
+    return str(data)
+
+
 def sae_card_section(
     repo_id: str,
     sae_id: str,
@@ -139,6 +145,11 @@ def sae_card_section(
     if isinstance(data, str) and data.startswith("imagefolder:"):  # keep local paths out of a public card
         data = f"imagefolder {Path(data.split(':', 1)[1]).name}"
     data_text = "not recorded" if data is None else f"`{data}`" + (f", split `{split}`" if split else "")
+    members = metadata.get("dataset_members")
+    if members:  # a union of training splits (union.py): name every member
+        data_text = f"union of {len(members)} data sets: " + ", ".join(
+            f"`{_portable_data_name(m.get('dataset'))}` (split `{m.get('split')}`"
+            + (f", {m['n_images']:,} images)" if isinstance(m.get("n_images"), int) else ")") for m in members)
     objective = metadata.get("objective")
     w_aux = metadata.get("w_aux")
     pretrained = metadata.get("pretrained")

@@ -3,6 +3,7 @@
 Keys (all optional for SAEs trained elsewhere): `hook_name`, `model_name`, `pretrained`,
 `model_kwargs` (extra `open_clip.create_model` arguments), `model_config` (the tower's real shape),
 `model_fingerprint`, `positions`, `dataset` (a portable id), `dataset_path`, `split`,
+`dataset_members` (a union's data sets: id, path, split, image count; `union.py`),
 `n_training_samples`, `activation_mean` (list of `d_in` floats), `heldout_fvu`, `mean_l0`,
 `dead_fraction`, `objective` (`topk` or `pass`), `w_aux`.
 
@@ -26,7 +27,7 @@ from .identity import portable_model_name
 
 VISION_METADATA_KEYS = (
     "hook_name", "model_name", "pretrained", "model_kwargs", "model_config", "positions", "dataset",
-    "dataset_path", "split", "n_training_samples", "activation_mean", "heldout_fvu", "mean_l0", "dead_fraction",
+    "dataset_path", "split", "dataset_members", "n_training_samples", "activation_mean", "heldout_fvu", "mean_l0", "dead_fraction",
     "objective", "w_aux",
 )
 SEQPOS_SLICES = {"cls": [0, 1], "patches": [1, None], "all": [None]}
@@ -54,6 +55,9 @@ def training_metadata(request: dict[str, Any], hook_name: str, objective: str,
         "dataset": request["dataset"],
         "dataset_path": request.get("dataset_path") or request["dataset"],
         "split": request["split"],
+        # A union cache (union.py): every member data set, portable (no local folder).
+        **({"dataset_members": [{k: m.get(k) for k in ("dataset", "dataset_path", "split", "n_images")}
+                                for m in request["members"]]} if request.get("members") else {}),
         "objective": objective,
         "activation_mean": activation_mean,
         # SAELens' fields

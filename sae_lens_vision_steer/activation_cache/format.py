@@ -81,6 +81,8 @@ def model_fingerprint(model: HookedCLIP) -> str:
 
 def dataset_fingerprint(dataset: ImageDataset) -> str:
     """sha256 over the selected items and their labels (changes with `limit` and with the split)."""
+    if callable(getattr(dataset, "fingerprint", None)):  # a union (union.py): combined from its members'
+        return dataset.fingerprint()
     h = hashlib.sha256()
     h.update(str(len(dataset)).encode())
     indices = getattr(dataset, "indices", None)
@@ -156,6 +158,10 @@ def _request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], positio
         "n_images": len(dataset),
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "shard_size": shard_size,
+        # A union of data sets (union.py) records its members; a single data set's request is unchanged.
+        **({"members": dataset.member_records(),
+            "member_data_dirs": [None if m.data_dir is None else str(m.data_dir) for m in dataset.members]}
+           if callable(getattr(dataset, "member_records", None)) else {}),
     }
 
 

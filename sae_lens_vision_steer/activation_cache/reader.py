@@ -91,6 +91,15 @@ class ActivationCache:
             self._image_index = self._read_array("image_index")
         return self._image_index
 
+    def dataset_ids(self) -> np.ndarray:
+        """int64 `[n_rows]`: the member data set of each row, an index into `request["members"]` of a union
+        cache (`union.py`; from `image_index` and the members' first image indices); all 0 for one data set."""
+        members = self.metadata.get("request", {}).get("members")
+        if not members:
+            return np.zeros(self.n_rows, dtype=np.int64)
+        firsts = np.asarray([m["first_image"] for m in members], dtype=np.int64)
+        return (np.searchsorted(firsts, self.image_index, side="right") - 1).astype(np.int64)
+
     def _read_array(self, name: str) -> np.ndarray:
         import io
 

@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"cache {cache.root}: {m['model_name']}/{m['pretrained']} on {m['dataset']}/{m['split']}, "
           f"{m['n_images_cached']} images ({m['n_images_skipped']} skipped), {cache.n_rows} rows "
           f"({m['positions']}, {m['dtype']}) in {cache.n_shards} shards")
+    for mem in m["request"].get("members") or []:  # a union (union.py)
+        print(f"  member {mem['dataset']}/{mem['split']}: {mem['n_images']} images from image {mem['first_image']}")
     for h in cache.hook_names:
         s = cache.stats(h)
         print(f"  {h}: d_in {cache.d_in(h)}, mean norm {s['mean_norm']:.3f}, "

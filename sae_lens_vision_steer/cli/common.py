@@ -183,11 +183,15 @@ def add_data_args(p: argparse.ArgumentParser, split: str = "val") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100",
                    help="cifar100, tiny-imagenet, cub200, aircraft, food101, flowers102, caltech101, sun397, eurosat, "
-                        "imagefolder, or a Hub repo id")
-    g.add_argument("--data-dir", default=None, help="local data folder; without it the data set comes from the Hub")
+                        "imagefolder, or a Hub repo id; several, comma-separated (cifar100,cub200,tiny-imagenet), "
+                        "make one union: one cache with per-row data-set ids (eval: one table per data set)")
+    g.add_argument("--data-dir", default=None,
+                   help="local data folder; without it the data set comes from the Hub. For a union: one per member, "
+                        "comma-separated in member order (empty = Hub), or member=DIR pairs")
     g.add_argument("--split", default=split,
                    help="data split (imagefolder: a subfolder such as train or val; 'all' = the whole folder)")
-    g.add_argument("--limit", type=positive_int, default=None, help="use only this many images (evenly spaced)")
+    g.add_argument("--limit", type=positive_int, default=None,
+                   help="use only this many images (evenly spaced); for a union, this many of every member")
     g.add_argument("--batch-size", type=positive_int, default=256)
     g.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader workers")
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")

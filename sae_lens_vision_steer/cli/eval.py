@@ -50,7 +50,10 @@ def add_steering_args(p: argparse.ArgumentParser, with_sae: bool = True, sae_req
                    help="FVU gate threshold as this quantile (e.g. 0.99) of FVU over --reference-cache")
     g.add_argument("--reference-cache", default=None,
                    help="activation cache of unlabeled training images for --fvu-quantile (CLS, the SAE's hook, "
-                        "the same model)")
+                        "the same model); comma-separated caches (or one union cache) calibrate on their union")
+    g.add_argument("--gate-datasets", default=None,
+                   help="calibrate the FVU gate on these members of a union reference (comma-separated; default: all; "
+                        "the paper's generalized SAE: cifar100,tiny-imagenet)")
     g.add_argument("--gate-methods", default="vs2",
                    help="comma-separated methods the FVU gate applies to (the paper gates VS2 only)")
     g.add_argument("--templates", default=None,
@@ -152,8 +155,11 @@ def check_steering_values(args: argparse.Namespace) -> None:
         raise ValueError("--reference-cache is only used with --fvu-quantile")
     if args.fvu_quantile is not None and not getattr(args, "reference_cache", None) and args.command != "run":
         raise ValueError("--fvu-quantile needs --reference-cache (unlabeled training activations)")
-    if args.reference_cache and not Path(args.reference_cache).is_dir():
-        raise FileNotFoundError(f"--reference-cache {args.reference_cache} does not exist")
+    for ref in split_list(args.reference_cache):  # one cache, or several (a union for the gate)
+        if not Path(ref).is_dir():
+            raise FileNotFoundError(f"--reference-cache {ref} does not exist")
+    if getattr(args, "gate_datasets", None) and args.fvu_quantile is None:
+        raise ValueError("--gate-datasets is only used with --fvu-quantile")
     if getattr(args, "pool_cache", None) and not Path(args.pool_cache).is_dir():
         raise FileNotFoundError(f"--pool-cache {args.pool_cache} does not exist")
     if getattr(args, "rag_alpha", None) is not None and not 0 <= args.rag_alpha <= 1:
@@ -197,6 +203,15 @@ def resolve_fvu_threshold(args: argparse.Namespace, sae, model=None) -> tuple[fl
         return args.fvu_threshold, ({"fvu_threshold_source": "given"} if args.fvu_threshold is not None else {})
     if sae is None:
         raise ValueError("--fvu-quantile needs --sae")
+    if "," in str(args.reference_cache) or getattr(args, "gate_datasets", None):  # a union of references
+        from ..union import union_fvu_threshold
+
+        tau, info = union_fvu_threshold(sae, args.reference_cache, args.fvu_quantile, datasets=args.gate_datasets,
+                                        hook_name=args.hook, model=model)
+        print(f"FVU gate: tau = {tau:.4f} (quantile {args.fvu_quantile} of per-sample FVU over {info['n_rows']} rows "
+              f"of {', '.join(info['datasets'])} in {args.reference_cache})")
+        return tau, {"fvu_quantile": args.fvu_quantile, "reference_cache": str(args.reference_cache),
+                     "gate_datasets": info["datasets"], "gate_rows": info["rows_per_dataset"]}
     from ..steering.vs2 import fvu_threshold_from_reference
 
     tau = fvu_threshold_from_reference(sae, args.reference_cache, args.fvu_quantile, hook_name=args.hook,
@@ -207,7 +222,7 @@ def resolve_fvu_threshold(args: argparse.Namespace, sae, model=None) -> tuple[fl
 
 def default_out(args: argparse.Namespace, prefix: str) -> Path:
     """`runs/<prefix>_<dataset>_<split>` (known before any data is loaded)."""
-    name = args.dataset.replace("/", "_").replace(":", "_")
+    name = args.dataset.replace("/", "_").replace(":", "_").replace(",", "+")
     return Path(args.out or f"runs/{prefix}_{name}_{args.split}")
 
 
@@ -222,7 +237,7 @@ def request_of(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any
 EVAL_REQUEST_KEYS = (
     "model", "pretrained", "random_weights", "model_kwargs", "seed", "dataset", "data_dir", "split", "limit",
     "skip_bad_images", "sae", "hook", "lam", "gamma", "fvu_threshold", "fvu_quantile", "reference_cache",
-    "gate_methods", "templates", "methods", "layer_saes", "pool_cache", "n_neighbours", "retrieval_backend",
+    "gate_methods", "gate_datasets", "templates", "methods", "layer_saes", "pool_cache", "n_neighbours", "retrieval_backend",
     "pool_retrieval_embeds", "query_retrieval_embeds", "rag_alpha", "vs2pp_fallback",
     "retrieval_backbone", "retrieval_pretrained", "retrieval_random_weights", "retrieval_model_kwargs",
 )
@@ -256,6 +271,15 @@ def run(args: argparse.Namespace) -> int:
     setup_s = time.perf_counter() - t0
     config = {"sae_path": args.sae, "random_weights": args.random_weights, "seed": args.seed, "limit": args.limit,
               **gate_cfg, **({"retrieval": retrieval_options(args)} if args.pool_cache else {})}
+    if getattr(data, "members", None) is not None:  # a union: each data set on its own (union_eval.py)
+        from ..union_eval import evaluate_members
+
+        res = evaluate_members(model, data.members, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
+                               templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
+                               num_workers=args.num_workers, show_progress=not args.no_progress,
+                               options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config,
+                               gate_methods=gated, text_cache=resolve_text_cache(args))
+        return save_members(res, folder, setup_s, plots=not args.no_plots) if distributed.is_main() else 0
     result = evaluate(model, data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                       templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
                       num_workers=args.num_workers, show_progress=not args.no_progress,
@@ -269,6 +293,22 @@ def run(args: argparse.Namespace) -> int:
     written = result.save(folder, plots=not args.no_plots)
     folder.finish()
     print(f"wrote {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+def save_members(res, folder, setup_s: float, plots: bool = True) -> int:
+    """Print and save a per-data-set evaluation (`union_eval.UnionEvaluation`): one folder per data set and
+    the combined summary; returns the exit code."""
+    for result in res.results.values():
+        result.timing["setup_s"] = setup_s
+        result.timing["peak_rss_mib"] = peak_rss_mib()
+        print_summary(result)
+    print("summary (top-1, change against zero-shot):")
+    print(res.table())
+    res.save(folder, plots=plots)
+    folder.finish()
+    print(f"wrote {folder.path}/: " + ", ".join(f"{n}/" for n in res.summary()["folders"].values())
+          + ", summary.json, summary.md" + (", summary_delta.png" if plots else ""))
     return 0
 
 

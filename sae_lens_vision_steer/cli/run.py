@@ -54,15 +54,21 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar100", help="cifar100, tiny-imagenet, cub200, imagefolder, or a Hub repo id")
-    g.add_argument("--data-dir", default=None, help="local data folder; without it the data set comes from the Hub")
+    g.add_argument("--dataset", default="cifar100",
+                   help="cifar100, tiny-imagenet, cub200, imagefolder, or a Hub repo id; several, comma-separated, "
+                        "train one SAE on the union of their training splits (the paper's generalized SAE) and "
+                        "evaluate each data set on its own")
+    g.add_argument("--data-dir", default=None,
+                   help="local data folder; without it the data set comes from the Hub (a union: one per member, "
+                        "comma-separated in member order, empty = Hub, or member=DIR pairs)")
     g.add_argument("--train-split", default="train",
                    help="split the SAE is trained on (labels unused; imagefolder: a subfolder, or 'all')")
     g.add_argument("--eval-split", default="val",
                    help="evaluation split ('val' = CIFAR-100 test, Tiny-ImageNet val; imagefolder: a subfolder)")
     g.add_argument("--train-limit", type=positive_int, default=None,
-                   help="cache only this many training images (evenly spaced)")
-    g.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate only this many images (evenly spaced)")
+                   help="cache only this many training images (evenly spaced; a union: this many per member)")
+    g.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="evaluate only this many images (evenly spaced; a union: this many per member)")
     g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     g.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader workers")
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
@@ -90,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 RUN_REQUEST_KEYS = ("model", "pretrained", "random_weights", "model_kwargs", "seed", "dataset", "data_dir",
                     "train_split", "eval_split", "train_limit", "eval_limit", "skip_bad_images", "k", "expansion",
                     "epochs", "lr", "train_batch_size", "sae_holdout_fraction", "cache_dtype", "hook", "lam",
-                    "gamma", "fvu_threshold", "fvu_quantile", "gate_methods", "templates", "methods", "n_neighbours",
+                    "gamma", "fvu_threshold", "fvu_quantile", "gate_methods", "gate_datasets", "templates", "methods",
+                    "n_neighbours",
                     "retrieval_backbone", "retrieval_pretrained", "retrieval_random_weights", "retrieval_model_kwargs",
                     "retrieval_cache")
 
@@ -147,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
                                     args.train_limit, args.skip_bad_images)
     eval_data = load_image_dataset(args.dataset, args.eval_split, args.data_dir, model.preprocess,
                                    args.eval_limit, args.skip_bad_images)
-    if list(train_data.classnames) != list(eval_data.classnames):
-        raise ValueError("the training and evaluation splits have different classes")
+    union = getattr(eval_data, "members", None) is not None  # several data sets (union.py)
+    pairs = zip(train_data.members, eval_data.members) if union else [(train_data, eval_data)]
+    for tr, ev in pairs:
+        if list(tr.classnames) != list(ev.classnames):
+            raise ValueError(f"the training and evaluation splits of {ev.dataset_id} have different classes")
     if (train_data.dataset_id, train_data.split) == (eval_data.dataset_id, eval_data.split):
         print(f"WARNING: training and evaluating on the same images ({eval_data.dataset_id}/{eval_data.split}), "
               "as --train-split and --eval-split ask", file=sys.stderr)
@@ -191,10 +201,24 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     fvu_dist = fvu_distribution(sae, cache, hook)
     tau, gate_cfg = args.fvu_threshold, {}
-    if args.fvu_quantile is not None:
+    if args.fvu_quantile is not None and (union or args.gate_datasets):  # the training union (or some members)
+        from ..union import union_fvu_threshold
+
+        tau, info = union_fvu_threshold(sae, cache, args.fvu_quantile, datasets=args.gate_datasets,
+                                        hook_name=hook, model=model)
+        gate_cfg = {"fvu_quantile": args.fvu_quantile, "reference_cache": str(cache.root),
+                    "gate_datasets": info["datasets"], "gate_rows": info["rows_per_dataset"]}
+        print(f"      FVU gate: tau = {tau:.4f} (quantile {args.fvu_quantile} over the training rows of "
+              f"{', '.join(info['datasets'])})")
+    elif args.fvu_quantile is not None:
         tau = fvu_threshold_from_reference(sae, cache.root, args.fvu_quantile, hook, model=model)
         gate_cfg = {"fvu_quantile": args.fvu_quantile, "reference_cache": str(cache.root)}
         print(f"      FVU gate: tau = {tau:.4f} (quantile {args.fvu_quantile} over the training cache)")
+    if union:  # the FVU distribution of every member's training rows, too
+        from ..union import member_rows
+
+        fvu_dist["per_dataset"] = {m.dataset_id: fvu_distribution(sae, cache, hook, rows=member_rows(cache, i))
+                                   for i, m in enumerate(train_data.members)}
     stages["fvu_s"] = time.perf_counter() - t
 
     # (4) evaluate every method on one backbone pass over the evaluation split
@@ -202,8 +226,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"[3/4] evaluating {', '.join(methods)} on {len(eval_data)} images of "
           f"{eval_data.dataset_id}/{eval_data.split}")
     with torch.no_grad():
-        result = evaluate(model, eval_data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
-                          templates=args.templates, hook_name=hook, batch_size=args.batch_size,
+        run_eval = evaluate
+        if union:  # each data set on its own, with its own classes and templates (union_eval.py)
+            from ..union_eval import evaluate_members
+
+            run_eval = evaluate_members  # the same arguments, with the list of member data sets
+        result = run_eval(model, eval_data.members if union else eval_data, sae, methods, lam=args.lam,
+                          gamma=args.gamma, fvu_threshold=tau, templates=args.templates, hook_name=hook,
+                          batch_size=args.batch_size,
                           num_workers=args.num_workers, show_progress=show, gate_methods=gated,
                           text_cache=resolve_text_cache(args),
                           options={"pool_cache": str(cache.root), "n_neighbours": args.n_neighbours,
@@ -216,18 +246,24 @@ def run(args: argparse.Namespace) -> int:
     if not distributed.is_main():
         return 0  # the other ranks helped with caching and the backbone pass; rank 0 writes
     print("[4/4] writing results")
-    print_summary(result)  # before saving: a failing disk cannot take the numbers with it
+    for one in result.results.values() if union else [result]:
+        print_summary(one)  # before saving: a failing disk cannot take the numbers with it
+    if union:
+        print("summary (top-1, change against zero-shot):\n" + result.table())
     written = result.save(folder)
     stages["total_s"] = time.perf_counter() - t0
     folder.add(write_json_atomic(out / "run.json", {
         "command": "run", "args": {k_: v for k_, v in vars(args).items() if not k_.startswith("_")},
         "hook_name": hook, "cache": str(cache.root), "sae": str(trained.out_dir),
         "cache_rows": cache.n_rows, "sae_metrics": trained.metrics, "fvu_distribution": fvu_dist,
-        "fvu_threshold": tau, "results": str(written["json"]), "stages": stages, "peak_rss_mib": peak_rss_mib(),
+        "fvu_threshold": tau, "results": str(written["summary" if union else "json"]), "stages": stages,
+        "peak_rss_mib": peak_rss_mib(),
     }))
     folder.finish()
     print("stages: " + ", ".join(f"{k_[:-2]} {v:.1f} s" for k_, v in stages.items()))
-    print(f"wrote {out}/: cache_train/, sae/, results.json, results.md, run.json, "
+    print(f"wrote {out}/: cache_train/, sae/, "
+          + ("summary.json, summary.md, " + "".join(f"{f}/, " for f in result.summary()["folders"].values())
+             if union else "results.json, results.md, ") + "run.json, "
           + ", ".join(p.name for key, p in written.items() if key.startswith("plot:")))
     return 0
 

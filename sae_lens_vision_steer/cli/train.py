@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         train = functools.partial(train_pass_sae, w_aux=args.w_aux)
 
     cache = ActivationCache.open(args.cache)
+    if args.objective == "pass" and cache.metadata.get("request", {}).get("members"):
+        raise ValueError(f"--objective pass needs one class space, but {args.cache} is a union of data sets "
+                         f"({cache.metadata['dataset']}) whose labels are per data set; train topk on the union, "
+                         "or PASS on one data set's cache")
     k, expansion, source = sae_size(cache.metadata.get("model_name"), args.k, args.expansion, args.preset)
     if args.k is None or args.expansion is None:
         print(f"k={k}, expansion {expansion} ({source})")
