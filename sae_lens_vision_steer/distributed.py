@@ -130,8 +130,10 @@ def check_same(what: str, fields: dict[str, Any]) -> None:
             diffs.append(f"{key}: " + ", ".join(f"rank{'s' if len(rs) > 1 else ''} {_ranks(rs)} ha"
                                                 f"{'ve' if len(rs) > 1 else 's'} {v}" for v, rs in groups.items()))
     if diffs:
-        raise RankMismatchError(f"the {world_size()} ranks were given different {what}s ({'; '.join(diffs)}); "
+        err = RankMismatchError(f"the {world_size()} ranks were given different {what}s ({'; '.join(diffs)}); "
                                 "every rank must run the same command on the same model and data")
+        err.reported_by_main = not is_main()  # every rank raises it; the command line prints it once
+        raise err
 
 
 def _short(v: Any) -> str:

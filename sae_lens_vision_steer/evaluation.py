@@ -372,6 +372,8 @@ class Evaluator:
             check = get_method(name).prepare
             if check is not None:
                 check(self.ctx)
+        if distributed.active():  # torchrun: every rank must evaluate the same model, SAE and images
+            distributed.check_same("evaluation request", _request_fingerprint(model, data, sae, hook_name, batch_size))
         self.cached = cache_hook_tokens(model, data, hook_name, batch_size, num_workers, show_progress)
         self.n_backbone_passes = 1
         self.n_image_forwards = len(self.cached.labels_N)  # every image-tower forward, methods' own included
@@ -471,6 +473,25 @@ class Evaluator:
         total = sum(n for n, _ in weighted)
         coverage = sum(n * c for n, c in weighted if n) / total
         return accuracy_metrics(logits_, labels_, distributed.sum_int(n_skipped)), lambda: coverage
+
+
+def _request_fingerprint(model: HookedCLIP, data: ImageDataset, sae: SAE | None, hook_name: str,
+                         batch_size: int) -> dict[str, Any]:
+    """What the ranks of a distributed evaluation must agree on (compared by `distributed.check_same`)."""
+    import hashlib
+
+    from .activation_cache import dataset_fingerprint, model_fingerprint
+
+    sae_hash = None
+    if sae is not None:
+        h = hashlib.sha256()
+        for name, t in sae.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+        sae_hash = h.hexdigest()[:16]
+    return {"model_name": model.cfg.model_name, "model_fingerprint": model_fingerprint(model), "sae": sae_hash,
+            "hook_name": hook_name, "dataset": getattr(data, "dataset_id", None), "split": getattr(data, "split", None),
+            "n_images": len(data), "dataset_fingerprint": dataset_fingerprint(data), "batch_size": batch_size}
 
 
 def _json_settings(settings: Mapping[str, Any], method: Method) -> dict[str, Any]:

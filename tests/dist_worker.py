@@ -5,7 +5,8 @@ from the test process by `launch_forked` (no second import of torch and the pack
 PLAN.json: {"out": DIR, "steps": [{"argv": [...], "rank_argv": {"1": [...]}, "kill_after_shards": {"1": 1}}]}
 - `rank_argv`: extra arguments for one rank (ranks that disagree on the request);
 - `kill_after_shards`: that rank SIGKILLs itself once it has recorded that many shards (a rank dying mid-run).
-Each rank writes DIR/rank<r>.json after every step: the return code and what the step wrote to stderr.
+Each rank writes DIR/rank<r>.json after every step: the return code, what the step wrote to stderr, and
+the size of every image batch its image tower was given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import signal
 import sys
 from contextlib import redirect_stderr
 from pathlib import Path
+
+import torch
 
 from sae_lens_vision_steer import distributed
 from sae_lens_vision_steer.activation_cache import sharded
@@ -39,19 +42,37 @@ def kill_after(n: int) -> None:
     sharded.write_json_atomic = write
 
 
+def log_batches() -> list[int]:
+    """Instrumentation: the size of every image batch the image tower's forward gets (cache and eval)."""
+    from sae_lens_vision_steer.hooked_clip import HookedCLIP
+
+    sizes: list[int] = []
+    original = HookedCLIP.forward
+
+    def forward(self, x, *a, **kw):
+        if isinstance(x, torch.Tensor) and x.ndim == 4:
+            sizes.append(len(x))
+        return original(self, x, *a, **kw)
+
+    HookedCLIP.forward = forward
+    return sizes
+
+
 def run(plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     distributed.init("cpu")  # one group for every step (main() leaves a group it did not start alone)
     rank = str(distributed.rank())
     report = Path(plan["out"]) / f"rank{rank}.json"
     done = []
+    batches = log_batches()
     for step in plan["steps"]:
+        batches.clear()
         if rank in step.get("kill_after_shards", {}):
             kill_after(step["kill_after_shards"][rank])
         err = io.StringIO()
         with redirect_stderr(err):
             rc = main(step["argv"] + step.get("rank_argv", {}).get(rank, []))
-        done.append({"rc": rc, "stderr": err.getvalue()})
+        done.append({"rc": rc, "stderr": err.getvalue(), "batches": list(batches)})
         report.write_text(json.dumps(done))
     distributed.shutdown()
 

@@ -307,7 +307,8 @@ class _Writer:
         batch_size, positions = self.batch_size, request["positions"]
         n_prefix = getattr(model.cfg, "n_prefix_tokens", 1)
         shard_size = request["shard_size"] if stop_rows is None else stop_rows
-        n_images = len(dataset) if stop_image is None else stop_image
+        n_total = len(dataset)
+        n_images = n_total if stop_image is None else stop_image
         torch_dtype = CACHE_DTYPES[request["dtype"]]
         layers = [model.hook_layer(h) for h in hooks]
         # TransformerLens semantics: stop_at_layer=n runs blocks 0..n-1. Head hooks need the whole tower.
@@ -316,7 +317,8 @@ class _Writer:
 
         # A fixed grid of batches over image indices, so that resuming does not change batch composition.
         first_batch = start_image // batch_size
-        grid = [list(range(b * batch_size, min((b + 1) * batch_size, n_images)))
+        # (a batch reaching past `stop_image` is still fed whole; rows past the last shard are not kept)
+        grid = [list(range(b * batch_size, min((b + 1) * batch_size, n_total)))
                 for b in range(first_batch, (n_images + batch_size - 1) // batch_size)]
         loader = DataLoader(dataset, batch_sampler=grid, num_workers=self.num_workers, collate_fn=collate_images,
                             prefetch_factor=4 if self.num_workers > 0 else None)
