@@ -220,3 +220,37 @@ def test_gate_and_training_refusals(union_sae, caches, capsys):
     rc = main(["eval", "--sae", str(union_sae.out_dir), "--fvu-quantile", "0.9", "--reference-cache",
                f"{u.root},{u.root}_missing", "--dataset", "cifar100"])
     assert rc == EXIT_INPUT and "_missing does not exist" in capsys.readouterr().err
+
+
+def test_training_batches_mix_both_members(caches):
+    """Training on a union cache needs nothing special: one epoch of the trainer's stream holds rows of
+    every member (shards visited in random order, rows mixed in SAELens' buffer)."""
+    from sae_lens_vision_steer.training_data import activation_batches
+
+    (c1, _), u = caches
+    x = u.load()
+    got = torch.cat(list(activation_batches(u, HOOK, 4, epochs=1, buffer_size=16, seed=0)))
+    rows = [int(torch.nonzero((x == r).all(1))[0]) for r in got]
+    assert len(set(rows)) == len(rows) == 20  # 22 rows: five full batches of 4, each row at most once
+    ids = u.dataset_ids()[rows]
+    assert 0 < (ids == 0).sum() < len(rows)
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: the trainer's default 32768-row mixing buffer re-reads the 22-row cache
+def test_run_with_a_union_trains_one_sae_and_evaluates_each_data_set(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--random-weights", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS), "--device", "cpu",
+               "--dataset", "cifar100,imagefolder", "--data-dir", data["dirs"], "--k", "4", "--expansion", "2",
+               "--epochs", "2", "--train-batch-size", "8", "--sae-holdout-fraction", "0.2", "--templates", "single",
+               "--methods", "zeroshot,vs2", "--fvu-quantile", "0.9", "--gate-datasets", "cifar100",
+               "--num-workers", "0", "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["cache_rows"] == N_CIFAR + 12
+    assert set(run["fvu_distribution"]["per_dataset"]) == {"cifar100", "imagefolder:alpha"}
+    assert run["fvu_distribution"]["per_dataset"]["cifar100"]["n_rows"] == N_CIFAR
+    summary = json.loads((out / "summary.json").read_text())
+    for name, folder in summary["folders"].items():
+        res = json.loads((out / folder / "results.json").read_text())
+        assert res["config"]["dataset"] == name and res["config"]["fvu_threshold"] == run["fvu_threshold"]
+    assert not (out / "results.json").exists()
