@@ -44,7 +44,7 @@ def tiny_grid(data_dir: Path, missing_dir: Path) -> Grid:
 
 def _run(tmp_path: Path, grid_file: Path, capsys, *extra: str) -> tuple[int, str]:
     code = main(["reproduce", "--grid", str(grid_file), "--out", str(tmp_path / "out"), "--limit", "30",
-                 "--sae-epochs", "2", "--train-batch-size", "8", "--batch-size", "16", "--device", "cpu",
+                 "--sae-epochs", "2", "--train-batch-size", "8", "--sae-buffer", "32", "--batch-size", "16", "--device", "cpu",
                  "--no-progress", "--no-plots", *extra])
     return code, capsys.readouterr().out
 

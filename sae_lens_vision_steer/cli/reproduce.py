@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-limit", type=positive_int, default=None, help="evaluation images per split (overrides --limit)")
     g.add_argument("--sae-epochs", type=positive_float, default=None, help="SAE epochs (default 10, as `run`)")
     g.add_argument("--sae-samples", type=positive_int, default=None, help="SAE training samples instead of epochs")
+    g.add_argument("--sae-buffer", type=positive_int, default=None,
+                   help="rows in the SAE trainer's mixing buffer (default: the library's, >= 32768; small runs "
+                        "train much faster with a buffer near their row count)")
     g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     g.add_argument("--train-batch-size", type=positive_int, default=256, help="SAE training batch size")
     g.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers")
@@ -64,7 +67,7 @@ def _grid_and_sizes(args: argparse.Namespace):
     grid = grid.select(_csv(args.datasets), _csv(args.backbones), _csv(args.methods), _csv(args.only))
     sizes = Sizes(train_limit=args.train_limit or args.limit, eval_limit=args.eval_limit or args.limit,
                   sae_epochs=args.sae_epochs, sae_samples=args.sae_samples, batch_size=args.batch_size,
-                  train_batch_size=args.train_batch_size)
+                  train_batch_size=args.train_batch_size, sae_buffer=args.sae_buffer)
     if args.sae_epochs is not None and args.sae_samples is not None:
         raise ValueError("give --sae-epochs or --sae-samples, not both")
     return grid, sizes

@@ -84,6 +84,7 @@ class Costs:
     """Seconds per image (by backbone name) and per SAE training sample, with what they are."""
 
     label: str
+    where: str = "the machine the costs were measured on"
     image_seconds: dict[str, float] = field(default_factory=dict)  # measured per backbone
     flops_per_second: float | None = None  # a rate, used where no per-backbone seconds are given
     sae_sample_seconds: dict[str, float] = field(default_factory=dict)
@@ -93,7 +94,7 @@ class Costs:
         gpu = facts()["gpu"]
         return cls(f"lower bound: counted FLOPs / the {gpu['name']} FP32 peak of {gpu['fp32_tflops']} TFLOP/s "
                    f"(source: {gpu['source'].split(';')[0]}); real runs are slower (utilisation < 100%, data "
-                   "loading)", flops_per_second=gpu["fp32_tflops"] * 1e12)
+                   "loading)", where=f"one {gpu['name']} GPU, lower bound", flops_per_second=gpu["fp32_tflops"] * 1e12)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Costs":
@@ -110,7 +111,8 @@ class Costs:
                 rate is not None and not _positive(rate)) or (not image and rate is None):
             raise ValueError(f"--costs {path}: expected 'image_seconds_per_image' {{backbone: seconds > 0}} and/or "
                              "'flops_per_second' > 0 (optional 'sae_seconds_per_sample', 'label')")
-        return cls(f"measured: {obj.get('label') or path}", dict(image), rate, dict(obj.get("sae_seconds_per_sample") or {}))
+        return cls(f"measured: {obj.get('label') or path}", f"as measured in {path.name}", dict(image), rate,
+                   dict(obj.get("sae_seconds_per_sample") or {}))
 
     def image_s(self, backbone: str, profile: ArchProfile) -> float | None:
         if backbone in self.image_seconds:

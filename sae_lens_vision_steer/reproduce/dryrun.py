@@ -82,10 +82,16 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
         dl_known += size
         out.lines.append(f"  weights {name:<10} {b.model}/{b.pretrained}: {size:,.0f} MB ({how}; "
                          f"{prof.n_params / 1e6:.1f} M parameters)")
-    splits = sorted({(g.data, grid.data(g.data).eval_split) for g in groups}
-                    | {(j.data, j.split) for j in caches.values()})
+    splits = {(g.data, grid.data(g.data).eval_split) for g in groups} | {(j.data, j.split) for j in caches.values()}
+    for data, split in list(splits):  # a union's members are downloaded split by split
+        if grid.data(data).is_union:
+            splits |= {(m, split) for m in grid.data(data).members if any(d.name == m for d in grid.datasets)}
+    splits = sorted(splits)
     for data, split in splits:
         src = grid.data(data)
+        if src.is_union:  # its members' downloads are listed (and counted) on their own
+            out.lines.append(f"  data    {data}/{split}: the union of {', '.join(src.members)} (no download of its own)")
+            continue
         if src.data_dir:
             out.lines.append(f"  data    {data}/{split}: local folder {src.data_dir}")
             continue
@@ -150,7 +156,7 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
     out.lines.append("  backbone passes over a split: " + ", ".join(f"{b} {n}" for b, n in sorted(passes.items()))
                      + f" (total {sum(passes.values())}, {image_passes:,} image forwards"
                      + (f"; TPT/C-TPT cells: {n_tpt}, {facts()['tpt']['views']} views per image" if n_tpt else "") + ")")
-    out.lines.append(f"Estimated time on one GPU: {_hms(total_s)} (backbone {_hms(total_s - sae_s)}, SAE training "
+    out.lines.append(f"Estimated time ({costs.where}): {_hms(total_s)} (backbone {_hms(total_s - sae_s)}, SAE training "
                      f"{_hms(sae_s)})" + (f"; not counted (unknown image counts): {len(unknown_s)} item(s)"
                                           if unknown_s else ""))
     out.lines.append(f"  seconds per image: {costs.label}")

@@ -121,6 +121,7 @@ class Sizes:
     sae_samples: int | None = None
     batch_size: int = 256
     train_batch_size: int = 256
+    sae_buffer: int | None = None  # rows in SAELens' mixing buffer (None: training_data's default)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ def sae_job(grid: Grid, sizes: Sizes, cell: Cell) -> SAEJob | None:
     if source.train_split is None and not source.is_union:
         raise ValueError(f"data set {data!r} has no training split to train an SAE on")
     cache = CacheJob(cell.backbone, data, source.train_split or "train", cell.sae.layer_from_end, sizes.train_limit)
-    sz = (("epochs", sizes.sae_epochs), ("samples", sizes.sae_samples), ("batch", sizes.train_batch_size))
+    sz = (("epochs", sizes.sae_epochs), ("samples", sizes.sae_samples), ("batch", sizes.train_batch_size),
+          ("buffer", sizes.sae_buffer))
     return SAEJob(cell.backbone, cache, cell.sae, sz)
 
 

@@ -198,7 +198,7 @@ class GridRunner:
         k, x, _ = sae_size(b.model, job.spec.k, job.spec.expansion)
         sizes = dict(job.sizes)
         kw = dict(k=k, expansion_factor=x, batch_size=sizes["batch"], epochs=sizes["epochs"],
-                  total_training_samples=sizes["samples"], seed=b.seed, device=self.device, out_dir=folder,
+                  total_training_samples=sizes["samples"], buffer_size=sizes.get("buffer"), seed=b.seed, device=self.device, out_dir=folder,
                   resume=True, show_progress=self.show)
         if kw["epochs"] is None and kw["total_training_samples"] is None:
             kw["epochs"] = 10  # as `vision-steer run`
