@@ -135,6 +135,7 @@ def evaluate_members(model: Any, members: Sequence[ImageDataset], sae: Any, meth
     names = [m.dataset_id for m in members]
     if len(set(names)) < len(names):
         raise ValueError(f"a data set appears twice among {names}")
+    _check_pool(methods, (evaluate_kwargs.get("options") or {}).get("pool_cache"))
     results = {}
     for i, data in enumerate(members):
         if show_progress:
@@ -143,3 +144,24 @@ def evaluate_members(model: Any, members: Sequence[ImageDataset], sae: Any, meth
                                             show_progress=show_progress,
                                             config={**(config or {}), "union": names}, **evaluate_kwargs)
     return UnionEvaluation(results)
+
+
+def _check_pool(methods: Sequence[Any], pool_cache: Any) -> None:
+    """VS2++ and the retrieval baselines read the pool's images and labels: a union pool would hand a
+    member's queries neighbours (and labels) of the other data sets. Refused."""
+    if not pool_cache or not (Path(pool_cache) / "metadata.json").is_file():
+        return
+    import json
+
+    req = json.loads((Path(pool_cache) / "metadata.json").read_text()).get("request", {})
+    if not req.get("members"):
+        return
+    from .evaluation import get_method
+
+    names = [getattr(m, "method", m) for m in methods]
+    # The pool methods are the ones registered by steering/vs2pp_methods.py (they all read options["pool_cache"]).
+    readers = [n for n in names if get_method(n).fn.__module__.endswith("vs2pp_methods")]
+    if readers:
+        raise ValueError(f"{', '.join(readers)} retrieve from the pool cache {pool_cache}, a union of data sets "
+                         f"({req.get('dataset')}) whose images and labels belong to different data sets; evaluate "
+                         "them per data set with --pool-cache of that data set's own training cache")

@@ -254,3 +254,13 @@ def test_run_with_a_union_trains_one_sae_and_evaluates_each_data_set(data, tmp_p
         res = json.loads((out / folder / "results.json").read_text())
         assert res["config"]["dataset"] == name and res["config"]["fvu_threshold"] == run["fvu_threshold"]
     assert not (out / "results.json").exists()
+
+
+def test_retrieval_methods_refuse_a_union_pool(union_sae, caches, data, tiny_clip):
+    from sae_lens_vision_steer.union_eval import evaluate_members
+
+    _, u = caches
+    val = load_union_dataset("cifar100,imagefolder", "val", data["dirs"], tiny_clip.preprocess)
+    with pytest.raises(ValueError, match="vs2pp retrieve from the pool cache .* a union of data sets"):
+        evaluate_members(tiny_clip, val.members, union_sae.sae, ["zeroshot", "vs2pp"], show_progress=False,
+                         options={"pool_cache": str(u.root)})
