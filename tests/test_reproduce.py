@@ -21,11 +21,14 @@ NOTES = Path(__file__).resolve().parents[1].parent / "shared" / "paper-notes.md"
 VS2 = (("gamma", 1.5), ("lam", 2.1))
 
 
-def tiny_grid(data_dir: Path, missing_dir: Path) -> Grid:
+def tiny_grid(data_dir: Path, missing_dir: Path, other_dir: Path) -> Grid:
     # The grid's own names: "cifar100" / "ViT-B-32" here are a generated folder and the tiny random CLIP,
     # so the tables look the paper's numbers up (the differences are meaningless, their arithmetic is not).
     bb = Backbone("ViT-B-32", "ViT-B-32", None, random_weights=True, model_kwargs=json.dumps(TINY_CLIP_KWARGS))
-    ds = (DataSource("cifar100", "imagefolder", str(data_dir)), DataSource("missing", "imagefolder", str(missing_dir)))
+    ds = (DataSource("cifar100", "imagefolder", str(data_dir)), DataSource("missing", "imagefolder", str(missing_dir)),
+          DataSource("union", "imagefolder,imagefolder", f"{data_dir},{other_dir}"),
+          DataSource("gate", "imagefolder", str(data_dir)))  # the gate on the union's first member only
+    union = SAESpec(k=8, expansion=2, train_on="union")
     sae = SAESpec(k=8, expansion=2)
     col = "cifar100/ViT-B-32"
     cells = [("headline", "zeroshot", Cell("cifar100", "ViT-B-32", "zeroshot")),
@@ -35,10 +38,13 @@ def tiny_grid(data_dir: Path, missing_dir: Path) -> Grid:
              ("headline", "vs2pp", Cell("cifar100", "ViT-B-32", "vs2pp", sae, VS2, n_neighbours=5)),
              ("gate", "q=0.9", Cell("cifar100", "ViT-B-32", "vs2", sae, VS2, fvu_quantile=0.9)),
              ("layers", "last2", Cell("cifar100", "ViT-B-32", "vs2_last_n", sae, VS2, last_n=2)),
+             ("generalized", "vs2", Cell("cifar100", "ViT-B-32", "vs2", union, VS2, fvu_quantile=0.9,
+                                                     gate_on="gate")),
              ("headline", "bogus", Cell("cifar100", "ViT-B-32", "no_such_method", sae, VS2)),
              ("headline", "zeroshot", Cell("missing", "ViT-B-32", "zeroshot"))]
     entries = [Entry(t, r, f"{c.dataset}/ViT-B-32" if c.dataset != "cifar100" else col, c) for t, r, c in cells]
     entries.append(Entry("sae_fvu", "fvu", col, cells[1][2], "fvu"))
+    entries.append(Entry("generalized", "fvu", col, cells[7][2], "fvu"))
     return Grid((bb,), ds, tuple(entries))
 
 
@@ -57,7 +63,8 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     data = tmp_path / "data"
     write_image_folder(data / "train", n_classes=3, per_class=10, size=32, seed=0)
     write_image_folder(data / "val", n_classes=3, per_class=4, size=32, seed=1)
-    grid = tiny_grid(data, tmp_path / "missing")
+    write_image_folder(tmp_path / "other" / "train", n_classes=2, per_class=6, size=32, seed=2)
+    grid = tiny_grid(data, tmp_path / "missing", tmp_path / "other")
     grid_file = tmp_path / "grid.json"
     grid_file.write_text(json.dumps(grid.to_json()))
 
@@ -65,7 +72,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     assert code == 3  # some cells failed
     root = tmp_path / "out"
     states = _states(root)
-    assert len(states) == len(grid.cells) == 9
+    assert len(states) == len(grid.cells) == 10
     failed = {k: s for k, s in states.items() if s["status"] == "failed"}
     assert sorted(s["cell"]["method"] for s in failed.values()) == ["no_such_method", "zeroshot"]
     bogus = next(s for s in failed.values() if s["cell"]["method"] == "no_such_method")
@@ -74,10 +81,12 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     assert "does not exist" in missing["error"]
     done = {s["cell"]["method"] + ("/" + s["cell"]["sae"]["objective"] if s["cell"]["sae"] else "")
             + (f"/q{s['cell']['fvu_quantile']}" if s["cell"]["fvu_quantile"] else "")
-            + (f"/k{s['cell']['sae']['k']}" if s["cell"]["sae"] else ""): s
+            + (f"/k{s['cell']['sae']['k']}" if s["cell"]["sae"] else "")
+            + (f"/{s['cell']['sae']['train_on']}" if s["cell"]["sae"] and s["cell"]["sae"]["train_on"] else ""): s
             for s in states.values() if s["status"] == "done"}
-    assert len(done) == 7
-    assert "computed: {" in out and "'caches': 2" in out  # final block + block 0 (for the last-2 layers)
+    assert len(done) == 8
+    # caches: the final block and block 0 (for the last-2 layers) of the training split, and the union's
+    assert "computed: {" in out and "'caches': 3" in out
 
     # numbers: gain = top1 - zero-shot; the FVU gate's tau is the 0.9 quantile of per-sample FVU written out
     for s in done.values():
@@ -98,6 +107,16 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     fvu = ((x - rec) ** 2).sum(1) / ((x - mu) ** 2).sum(1)
     assert gated["fvu_threshold"] == pytest.approx(float(np.quantile(fvu.double().numpy(), 0.9)), rel=1e-4)
     assert done["vs2/topk/k8"]["fvu"] == done["vs2/topk/k8"]["sae_heldout_fvu"] is not None
+    # the generalized SAE: trained on the union cache (both folders), gated over it, its FVU per data set
+    gen = done["vs2/topk/q0.9/k8/union"]
+    union_cache = ActivationCache.open(next((root / "caches").glob("*/union/train-L0-*")))
+    assert union_cache.n_rows == 30 + 12
+    usae = SAE.load_from_disk(gen["sae"])
+    x = union_cache.load().float()[union_cache.dataset_ids() == 0]  # the gate member's rows
+    with torch.no_grad():
+        fvu = ((x - usae.decode(usae.encode(x))) ** 2).sum(1) / ((x - activation_mean(usae).float()) ** 2).sum(1)
+    assert gen["fvu_threshold"] == pytest.approx(float(np.quantile(fvu.double().numpy(), 0.9)), rel=1e-4)
+    assert gen["fvu"] != gen["sae_heldout_fvu"] and 0 < gen["fvu"] < 10
 
     # the tables: ours, the paper's number and the difference; failures listed with their errors
     md = (root / "tables.md").read_text()
@@ -111,7 +130,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     mtimes = {k: (root / "cells" / f"{k}.json").stat().st_mtime_ns for k, s in states.items() if s["status"] == "done"}
     code, out = _run(tmp_path, grid_file, capsys)
     assert code == 3
-    assert "computed: nothing" in out and "'cells': 7" in out
+    assert "computed: nothing" in out and "'cells': 8" in out
     assert {k: (root / "cells" / f"{k}.json").stat().st_mtime_ns for k in mtimes} == mtimes
     assert {k for k, s in _states(root).items() if s["status"] == "failed"} == set(failed)
 
@@ -124,7 +143,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
 
     # the dry run of the finished folder has nothing left but the failing cell
     code, out = _run(tmp_path, grid_file, capsys, "--dry-run")
-    assert code == 0 and "cells to run: 1 (of 9 declared)" in out and "SAE trainings: 0" in out
+    assert code == 0 and "cells to run: 1 (of 10 declared)" in out and "SAE trainings: 0" in out
 
 
 def test_paper_grid_dry_run_counts_and_selection(capsys):

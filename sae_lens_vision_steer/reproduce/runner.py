@@ -263,10 +263,13 @@ class GridRunner:
 
     def _tau(self, plan: Plan, group: EvalGroup, cell: Cell, sae, model) -> float:
         if gate_in_union(self.grid, group, cell):
-            from ..union import union_fvu_threshold
+            from ..union import cache_dataset_names, union_fvu_threshold
 
-            tau, _ = union_fvu_threshold(sae, self.sae(group.sae)[2], cell.fvu_quantile,
-                                         datasets=self.grid.data(cell.gate_on).members, model=model)
+            cache = self.sae(group.sae)[2]  # the union's cache: its members in the union's order
+            union = self.grid.data(group.sae.cache.data).members
+            names = cache_dataset_names(cache)
+            chosen = [names[union.index(m)] for m in self.grid.data(cell.gate_on).members]
+            tau, _ = union_fvu_threshold(sae, cache, cell.fvu_quantile, datasets=chosen, model=model)
             return tau
         from ..steering.vs2 import fvu_threshold_from_reference
 
