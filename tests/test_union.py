@@ -264,3 +264,17 @@ def test_retrieval_methods_refuse_a_union_pool(union_sae, caches, data, tiny_cli
     with pytest.raises(ValueError, match="vs2pp retrieve from the pool cache .* a union of data sets"):
         evaluate_members(tiny_clip, val.members, union_sae.sae, ["zeroshot", "vs2pp"], show_progress=False,
                          options={"pool_cache": str(u.root)})
+
+
+def test_cache_cli_with_a_union_writes_the_same_cache(caches, data, tmp_path, capsys):
+    _, u = caches
+    rc = main(["cache", "--random-weights", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS), "--device", "cpu",
+               "--dataset", "cifar100,imagefolder", "--data-dir", f"imagefolder={data['alpha']},cifar100={data['cifar']}",
+               "--split", "train", "--hook", HOOK, "--dtype", "float32", "--batch-size", str(BATCH),
+               "--shard-size", "7", "--num-workers", "0", "--no-progress", "--out", str(tmp_path / "c")])
+    assert rc == 0, capsys.readouterr().err
+    assert "member imagefolder:alpha/train: 12 images from image 10" in capsys.readouterr().out
+    from sae_lens_vision_steer.activation_cache import ActivationCache
+
+    c = ActivationCache.open(tmp_path / "c")
+    assert [s["sha256"] for s in c.metadata["shards"]] == [s["sha256"] for s in u.metadata["shards"]]
