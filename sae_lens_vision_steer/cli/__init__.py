@@ -11,7 +11,7 @@ import pkgutil
 import sys
 
 # Listed first, in this order, in `--help`; any other subcommand module follows alphabetically.
-ORDER = ["run", "zeroshot", "cache", "train", "eval", "sweep", "features", "publish"]
+ORDER = ["run", "zeroshot", "cache", "train", "eval", "sweep", "reproduce", "features", "publish"]
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
