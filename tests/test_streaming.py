@@ -206,3 +206,32 @@ def test_datasets_stream_gives_the_local_files_cache_bytes(tiny_clip, local_cach
     assert _shard_bytes(cache.root) == _shard_bytes(local_cache.root)
     short = load_image_dataset(str(repo), "train", transform=tiny_clip.preprocess, stream=True, limit=5)
     assert len(short) == 5 and torch.equal(short[4][0], ds[4][0])
+
+
+def test_cli_stream_bad_inputs(replicas, tmp_path, capsys):
+    """`vision-steer cache --stream`: a corrupt member and an early end are one line each with exit code 3;
+    --skip-bad-images caches the rest and counts the skipped image."""
+    from conftest import TINY_CLIP_KWARGS
+    from sae_lens_vision_steer.cli import main
+    from sae_lens_vision_steer.cli.common import EXIT_INPUT
+
+    samples = _samples()
+    members = _members(samples)
+    members[2 * 3] = ("s0003.jpg", b"\xff\xd8 truncated")
+    wds = tmp_path / "wds"
+    _write_tar(wds / "train" / "0.tar", members)
+
+    def cache(out, *extra):
+        return main(["cache", "--random-weights", "--seed", "0", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS),
+                     "--device", "cpu", "--stream", "--dataset", "webdataset", "--data-dir", str(wds), "--split",
+                     "train", "--hook", HOOK, "--batch-size", "4", "--no-progress", "--out", str(tmp_path / out),
+                     *extra])
+
+    assert cache("a") == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "member s0003.jpg of tar shard train/0.tar" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert cache("b", "--skip-bad-images") == 0
+    assert "11 images (1 skipped)" in capsys.readouterr().out
+    assert cache("c", "--skip-bad-images", "--limit", "15") == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "ended after 12 samples" in err and "15 were expected (--limit 15)" in err and "Traceback" not in err
