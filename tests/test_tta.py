@@ -172,3 +172,36 @@ def test_prompt_ensemble_uses_the_data_sets_templates(tiny_clip, folder):
         imgs = torch.stack([folder[i][0] for i in range(len(folder))])
         pred = (F.normalize(tiny_clip.clip.encode_image(imgs), dim=-1) @ w.T).argmax(1)
     assert (pred.numpy() == row.predictions).all()
+
+
+def test_two_ranks_split_the_images_and_match_one_process(tmp_path):
+    """Under torchrun (here: 2 forked gloo ranks) each rank tunes its block of images; the gathered
+    result is the one-process result, prediction for prediction."""
+    import json
+
+    from conftest import TINY_CLIP_KWARGS
+    from dist_worker import launch_forked
+    from sae_lens_vision_steer.cli import main
+
+    data = write_image_folder(tmp_path / "images", n_classes=3, per_class=2, size=40)
+
+    def argv(out):  # batch 64 / 64 views = 1 image per grid batch: 6 batches, 3 per rank
+        return ["eval", "--random-weights", "--seed", "0", "--model", "ViT-B-32", "--model-kwargs",
+                json.dumps(TINY_CLIP_KWARGS), "--device", "cpu", "--dataset", "imagefolder", "--data-dir", str(data),
+                "--split", "all", "--batch-size", "64", "--num-workers", "0", "--no-progress", "--templates", "single",
+                "--methods", "tpt", "--no-plots", "--out", str(out)]
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"out": str(tmp_path), "steps": [{"argv": argv(tmp_path / "two")}]}))
+    assert launch_forked(plan, 2, timeout=120) == [0, 0]
+    steps = [json.loads((tmp_path / f"rank{r}.json").read_text())[0] for r in (0, 1)]
+    assert [st["rc"] for st in steps] == [0, 0]
+    assert [st["batches"].count(64) for st in steps] == [3, 3]  # each rank ran the 64 views of its 3 images
+    assert main(argv(tmp_path / "one")) == 0
+    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    assert two["methods"]["tpt"]["info"]["cost"]["ranks"] == 2 and one["methods"]["tpt"]["info"]["cost"]["ranks"] == 1
+    for key in ("top1", "top5", "per_class_acc"):
+        assert two["methods"]["tpt"][key] == one["methods"]["tpt"][key]
+    for key in ("mean_selected_entropy_before", "mean_atfd_before"):  # every image, with the same views
+        assert two["methods"]["tpt"]["info"]["cost"][key] == pytest.approx(one["methods"]["tpt"]["info"]["cost"][key])
+    assert two["timing"]["n_image_forwards"] == one["timing"]["n_image_forwards"] == 6 + 64 * 6

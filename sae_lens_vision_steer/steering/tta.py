@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import InputError
 from .prompt_tuning import DEFAULT_CTX_INIT, PromptContextEncoder, atfd
 
@@ -206,8 +207,12 @@ def run_tpt(model: Any, data: Any, classnames: Sequence[str], cfg: TPTConfig = T
     views = TPTViews(model.preprocess, model.cfg.image_size, cfg.n_views, augment)
     scale = float(model.logit_scale)
     per_load = max(1, batch_size // cfg.n_views)
-    loader = DataLoader(_ViewSet(data, views, cfg.seed), batch_size=per_load, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, prefetch_factor=4 if num_workers > 0 else None)
+    viewset = _ViewSet(data, views, cfg.seed)
+    # Under torchrun each rank tunes its block of the image grid; the logits are gathered in order below.
+    grid = dict(batch_sampler=distributed.batch_block(len(viewset), per_load)) if distributed.active() else \
+        dict(batch_size=per_load, shuffle=False)
+    loader = DataLoader(viewset, num_workers=num_workers, collate_fn=_collate,
+                        prefetch_factor=4 if num_workers > 0 else None, **grid)
     logits, labels, n_skipped = [], [], 0
     t_image = t_text = 0.0
     entropy_before, atfd_before = [], []
@@ -230,18 +235,24 @@ def run_tpt(model: Any, data: Any, classnames: Sequence[str], cfg: TPTConfig = T
         t_image += t2 - t1
         t_text += time.perf_counter() - t2
         labels.append(labels_B)
-    if not logits:
+    logits_NC, labels_N = (torch.cat(logits), torch.cat(labels)) if logits else (None, None)
+    if distributed.active():
+        logits_NC, labels_N = distributed.gather_cat([logits_NC, labels_N])
+        n_skipped = distributed.sum_int(n_skipped)
+        sums = distributed.all_gather_object((sum(entropy_before), sum(atfd_before)))
+        entropy_before, atfd_before = [sum(e for e, _ in sums)], [sum(a for _, a in sums)]
+    if logits_NC is None:
         raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
-    n = sum(len(x) for x in labels)
+    n = len(labels_N)
     C = len(classnames)
     cost = {"n_images": n, "image_forwards": n * cfg.n_views, "image_forwards_per_image": cfg.n_views,
             "text_passes_per_image": cfg.steps + 1, "text_backward_passes_per_image": cfg.steps,
             "prompts_per_text_pass": C, "image_s": t_image, "text_s": t_text,
             "total_s": time.perf_counter() - t0, "seconds_per_image": (time.perf_counter() - t0) / n,
-            "augment": augment, "config": asdict(cfg),
+            "augment": augment, "config": asdict(cfg), "ranks": distributed.world_size(),
             "mean_selected_entropy_before": float(sum(entropy_before) / n),
             "mean_atfd_before": float(sum(atfd_before) / n)}
-    return TPTRun(torch.cat(logits), torch.cat(labels), n_skipped, cost)
+    return TPTRun(logits_NC, labels_N, n_skipped, cost)
 
 
 __all__ = ["CTPT_LAMBDA", "IMAGENET_STYLE", "TPTConfig", "TPTRun", "TPTViews", "avg_entropy", "confident_views",
