@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         states = cell_states(grid, out, sizes) if out.is_dir() else {}
         done = {c for c, s in states.items() if s and s.get("status") == "done"}
         report = dry_run(plan, costs, out if out.is_dir() else None, done)
-        print(f"vision-steer reproduce --dry-run: {len(grid.cells)} cells, {len(grid.tables)} tables "
+        print(f"vision-steer reproduce --dry-run: {len(grid.cells)} cells, {len(grid.tables)} table(s) "
               f"({', '.join(grid.tables)})")
         print(report.text())
         for cell, err in bad.items():
