@@ -194,11 +194,13 @@ class TPTRun:
 
 
 def run_tpt(model: Any, data: Any, classnames: Sequence[str], cfg: TPTConfig = TPTConfig(), batch_size: int = 256,
-            num_workers: int = 2, images_per_step: int = 8, show_progress: bool = True, desc: str = "TPT") -> TPTRun:
+            num_workers: int = 2, images_per_step: int | None = None, show_progress: bool = True, desc: str = "TPT",
+            ) -> TPTRun:
     """TPT (or C-TPT, `cfg.lam > 0`) over every image of `data`, in the data set's order.
 
     The views of `max(1, batch_size // n_views)` images go through the image tower together; their
-    contexts are tuned `images_per_step` at a time. Returns the logits and the cost: image-tower forwards
+    contexts are tuned `images_per_step` at a time (default: as many as keep one text pass at about
+    1,024 prompts, `1024 // C`, since the backward holds every prompt's activations). Returns the logits and the cost: image-tower forwards
     (`n_views` per image), text-tower passes over the C class prompts (`steps` with a backward, one
     without) and the seconds spent in each part.
     """
@@ -207,6 +209,7 @@ def run_tpt(model: Any, data: Any, classnames: Sequence[str], cfg: TPTConfig = T
     views = TPTViews(model.preprocess, model.cfg.image_size, cfg.n_views, augment)
     scale = float(model.logit_scale)
     per_load = max(1, batch_size // cfg.n_views)
+    images_per_step = images_per_step or max(1, 1024 // len(classnames))
     viewset = _ViewSet(data, views, cfg.seed)
     # Under torchrun each rank tunes its block of the image grid; the logits are gathered in order below.
     grid = dict(batch_sampler=distributed.batch_block(len(viewset), per_load)) if distributed.active() else \

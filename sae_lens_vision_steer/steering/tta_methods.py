@@ -81,7 +81,7 @@ def _check_text(ctx: MethodContext) -> None:
         raise ValueError("TPT needs the evaluation images (ctx.data) to augment them")
 
 
-def _tpt_output(tokens_ND: torch.Tensor, ctx: MethodContext, cfg: TPTConfig, images_per_step: int,
+def _tpt_output(tokens_ND: torch.Tensor, ctx: MethodContext, cfg: TPTConfig, images_per_step: int | None,
                 desc: str) -> MethodOutput:
     _check_text(ctx)
     run = run_tpt(ctx.model, ctx.data, ctx.classifier.classnames, cfg, batch_size=ctx.batch_size,
@@ -97,7 +97,7 @@ def _tpt_output(tokens_ND: torch.Tensor, ctx: MethodContext, cfg: TPTConfig, ima
                  description="TPT: test-time prompt tuning (64 views, 10% most confident, 1 AdamW step, reset)")
 def _tpt(tokens_ND: torch.Tensor, ctx: MethodContext, *, tpt_views: int = 64, tpt_selection_p: float = 0.1,
          tpt_lr: float = 5e-3, tpt_steps: int = 1, tpt_augment: str = "auto", tpt_seed: int = 0,
-         tpt_images_per_step: int = 4, **_: Any) -> MethodOutput:
+         tpt_images_per_step: int | None = None, **_: Any) -> MethodOutput:
     cfg = TPTConfig(n_views=tpt_views, selection_p=tpt_selection_p, lr=tpt_lr, steps=tpt_steps, augment=tpt_augment,
                     seed=tpt_seed)
     return _tpt_output(tokens_ND, ctx, cfg, tpt_images_per_step, "TPT")
@@ -107,7 +107,7 @@ def _tpt(tokens_ND: torch.Tensor, ctx: MethodContext, *, tpt_views: int = 64, tp
                  description="C-TPT: TPT with the ATFD (text-feature dispersion) regulariser, lambda 50")
 def _ctpt(tokens_ND: torch.Tensor, ctx: MethodContext, *, ctpt_lambda: float = CTPT_LAMBDA, tpt_views: int = 64,
           tpt_selection_p: float = 0.1, tpt_lr: float = 5e-3, tpt_steps: int = 1, tpt_augment: str = "auto",
-          tpt_seed: int = 0, tpt_images_per_step: int = 4, **_: Any) -> MethodOutput:
+          tpt_seed: int = 0, tpt_images_per_step: int | None = None, **_: Any) -> MethodOutput:
     cfg = TPTConfig(n_views=tpt_views, selection_p=tpt_selection_p, lr=tpt_lr, steps=tpt_steps, augment=tpt_augment,
                     seed=tpt_seed, lam=ctpt_lambda)
     return _tpt_output(tokens_ND, ctx, cfg, tpt_images_per_step, "C-TPT")
