@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}/: cache_train/, sae/, "
           + ("summary.json, summary.md, " + "".join(f"{f}/, " for f in result.summary()["folders"].values())
              if union else "results.json, results.md, ") + "run.json, "
-          + ", ".join(p.name for key, p in written.items() if key.startswith("plot:")))
+          + ", ".join(p.name for key, p in written.items() if key.startswith("plot:") or key == "summary_plot"))
     return 0
 
 
