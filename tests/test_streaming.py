@@ -235,3 +235,25 @@ def test_cli_stream_bad_inputs(replicas, tmp_path, capsys):
     assert cache("c", "--skip-bad-images", "--limit", "15") == EXIT_INPUT
     err = capsys.readouterr().err
     assert "ended after 12 samples" in err and "15 were expected (--limit 15)" in err and "Traceback" not in err
+
+
+def test_hub_webdataset_shards_from_the_hf_cache(tmp_path, monkeypatch):
+    """An OOD data set's CLIP-benchmark shards (clip-benchmark/wds_food101 replica, offline): the stream
+    reads the shards the HF cache holds, with the repo's class names and templates; length from the headers."""
+    import huggingface_hub.constants as hf_constants
+
+    from test_ood_datasets import write_replica
+
+    cache = tmp_path / "hub"
+    names = [f"food {c}" for c in range(4)]
+    write_replica(cache, "clip-benchmark/wds_food101", names, ["a photo of {c}, a type of food."],
+                  {"test": [[3, 0, 2], [1]]})
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    ds = load_image_dataset("food101", "val", stream=True)
+    assert (ds.dataset_id, ds.hub_repo, len(ds), ds.classnames) == ("food101", "clip-benchmark/wds_food101", 4, names)
+    assert ds.prompt_templates == ["a photo of {}, a type of food."]
+    assert ds.relative_paths == ["clip-benchmark/wds_food101/test/0.tar", "clip-benchmark/wds_food101/test/1.tar"]
+    items = [ds[i] for i in range(4)]
+    assert [y for _, y, _ in items] == [3, 0, 2, 1]
+    assert [img.getpixel((0, 0)) for img, _, _ in items] == [(20 * y + 10,) * 3 for y in (3, 0, 2, 1)]
