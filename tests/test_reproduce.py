@@ -40,6 +40,7 @@ def tiny_grid(data_dir: Path, missing_dir: Path, other_dir: Path) -> Grid:
              ("layers", "last2", Cell("cifar100", "ViT-B-32", "vs2_last_n", sae, VS2, last_n=2)),
              ("generalized", "vs2", Cell("cifar100", "ViT-B-32", "vs2", union, VS2, fvu_quantile=0.9,
                                                      gate_on="gate")),
+             ("tta", "zeroshot_single", Cell("cifar100", "ViT-B-32", "zeroshot_single")),
              ("headline", "bogus", Cell("cifar100", "ViT-B-32", "no_such_method", sae, VS2)),
              ("headline", "zeroshot", Cell("missing", "ViT-B-32", "zeroshot"))]
     entries = [Entry(t, r, f"{c.dataset}/ViT-B-32" if c.dataset != "cifar100" else col, c) for t, r, c in cells]
@@ -72,7 +73,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     assert code == 3  # some cells failed
     root = tmp_path / "out"
     states = _states(root)
-    assert len(states) == len(grid.cells) == 10
+    assert len(states) == len(grid.cells) == 11
     failed = {k: s for k, s in states.items() if s["status"] == "failed"}
     assert sorted(s["cell"]["method"] for s in failed.values()) == ["no_such_method", "zeroshot"]
     bogus = next(s for s in failed.values() if s["cell"]["method"] == "no_such_method")
@@ -84,7 +85,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
             + (f"/k{s['cell']['sae']['k']}" if s["cell"]["sae"] else "")
             + (f"/{s['cell']['sae']['train_on']}" if s["cell"]["sae"] and s["cell"]["sae"]["train_on"] else ""): s
             for s in states.values() if s["status"] == "done"}
-    assert len(done) == 8
+    assert len(done) == 9
     # caches: the final block and block 0 (for the last-2 layers) of the training split, and the union's
     assert "computed: {" in out and "'caches': 3" in out
 
@@ -106,6 +107,8 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     mu = activation_mean(sae).float()  # the mean the SAE records (its training rows' mean)
     fvu = ((x - rec) ** 2).sum(1) / ((x - mu) ** 2).sum(1)
     assert gated["fvu_threshold"] == pytest.approx(float(np.quantile(fvu.double().numpy(), 0.9)), rel=1e-4)
+    # a baseline registered by name by another module, scored on the shared pass of the SAE group
+    assert done["zeroshot_single"]["group"] == done["vs2/topk/k8"]["group"]
     assert done["vs2/topk/k8"]["fvu"] == done["vs2/topk/k8"]["sae_heldout_fvu"] is not None
     # the generalized SAE: trained on the union cache (both folders), gated over it, its FVU per data set
     gen = done["vs2/topk/q0.9/k8/union"]
@@ -130,7 +133,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     mtimes = {k: (root / "cells" / f"{k}.json").stat().st_mtime_ns for k, s in states.items() if s["status"] == "done"}
     code, out = _run(tmp_path, grid_file, capsys)
     assert code == 3
-    assert "computed: nothing" in out and "'cells': 8" in out
+    assert "computed: nothing" in out and "'cells': 9" in out
     assert {k: (root / "cells" / f"{k}.json").stat().st_mtime_ns for k in mtimes} == mtimes
     assert {k for k, s in _states(root).items() if s["status"] == "failed"} == set(failed)
 
@@ -143,7 +146,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
 
     # the dry run of the finished folder has nothing left but the failing cell
     code, out = _run(tmp_path, grid_file, capsys, "--dry-run")
-    assert code == 0 and "cells to run: 1 (of 10 declared)" in out and "SAE trainings: 0" in out
+    assert code == 0 and "cells to run: 1 (of 11 declared)" in out and "SAE trainings: 0" in out
 
 
 def test_paper_grid_dry_run_counts_and_selection(capsys):
