@@ -49,10 +49,10 @@ def tiny_grid(data_dir: Path, missing_dir: Path, other_dir: Path) -> Grid:
     return Grid((bb,), ds, tuple(entries))
 
 
-def _run(tmp_path: Path, grid_file: Path, capsys, *extra: str) -> tuple[int, str]:
+def _run(tmp_path: Path, grid_file: Path, capsys, *extra: str, plots: bool = False) -> tuple[int, str]:
     code = main(["reproduce", "--grid", str(grid_file), "--out", str(tmp_path / "out"), "--limit", "30",
                  "--sae-epochs", "2", "--train-batch-size", "8", "--sae-buffer", "32", "--batch-size", "16", "--device", "cpu",
-                 "--no-progress", "--no-plots", *extra])
+                 "--no-progress", *([] if plots else ["--no-plots"]), *extra])
     return code, capsys.readouterr().out
 
 
@@ -140,7 +140,8 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     # the missing data set appears: only its cell runs; the unknown method still fails alone
     write_image_folder(tmp_path / "missing" / "train", n_classes=3, per_class=2, size=32)
     write_image_folder(tmp_path / "missing" / "val", n_classes=3, per_class=2, size=32)
-    code, out = _run(tmp_path, grid_file, capsys)
+    code, out = _run(tmp_path, grid_file, capsys, plots=True)
+    assert (root / "table_headline.png").stat().st_size > 1000
     assert code == 3 and "'cells': 1" in out.split("reused")[0] and "'caches'" not in out.split("reused")[0]
     assert [s["cell"]["method"] for s in _states(root).values() if s["status"] == "failed"] == ["no_such_method"]
 
