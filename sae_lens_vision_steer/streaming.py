@@ -331,7 +331,8 @@ class StreamedImageDataset(ImageDataset):
             self._reader.close()
             self._reader = None
 
-    def __getitem__(self, idx: int):
+    def __getitem__(self, pos: int):
+        idx = int(self.indices[pos]) if self.indices is not None else pos  # a subset by `indices`: its samples
         if not 0 <= idx < self.n_items:
             raise IndexError(f"sample {idx} is outside the stream's {self.n_items} samples")
         if self._reader is None or idx < self._next:
@@ -357,7 +358,7 @@ class StreamedImageDataset(ImageDataset):
                     return None
                 raise value
             x, label = value
-            return x, label, idx
+            return x, label, pos
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: each opens its own stream
         state = dict(self.__dict__)

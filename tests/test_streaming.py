@@ -105,6 +105,9 @@ def test_items_out_of_order_and_in_a_worker(tiny_clip, replicas):
         assert idx == i and label == label0 and torch.equal(x, x0)
     with pytest.raises(IndexError):
         ds[12]
+    ds.indices = np.array([1, 5, 9])  # a subset by indices (as a slicing helper sets it): those samples
+    assert len(ds) == 3 and ds[1][2] == 1 and torch.equal(ds[1][0], local[5][0]) and ds[2][1] == local[9][1]
+    ds.indices = None
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1)  # the worker opens its own stream
     got = torch.cat([b[1] for b in loader])
     assert got.tolist() == [int(local.labels[i]) for i in range(len(local))]
