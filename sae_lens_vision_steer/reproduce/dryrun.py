@@ -132,23 +132,22 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
             if c.method in TPT_LIKE and c not in done:
                 n_tpt += 1
                 add_pass(g.backbone, n, f"{c.method} {g.data}/{g.backbone}", facts()["tpt"]["views"])
+    from ..training import PAPER_PRESETS
+
     sae_s = 0.0
     for j in saes.values():
         b = grid.backbone(j.backbone)
         prof = architecture_profile(b.model, b.model_kwargs)
-        from ..training import PAPER_PRESETS
-
         preset = PAPER_PRESETS.get(b.model)
-        k = j.spec.k or (preset.k if preset else 64)
         x = j.spec.expansion or (preset.expansion_factor if preset else 4)
         rows = _images(grid.data(j.cache.data).dataset, j.cache.split, sizes.train_limit)
+        # `run`'s defaults: 10 epochs over the 90% of rows not held out for the SAE's FVU
         samples = sizes.sae_samples or (rows and int((sizes.sae_epochs or 10) * rows * 0.9))
         s = costs.sae_sample_s(j.backbone, prof.d_model, prof.d_model * x)
         if samples is None or s is None:
             unknown_s.append(f"SAE {j.folder}")
         else:
             sae_s += samples * s
-        del k
     total_s += sae_s
     n_cells = sum(1 for g in groups for c in g.cells if c not in done)
     out.lines.append(f"  cells to run: {n_cells} (of {len(grid.cells)} declared) in {n_eval_groups} evaluation groups")
