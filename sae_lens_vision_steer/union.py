@@ -20,7 +20,6 @@ caches are unchanged. A union has no single class list: zero-shot evaluation run
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -249,7 +248,8 @@ def check_caches_agree(caches: Sequence[Any], hook_name: str | None = None) -> N
                 problems.append(f"{k}: {first.root} has {_short(req0.get(k))}, {c.root} has {_short(req.get(k))}")
         if hook_name is not None:
             if hook_name not in c.hook_names or hook_name not in first.hook_names:
-                problems.append(f"hook {hook_name!r}: {first.root} holds {first.hook_names}, {c.root} holds {c.hook_names}")
+                problems.append(f"hook {hook_name!r}: {first.root} holds {first.hook_names}, "
+                                f"{c.root} holds {c.hook_names}")
             elif c.d_in(hook_name) != first.d_in(hook_name):
                 problems.append(f"width at {hook_name!r}: {first.d_in(hook_name)} vs {c.d_in(hook_name)}")
     overlap = [n for n, k in _count(m for c in caches for m in _member_keys(c)).items() if k > 1]

@@ -67,7 +67,9 @@ class UnionEvaluation:
             lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(cols)]
             return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
         widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-        row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        def row(r: list[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
         return "\n".join([row(header), "  ".join("-" * w for w in widths)] + [row(r) for r in body])
 
     def save(self, out_dir: Any, plots: bool = True) -> dict[str, Path]:

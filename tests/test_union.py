@@ -269,7 +269,8 @@ def test_retrieval_methods_refuse_a_union_pool(union_sae, caches, data, tiny_cli
 def test_cache_cli_with_a_union_writes_the_same_cache(caches, data, tmp_path, capsys):
     _, u = caches
     rc = main(["cache", "--random-weights", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS), "--device", "cpu",
-               "--dataset", "cifar100,imagefolder", "--data-dir", f"imagefolder={data['alpha']},cifar100={data['cifar']}",
+               "--dataset", "cifar100,imagefolder",
+               "--data-dir", f"imagefolder={data['alpha']},cifar100={data['cifar']}",
                "--split", "train", "--hook", HOOK, "--dtype", "float32", "--batch-size", str(BATCH),
                "--shard-size", "7", "--num-workers", "0", "--no-progress", "--out", str(tmp_path / "c")])
     assert rc == 0, capsys.readouterr().err
