@@ -116,6 +116,9 @@ def test_sae_on_the_union_records_every_member(union_sae, caches):
     assert [(m["dataset"], m["split"], m["n_images"]) for m in meta["dataset_members"]] == [
         ("cifar100", "train", N_CIFAR), ("imagefolder:alpha", "train", 12)]
     from sae_lens_vision_steer.model_card import sae_card_section
+    from sae_lens_vision_steer.sae_metadata import portable_metadata, vision_metadata
+
+    assert portable_metadata(vision_metadata(union_sae.sae))["dataset_members"] == meta["dataset_members"]
 
     card = sae_card_section("me/saes", "union", {"d_in": 64, "d_sae": 128, "k": 4, "architecture": "topk"}, meta)
     assert "union of 2 data sets: `cifar100` (split `train`, 10 images), `imagefolder alpha`" in card
