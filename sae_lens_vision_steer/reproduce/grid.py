@@ -199,7 +199,8 @@ class Grid:
             datasets = tuple(DataSource(**d) for d in obj["datasets"])
             entries = tuple(_entry(e) for e in obj["entries"])
         except (KeyError, TypeError) as e:
-            raise ValueError(f"grid file: {e} (expected backbones, datasets and entries with the fields of "
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"grid file: {what} (expected backbones, datasets and entries with the fields of "
                              "reproduce/grid.py)") from None
         grid = cls(backbones, datasets, entries)
         for c in grid.cells:  # every name must resolve
