@@ -23,7 +23,7 @@ per file; `/proc/sys/vm/drop_caches` is not writable here), so runs start cold; 
 cap counts RSS and page cache together; the training process itself needs about 1.2 GiB, so with a
 1.5 GiB cap only a few hundred MiB of the cache's pages can stay cached and rereads go to the disk.
 
-    python benchmarks/patch_loader.py                       # X = 1,750 images (0.5 GiB), 2X = 3,500 (1.0 GiB), cap 1.5 GiB
+    python benchmarks/patch_loader.py        # X = 1,750 images (0.5 GiB), 2X = 3,500 (1.0 GiB), cap 1.5 GiB
     python benchmarks/patch_loader.py --n-images 200 --cap-mib 0 --samples 20480 --reps 1   # smoke
 """
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -199,7 +198,8 @@ def run_child(args, mode: str, n_images: int, cap: MemoryCap | None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="patch_loader_") as tmp:
         result = Path(tmp) / "r.json"
-        argv = [sys.executable, __file__, "--child", mode, "--n-images", str(n_images), "--samples", str(args.samples), "--loader-rows", str(args.loader_rows),
+        argv = [sys.executable, __file__, "--child", mode, "--n-images", str(n_images), "--samples", str(args.samples),
+                "--loader-rows", str(args.loader_rows),
                 "--work-dir", str(args.work_dir), "--data-dir", str(args.data_dir), "--seed", str(args.seed),
                 "--num-workers", str(args.num_workers), "--result-file", str(result)]
         if args.threads:
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         sh = summarize([lo[name]["sps"] for lo in loaders])
         report(Figure(f"patch_loader/{name}_over_sequential", summarize([1 / v for v in seq.values]),
                       summarize([1 / v for v in sh.values]), "speed", "sequential shard reads", name, None,
-                      f"no cap, cache files evicted from the page cache first; samples/s median sequential {seq.median:.0f}, {name} {sh.median:.0f} (saev: 4.5k "
+                      f"no cap, cache files evicted from the page cache first; samples/s median sequential "
+                      f"{seq.median:.0f}, {name} {sh.median:.0f} (saev: 4.5k "
                       f"sequential, 5.8k shuffled); disk reads per pass "
                       f"{summarize([lo[name]['disk_read_bytes'] for lo in loaders]).median / 2**20:.0f} MiB of "
                       f"{loaders[0]['cache_bytes'] / 2**20:.0f} MiB", unit="s/sample"), args.json_out)

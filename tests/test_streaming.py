@@ -195,7 +195,8 @@ def _write_hub_replica(root: Path, samples) -> Path:
     (root / "README.md").write_text(
         "---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: label\n    dtype:\n"
         "      class_label:\n        names:\n          '0': a\n          '1': b\n          '2': c\n"
-        f"  splits:\n  - name: train\n    num_bytes: {sum(len(d) for _, d, _ in samples)}\n    num_examples: {len(samples)}\n"
+        f"  splits:\n  - name: train\n    num_bytes: {sum(len(d) for _, d, _ in samples)}\n"
+        f"    num_examples: {len(samples)}\n"
         "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n")
     return root
 
