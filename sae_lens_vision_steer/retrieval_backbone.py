@@ -214,7 +214,14 @@ class RetrievalEmbeddingCache:
                                           f"({'; '.join(diffs)}); delete it or give another --retrieval-cache")
 
     def get(self, key: str, identity: dict[str, Any], compute) -> RetrievalEmbeds:
-        """The embeddings of one image set: read and verified when cached, else `compute()` and stored."""
+        """The embeddings of one image set: read and verified when cached, else `compute()` and stored.
+        Under torchrun rank 0 reads or computes and writes them (the folder's lock admits one writer) and
+        the other ranks receive them."""
+        from . import distributed
+
+        return distributed.on_main(lambda: self._get(key, identity, compute))
+
+    def _get(self, key: str, identity: dict[str, Any], compute) -> RetrievalEmbeds:
         t0 = time.perf_counter()
         self.check(key, identity)
         rec = self._meta()["sets"].get(key)

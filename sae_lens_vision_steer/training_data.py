@@ -188,7 +188,7 @@ def activation_batches(
 
     Shards are visited in a per-epoch random order, rows shuffled within each shard and mixed across
     shards in SAELens' `mixing_buffer` of `buffer_size` rows (default: the largest of 32768 rows, two
-    shards and four batches). `epochs=None` streams forever (SAETrainer stops at its sample count). Only full batches are
+    shards and four batches, but no more than the selected rows or four batches, whichever is larger). `epochs=None` streams forever (SAETrainer stops at its sample count). Only full batches are
     yielded; rows left over at the end of an epoch carry into the next. The stream is a function of
     `seed` only. `with_labels=True` yields `(acts_BD, labels_B)` (int64, -1 where unknown) instead.
     `skip_batches` drops that many batches first (used to resume a run where it stopped).
@@ -210,7 +210,9 @@ def activation_batches(
     if with_labels and np.abs(cache.labels).max(initial=0) >= 2**24:
         raise ValueError("labels must be below 2**24 to travel through the float32 mixing buffer")
     if buffer_size is None:
-        buffer_size = max(4 * batch_size, 2 * cache.metadata["request"]["shard_size"], 32768)
+        # Never more than the selected rows (a tiny cache would be re-read many times just to fill it).
+        default = max(4 * batch_size, 2 * cache.metadata["request"]["shard_size"], 32768)
+        buffer_size = max(4 * batch_size, min(default, int(mask.sum())))
     d = cache.d_in(hook)
     rows_iter = (x.to(dtype) for x in _shard_rows(cache, hook, mask, seed, epochs, with_labels))
     batches = _with_private_torch_rng(mixing_buffer(buffer_size, batch_size, rows_iter, mix_fraction), seed)

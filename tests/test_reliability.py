@@ -82,7 +82,7 @@ def test_unwritable_out_is_refused_before_work_and_the_table_is_printed_before_s
                                                                                      monkeypatch):
     a_file = tmp_path / "not_a_folder"
     a_file.write_text("x")
-    import sae_lens_vision_steer.evaluation as evaluation
+    import sae_lens_vision_steer.evaluation.runner as evaluation  # the module whose global the runner looks up
 
     calls = []
     monkeypatch.setattr(evaluation, "cache_hook_tokens",

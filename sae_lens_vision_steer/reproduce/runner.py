@@ -69,8 +69,6 @@ class GridRunner:
     def __init__(self, grid: Grid, root: str | Path, sizes: Sizes = Sizes(), device: str = "cpu",
                  show_progress: bool = True, text_cache: str | Path | None = None, num_workers: int = 0,
                  log: Callable[[str], None] = print):
-        from . import methods  # noqa: F401  (registers vs2_last_n)
-
         self.grid, self.sizes, self.device, self.show = grid, sizes, device, show_progress
         self.ws = Workspace(root)
         self.text_cache = Path(text_cache) if text_cache else self.ws.root / "text_cache"

@@ -1,319 +1,29 @@
-"""Evaluation runner: zero-shot accuracy of steering methods, sharing one backbone pass.
-
-The backbone runs once: the tokens at the SAE's hook are cached in memory for the evaluation set
-(the forward stops right after the hook's block), and every method and setting maps the cached CLS
-tokens through the rest of the tower (for the final block: `model.head`, i.e. ln_post + projection).
-Methods that need other layers (SAE-rec all) declare `kind="pass"` and get their own hooked pass.
-
-A method is a registered function, so new ones plug in without touching the loop:
-
-    @register_method("my_method", description="...")
-    def my_method(tokens_ND, ctx, *, lam, gamma, **_):
-        return MethodOutput(tokens=..., coverage=...)      # or embeds=[N, E]
-
-`kind="pass"` methods are called as `fn(ctx, **settings)` and return a `TokenIntervention` (or a
-list of forward hooks); the runner classifies a full hooked pass over `ctx.data`. A method may
-register `prepare(ctx)`, run before the backbone pass to check its inputs (a pool cache, layer SAEs).
-
-The FVU gate is per method: `fvu_threshold` reaches only the methods in `gate_methods` (default
-`vs2`, as in the paper); `results.json` lists them under `config.gated_methods`.
-Results and plots are in `results.py`.
-"""
+"""The runner: `Evaluator` holds one backbone pass of an evaluation set and scores any number of
+methods on it; `evaluate` is the one-call form that also writes results; `sweep_vs2` scores a lam x gamma grid."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from sae_lens import SAE
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
-from .data import ImageDataset, make_loader
-from .hooked_clip import HookedCLIP
-from .identity import model_identity
-from .results import (  # noqa: F401  (re-exported: the results API used to live here)
-    RESULTS_FILE,
-    EvaluationResult,
-    MethodScores,
-    SweepResult,
-    format_table,
-    plot_per_class_changes,
-    plot_sweep_heatmap,
-)
-from .sae_metadata import activation_mean, check_sae_fits_hook, check_sae_positions, sae_hook_name
-from .steering.baselines import SAEReconstruction, sae_reconstruct
-from .steering.hooks import TokenIntervention
-from .steering.vs2 import PAPER_GAMMA, PAPER_LAM, vs2_from_reconstruction
-from .zeroshot import ZeroShotClassifier, ZeroShotResult, accuracy_metrics
-
-DEFAULT_METHODS = ("zeroshot", "vs2", "rec_final", "rec_final_gamma")
-DEFAULT_GATED_METHODS = ("vs2",)  # the paper gates VS2 only
-_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-
-
-# ---------------------------------------------------------------------------------- method registry
-@dataclass
-class MethodOutput:
-    """What a method returns for the evaluation set: steered tokens at the hook or embeddings."""
-
-    tokens: torch.Tensor | None = None  # [N, D] CLS tokens at the SAE hook
-    embeds: torch.Tensor | None = None  # [N, E] image embeddings (skips the rest of the tower)
-    logits: torch.Tensor | None = None  # [N, C] class logits (methods with their own head, e.g. TPT)
-    coverage: float = 0.0  # fraction of images whose token was changed
-    image_forwards: int = 0  # image-tower forwards the method ran itself (TPT: 64 views per image)
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class MethodContext:
-    """Everything a method may use. `scratch` is shared by all method calls of one run (e.g. for
-    neighbour indices that several settings reuse). The evaluation set's labels are set only while a
-    method registered with `uses_eval_labels=True` (an oracle) runs, and are None otherwise."""
-
-    model: HookedCLIP
-    classifier: ZeroShotClassifier
-    sae: SAE | None
-    hook_name: str | None
-    data: ImageDataset | None
-    tokens_to_embeds: Callable[[torch.Tensor], torch.Tensor]
-    batch_size: int = 256
-    num_workers: int = 2
-    show_progress: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
-    scratch: dict[str, Any] = field(default_factory=dict)
-    zeroshot_embeds_NE: torch.Tensor | None = None  # plain CLIP image embeddings of the evaluation set
-    oracle_labels_N: torch.Tensor | None = None
-
-    def require_sae(self, method: str) -> SAE:
-        if self.sae is None:
-            raise ValueError(f"method {method!r} needs an SAE (--sae)")
-        return self.sae
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    fn: Callable[..., Any]
-    kind: Literal["tokens", "pass"] = "tokens"
-    needs_sae: bool = True
-    uses_eval_labels: bool = False  # oracle methods: read the evaluation labels (never label-free)
-    description: str = ""
-    prepare: Callable[["MethodContext"], None] | None = None  # checks run before the backbone pass
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, *, kind: Literal["tokens", "pass"] = "tokens", needs_sae: bool = True,
-                    uses_eval_labels: bool = False, description: str = "",
-                    prepare: Callable[["MethodContext"], None] | None = None,
-                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: add `fn` to `METHODS` under `name` (replacing an older entry of that name)."""
-    if kind not in ("tokens", "pass"):
-        raise ValueError(f"method kind must be 'tokens' or 'pass', got {kind!r}")
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        METHODS[name] = Method(name, fn, kind, needs_sae, uses_eval_labels,
-                               description or (fn.__doc__ or "").strip().split("\n")[0], prepare)
-        return fn
-
-    return deco
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        _load_plugin_methods()
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
-    return METHODS[name]
-
-
-def _load_plugin_methods() -> None:
-    """Import modules that register more methods (VS2++ and its baselines), if they exist."""
-    import importlib
-
-    # vs2pp_methods registers vs2pp*, clip_steer*, weighted_rag* (kept out of steering/vs2pp.py so that
-    # the steering package never imports this runner: no import cycle).
-    for mod in ("sae_lens_vision_steer.steering.vs2pp_methods", "sae_lens_vision_steer.steering.tta_methods"):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
-
-
-@register_method("zeroshot", needs_sae=False, description="plain CLIP zero-shot")
-def _zeroshot(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
-    return MethodOutput(tokens=tokens_ND, coverage=0.0)
-
-
-def sae_reconstruction(tokens_ND: torch.Tensor, ctx: MethodContext, sae: SAE) -> torch.Tensor:
-    """`sae.decode(sae.encode(x))` for the cached tokens, computed once per run and shared by every
-    VS2 setting and SAE-rec final (it does not depend on lam, gamma or the gate)."""
-    hit = ctx.scratch.get("sae_reconstruction")
-    if hit is None or hit[0] is not tokens_ND or hit[1] is not sae:
-        rec = torch.cat([sae.decode(sae.encode(c.to(sae.device, sae.dtype))) for c in tokens_ND.split(ctx.batch_size)])
-        hit = (tokens_ND, sae, rec)
-        ctx.scratch["sae_reconstruction"] = hit
-    return hit[2]
-
-
-@register_method("vs2", description="VS2: x + lam (gamma-1) W_dec c, norm-preserving, FVU-gated")
-def _vs2(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM, gamma: float = PAPER_GAMMA,
-         fvu_threshold: float | None = None, preserve_norm: bool = True, **_: Any) -> MethodOutput:
-    sae = ctx.require_sae("vs2")
-    mean_D = None
-    if fvu_threshold is not None:  # look the mean up once per run, not once per setting
-        if "activation_mean" not in ctx.scratch:
-            ctx.scratch["activation_mean"] = activation_mean(sae)
-        mean_D = ctx.scratch["activation_mean"]
-    rec = sae_reconstruction(tokens_ND, ctx, sae)
-    out = vs2_from_reconstruction(tokens_ND.to(sae.device), rec, sae, lam, gamma, fvu_threshold, mean_D, preserve_norm)
-    return MethodOutput(tokens=out.steered, coverage=out.coverage)
-
-
-@register_method("rec_final", description="SAE-rec final: the CLS token replaced by decode(encode(x))")
-def _rec_final(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
-    sae = ctx.require_sae("rec_final")
-    return MethodOutput(tokens=sae_reconstruction(tokens_ND, ctx, sae).to(tokens_ND.dtype), coverage=1.0)
-
-
-@register_method("rec_final_gamma", description="SAE-rec final + gamma: the CLS token replaced by decode(gamma c)")
-def _rec_final_gamma(tokens_ND: torch.Tensor, ctx: MethodContext, *, gamma: float = PAPER_GAMMA, **_: Any) -> MethodOutput:
-    sae = ctx.require_sae("rec_final_gamma")
-    rec = torch.cat([sae_reconstruct(c.to(sae.device), sae, gamma) for c in tokens_ND.split(ctx.batch_size)])
-    return MethodOutput(tokens=rec, coverage=1.0)
-
-
-def _check_rec_all(ctx: MethodContext) -> None:
-    """`rec_all` means every block: refuse layer SAEs that leave blocks out (before the backbone pass)."""
-    saes = ctx.options.get("layer_saes")
-    if not saes:
-        raise ValueError("method 'rec_all' needs one SAE per layer (layer_saes=[...], CLI --layer-saes)")
-    blocks = []
-    for sae in saes:
-        hook = sae_hook_name(sae)
-        m = _RESID_HOOK.match(hook)
-        if not m:
-            raise ValueError(f"rec_all takes SAEs on blocks.i.hook_resid_post/pre; got one for {hook!r}")
-        check_sae_fits_hook(sae, ctx.model, hook)
-        check_sae_positions(sae, "cls", "by rec_all (CLS tokens)")
-        blocks.append(int(m.group(1)))
-    missing = sorted(set(range(ctx.model.cfg.n_layers)) - set(blocks))
-    if missing:
-        raise ValueError(f"rec_all replaces the CLS token at every block, but --layer-saes covers blocks {sorted(blocks)} "
-                         f"only (missing {missing}); give one SAE per block (it would not be SAE-rec all)")
-
-
-@register_method("rec_all", kind="pass", needs_sae=False, prepare=_check_rec_all,
-                 description="SAE-rec all: every layer's CLS replaced by its reconstruction (one SAE per layer)")
-def _rec_all(ctx: MethodContext, **_: Any) -> TokenIntervention:
-    _check_rec_all(ctx)
-    return SAEReconstruction(list(ctx.options["layer_saes"]))
-
-
-# ---------------------------------------------------------------------------------- cached tokens
-@dataclass
-class HookTokens:
-    """The evaluation set's tokens at one residual hook, and how to finish the tower from there."""
-
-    hook_name: str
-    cls_ND: torch.Tensor  # CLS tokens at the hook (model device)
-    labels_N: torch.Tensor
-    n_skipped: int
-    seconds: float
-    resid_NTD: torch.Tensor | None = None  # all tokens (CPU), only when blocks remain after the hook
-    start_block: int = 0  # first block still to run after the hook
-
-
-def _hook_cut(model: HookedCLIP, hook_name: str) -> tuple[int, int]:
-    """`(stop_at_layer, start_block)` for a residual hook: the forward that ends at the hook, and the
-    first block the rest of the tower has to run."""
-    model.check_hook_name(hook_name)
-    if hook_name == "hook_pooled":  # families without a CLS token: the pooled token, after every block
-        return model.cfg.n_layers, model.cfg.n_layers
-    m = _RESID_HOOK.match(hook_name)
-    if not m:
-        raise ValueError(f"the evaluation runner caches residual-stream hooks (blocks.i.hook_resid_pre/post); "
-                         f"got {hook_name!r}")
-    i = int(m.group(1))
-    cut = i + 1 if m.group(2) == "post" else i
-    return cut, cut
-
-
-@torch.no_grad()
-def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_name: str, batch_size: int = 256,
-                      num_workers: int = 2, show_progress: bool = True) -> HookTokens:
-    """One backbone pass up to `hook_name` (a residual hook), keeping the evaluation set's tokens there.
-
-    For the final block only the CLS tokens are kept (the rest of the tower is `model.head`); for an
-    earlier hook all tokens are kept on the CPU, since later blocks mix them.
-    """
-    stop, start = _hook_cut(model, hook_name)
-    keep_all = start < model.cfg.n_layers
-    # Under torchrun each rank runs its block of the batch grid; the tokens are gathered in order below.
-    loader = data if isinstance(data, DataLoader) else distributed.shard_loader(data, batch_size, num_workers)
-    cls, resid, labels, n_skipped = [], [], [], 0
-    t0 = time.perf_counter()
-    for batch in tqdm(loader, desc=f"backbone to {hook_name}", disable=not show_progress, unit="batch"):
-        n_skipped += batch.n_skipped
-        if len(batch.labels) == 0:
-            continue
-        if hook_name == "hook_pooled":
-            _, acts = model.run_with_cache(batch.images.to(model.device), names_filter=[hook_name],
-                                           return_cache_object=False)
-            cls.append(acts[hook_name])
-            labels.append(batch.labels)
-            continue
-        tokens_BTD = model(batch.images.to(model.device), stop_at_layer=stop)
-        cls.append(tokens_BTD[:, 0].clone())
-        if keep_all:
-            resid.append(tokens_BTD.cpu())
-        labels.append(batch.labels)
-    if distributed.active() and not isinstance(data, DataLoader):
-        cls_, labels_, resid_ = distributed.gather_cat([torch.cat(cls) if cls else None,
-                                                        torch.cat(labels) if labels else None,
-                                                        torch.cat(resid) if resid else None])
-        cls, labels, resid = ([t] if t is not None else [] for t in (cls_, labels_, resid_))
-        cls = [c.to(model.device) for c in cls]
-        n_skipped = distributed.sum_int(n_skipped)
-    if not cls:
-        raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
-    return HookTokens(hook_name, torch.cat(cls), torch.cat(labels), n_skipped, time.perf_counter() - t0,
-                      torch.cat(resid) if keep_all else None, start)
-
-
-def make_tower_tail(model: HookedCLIP, cached: HookTokens, batch_size: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function mapping CLS tokens at the hook `[N, D]` to image embeddings `[N, E]`."""
-
-    @torch.no_grad()
-    def tail(cls_ND: torch.Tensor) -> torch.Tensor:
-        if len(cls_ND) != len(cached.cls_ND):
-            raise ValueError(f"expected {len(cached.cls_ND)} tokens (one per cached image), got {len(cls_ND)}")
-        out = []
-        # Blocks after the hook are backbone work: under torchrun each rank runs its block of the batch grid.
-        split = cached.resid_NTD is not None and distributed.active()
-        starts = [b[0] for b in distributed.batch_block(len(cls_ND), batch_size)] if split else \
-            range(0, len(cls_ND), batch_size)
-        for i in starts:
-            c = cls_ND[i:i + batch_size].to(model.device, model.cfg.dtype)
-            if cached.resid_NTD is None:
-                out.append(model.head(c))
-            else:
-                r = cached.resid_NTD[i:i + batch_size].to(model.device).clone()
-                r[:, 0] = c
-                out.append(model.head(model.run_blocks(r, cached.start_block)))
-        if split:
-            return distributed.gather_cat([torch.cat(out) if out else None], model.device)[0]
-        return torch.cat(out)
-
-    return tail
+from .. import distributed
+from ..data import ImageDataset, make_loader
+from ..hooked_clip import HookedCLIP
+from ..identity import model_identity
+from ..results import EvaluationResult, MethodScores, SweepResult
+from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
+from ..steering.hooks import TokenIntervention
+from ..steering.vs2 import PAPER_GAMMA, PAPER_LAM
+from ..zeroshot import ZeroShotClassifier, ZeroShotResult, accuracy_metrics
+from .registry import DEFAULT_GATED_METHODS, DEFAULT_METHODS, Method, MethodContext, MethodOutput, get_method
+from .tokens import cache_hook_tokens, hook_cut, make_tower_tail
 
 
 @dataclass(frozen=True)
@@ -362,7 +72,7 @@ class Evaluator:
             check_sae_fits_hook(sae, model, hook_name)
             check_sae_positions(sae, "cls", "by the evaluation runner (it steers the CLS token)")
         hook_name = hook_name or model.steer_hook
-        _hook_cut(model, hook_name)  # a hook the runner cannot cache fails before the backbone pass
+        hook_cut(model, hook_name)  # a hook the runner cannot cache fails before the backbone pass
         self.model, self.data, self.sae, self.classifier = model, data, sae, classifier
         self.default_settings: dict[str, Any] = {"fvu_threshold": fvu_threshold}
         self.gate_methods = tuple(gate_methods)
@@ -480,7 +190,7 @@ def _request_fingerprint(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     """What the ranks of a distributed evaluation must agree on (compared by `distributed.check_same`)."""
     import hashlib
 
-    from .activation_cache import dataset_fingerprint, model_fingerprint
+    from ..activation_cache import dataset_fingerprint, model_fingerprint
 
     sae_hash = None
     if sae is not None:
@@ -520,8 +230,8 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     writes `results.json`, `results.md` and per-class plots there. `text_cache`: a folder for the
     class-prompt embeddings (`text_cache.py`), used when no `classifier` is given.
     """
-    from .ood_datasets import dataset_templates
-    from .zeroshot_resources import DEFAULT_TEMPLATES
+    from ..ood_datasets import dataset_templates
+    from ..zeroshot_resources import DEFAULT_TEMPLATES
 
     specs = _as_specs(methods)
     for spec in specs:  # fail before the backbone runs
@@ -605,15 +315,3 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
                                     + (f"; candidates: {[str(p) for p in found]})" if found else ")"))
         path = found[0]
     return SAE.load_from_disk(path, device=str(device))
-
-
-def _nan_to_none(a: np.ndarray) -> list[float | None]:  # kept for older imports
-    return [None if v != v else v for v in np.asarray(a, dtype=float).tolist()]
-
-
-__all__ = [
-    "DEFAULT_METHODS", "EvaluationResult", "Evaluator", "HookTokens", "METHODS", "Method", "MethodContext",
-    "MethodOutput", "MethodScores", "MethodSpec", "SweepResult", "cache_hook_tokens", "evaluate", "format_table",
-    "get_method", "load_sae", "make_tower_tail", "plot_per_class_changes", "plot_sweep_heatmap", "register_method",
-    "sweep_vs2",
-]
