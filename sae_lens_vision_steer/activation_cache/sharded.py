@@ -21,10 +21,10 @@ from typing import Any
 
 from .. import distributed
 from ..fileio import remove_temp_files, write_json_atomic
-from .format import FORMAT_VERSION, METADATA_FILE, SHARD_NAME_RE, SHARD_PATTERN, CacheError, CacheMismatchError, \
+from .format import METADATA_FILE, SHARD_NAME_RE, SHARD_PATTERN, CacheError, CacheMismatchError, \
     describe_mismatch, file_problem, read_metadata
 from .reader import ActivationCache
-from .writer import PROGRESS_PATTERN, _finalise, _remove_cache_files, progress_files
+from .writer import PROGRESS_PATTERN, _finalise, _remove_cache_files, initial_metadata, progress_files
 
 
 def shard_plan(request: dict[str, Any]) -> list[tuple[int, int]]:
@@ -101,18 +101,7 @@ def _setup(writer: Any, overwrite: bool, repair: bool) -> tuple[dict[str, Any], 
     while prefix in done:
         prefix += 1
 
-    import sae_lens_vision_steer
-
-    meta = {  # the same fields, in the same order, as the one-process writer
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "request": request,
-        **{k: request[k] for k in ("model_name", "pretrained", "hook_names", "d_in", "positions", "dtype",
-                                   "dataset", "split", "n_images")},
-        "package_version": sae_lens_vision_steer.__version__,
-        "batch_size": writer.batch_size if not meta else meta.get("batch_size", writer.batch_size),
-        "shards": [done[k] for k in range(prefix)],
-    }
+    meta = initial_metadata(request, writer.batch_size, meta, [done[k] for k in range(prefix)])
     write_json_atomic(writer.meta_path, meta)
     # Every intact shard goes into rank 0's progress file before the older files are removed: a crash
     # between the two steps loses no record.

@@ -141,6 +141,24 @@ def _remove_cache_files(root: Path) -> None:
     remove_temp_files(root)
 
 
+def initial_metadata(request: dict[str, Any], batch_size: int, previous: dict[str, Any] | None,
+                     shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """`metadata.json` of an incomplete cache (one process or many ranks write the same fields in the same
+    order): the request, the fields read most, and the batch size the run began with."""
+    import sae_lens_vision_steer
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "request": request,
+        **{k: request[k] for k in ("model_name", "pretrained", "hook_names", "d_in", "positions", "dtype",
+                                   "dataset", "split", "n_images")},
+        "package_version": sae_lens_vision_steer.__version__,
+        "batch_size": batch_size if not previous else previous.get("batch_size", batch_size),
+        "shards": shards,
+    }
+
+
 def cache_activations(
     model: HookedCLIP,
     dataset: ImageDataset,
@@ -222,22 +240,11 @@ class _Writer:
             raise CacheError(f"{root} has shard files but no {METADATA_FILE}; use overwrite=True (--overwrite) "
                              "to start again")
 
-        import sae_lens_vision_steer
-
         records: list[dict[str, Any]] = list(meta["shards"]) if meta else []
         # Shards after the first damaged one are redone; each rewrite replaces its file atomically, so
         # nothing is deleted here (a stray file that merely looks like a shard is never touched).
         records = records[:_valid_shard_prefix(root, records)]
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "complete": False,
-            "request": request,
-            **{k: request[k] for k in ("model_name", "pretrained", "hook_names", "d_in", "positions", "dtype",
-                                       "dataset", "split", "n_images")},
-            "package_version": sae_lens_vision_steer.__version__,
-            "batch_size": self.batch_size if not meta else meta.get("batch_size", self.batch_size),
-            "shards": records,
-        }
+        meta = initial_metadata(request, self.batch_size, meta, records)
         write_json_atomic(self.meta_path, meta)
         self.meta = meta
 
