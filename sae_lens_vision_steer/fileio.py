@@ -60,6 +60,17 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int = 1, default: Any 
     return write_bytes_atomic(path, (json.dumps(obj, indent=indent, default=default) + "\n").encode())
 
 
+def read_json_file(path: str | Path, what: str) -> Any:
+    """A user-given JSON file, or a clear error naming it as `what` (e.g. "--costs", "grid file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
 def remove_temp_files(root: Path) -> list[Path]:
     """Delete the temp files (`.<name>.<random>.tmp`) that an interrupted atomic write left in `root`."""
     removed = []

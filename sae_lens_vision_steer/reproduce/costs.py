@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..fileio import read_json_file
+
 
 def facts() -> dict[str, Any]:
     """`resources/reproduce_facts.json`: download sizes, GPU peak, TPT views, each with its source."""
@@ -99,12 +101,7 @@ class Costs:
     @classmethod
     def from_file(cls, path: str | Path) -> "Costs":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--costs {path} does not exist")
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--costs {path} is not valid JSON: {e}") from None
+        obj = read_json_file(path, "--costs")
         image = obj.get("image_seconds_per_image") or {}
         rate = obj.get("flops_per_second")
         if not isinstance(image, dict) or not all(_positive(v) for v in image.values()) or (

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..fileio import read_json_file
 
 MAIN_DATASETS = ("cifar100", "cub200", "tiny-imagenet")
 OOD = ("aircraft", "food101", "flowers102", "caltech101", "sun397", "eurosat")
@@ -187,13 +189,7 @@ class Grid:
     @classmethod
     def from_json(cls, obj: dict[str, Any] | str | Path) -> "Grid":
         if not isinstance(obj, dict):
-            path = Path(obj)
-            if not path.is_file():
-                raise FileNotFoundError(f"grid file {path} does not exist")
-            try:
-                obj = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"grid file {path} is not valid JSON: {e}") from None
+            obj = read_json_file(obj, "grid file")
         try:
             backbones = tuple(Backbone(**b) for b in obj["backbones"])
             datasets = tuple(DataSource(**d) for d in obj["datasets"])
