@@ -2,7 +2,7 @@
 
 Each variant runs in a fresh process (its `ru_maxrss` is its own):
 
-  pass      one pass over the cache: read every shard at the SAE's hook (`ActivationCache.iter_shards`,
+  pass      one pass over the cache: read every shard at the SAE's hook (`ActivationStore.iter_shards`,
             sha256 checked) and encode every row with the SAE, the least any per-latent statistic
             needs (the bare read is timed too and printed)
   features  `build_feature_browser(cache, sae, model, out)`: the statistics pass, promoted classes,
@@ -35,10 +35,10 @@ quiet_progress()
 def child_pass(args) -> dict:
     import torch
 
-    from sae_lens_vision_steer.activation_cache import ActivationCache
-    from sae_lens_vision_steer.evaluation import load_sae
+    from sae_lens_vision_steer.activation_cache import ActivationStore
+    from sae_lens_vision_steer.sae.loading import load_sae
 
-    cache = ActivationCache.open(args.cache)
+    cache = ActivationStore.open(args.cache)
     sae = load_sae(args.sae[0])
     t0 = time.perf_counter()
     rows = sum(len(a) for a in cache.iter_shards(args.hook))
@@ -53,7 +53,7 @@ def child_pass(args) -> dict:
 
 def child_features(args) -> dict:
     from sae_lens_vision_steer import HookedCLIP
-    from sae_lens_vision_steer.evaluation import load_sae
+    from sae_lens_vision_steer.sae.loading import load_sae
     from sae_lens_vision_steer.explore import build_feature_browser
 
     t0 = time.perf_counter()

@@ -54,10 +54,10 @@ def child_cache(args) -> dict:
 
 
 def child_train(args) -> dict:
-    from sae_lens_vision_steer.activation_cache import ActivationCache
-    from sae_lens_vision_steer.training import train_sae
+    from sae_lens_vision_steer.activation_cache import ActivationStore
+    from sae_lens_vision_steer.training.trainer import train_sae
 
-    cache = ActivationCache.open(args.cache_dir)
+    cache = ActivationStore.open(args.cache_dir)
     setup = child_rss()
     out = Path(str(args.cache_dir) + "_sae")
     t0 = time.perf_counter()

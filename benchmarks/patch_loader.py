@@ -103,11 +103,11 @@ def child_train(args) -> dict:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
 
-    from sae_lens_vision_steer.activation_cache import ActivationCache
-    from sae_lens_vision_steer.training import LOADER_PREFETCH
-    from sae_lens_vision_steer.training_data import LoaderStats, activation_batches, holdout_split
+    from sae_lens_vision_steer.activation_cache import ActivationStore
+    from sae_lens_vision_steer.training.trainer import LOADER_PREFETCH
+    from sae_lens_vision_steer.training.batches import LoaderStats, activation_batches, holdout_split
 
-    cache = ActivationCache.open(_cache_dir(args, args.n_images))
+    cache = ActivationStore.open(_cache_dir(args, args.n_images))
     io0 = _disk_read_bytes()
     train_rows, _ = holdout_split(cache, 0.1, 0)
     d_in, batch = cache.d_in(HOOK), 256
@@ -135,10 +135,10 @@ def child_train(args) -> dict:
 
 
 def child_loader(args) -> dict:
-    from sae_lens_vision_steer.activation_cache import ActivationCache
-    from sae_lens_vision_steer.training_data import LoaderStats, activation_batches
+    from sae_lens_vision_steer.activation_cache import ActivationStore
+    from sae_lens_vision_steer.training.batches import LoaderStats, activation_batches
 
-    cache = ActivationCache.open(_cache_dir(args, args.n_images))
+    cache = ActivationStore.open(_cache_dir(args, args.n_images))
     out = {"n_rows": cache.n_rows, "cache_bytes": sum(r["nbytes"] for r in cache.metadata["shards"])}
     limit = min(args.loader_rows, cache.n_rows)
     for name in ("sequential", "shuffled", "shuffled_prefetch"):

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torch.nn.functional as F
 
-    from sae_lens_vision_steer.retrieval import ExactCosineIndex
+    from sae_lens_vision_steer.retrieval.index import ExactCosineIndex
 
     set_threads(args.threads)
     print_header("retrieval", args)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     faiss_index = None
     if not args.no_faiss:
         try:
-            from sae_lens_vision_steer.retrieval import FaissCosineIndex
+            from sae_lens_vision_steer.retrieval.index import FaissCosineIndex
 
             faiss_index = FaissCosineIndex(pool, kind="flat")
             variants["faiss_flat"] = lambda: faiss_index.search(queries, args.n)

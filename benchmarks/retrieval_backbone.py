@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from sae_lens_vision_steer import HookedCLIP
     from sae_lens_vision_steer.data import load_image_dataset
-    from sae_lens_vision_steer.retrieval import ExactCosineIndex
-    from sae_lens_vision_steer.retrieval_backbone import RetrievalEmbeddingCache, embed_images
+    from sae_lens_vision_steer.retrieval.index import ExactCosineIndex
+    from sae_lens_vision_steer.retrieval.backbone import RetrievalEmbeddingCache, embed_images
 
     set_threads(args.threads)
     print_header("retrieval_backbone", args)

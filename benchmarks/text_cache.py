@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from sae_lens_vision_steer import HookedCLIP, ZeroShotClassifier
-    from sae_lens_vision_steer.zeroshot_resources import classnames_for, templates_for
+    from sae_lens_vision_steer.data.resources import classnames_for, templates_for
 
     set_threads(args.threads)
     print_header("text_cache", args)

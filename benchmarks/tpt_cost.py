@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from sae_lens_vision_steer import HookedCLIP, ZeroShotClassifier
-    from sae_lens_vision_steer.data import TinyImageNetFolder
-    from sae_lens_vision_steer.steering.tta import CTPT_LAMBDA, TPTConfig, run_tpt
+    from sae_lens_vision_steer.data.base import TinyImageNetFolder
+    from sae_lens_vision_steer.baselines.tta import CTPT_LAMBDA, TPTConfig, run_tpt
 
     set_threads(args.threads)
     print_header("tpt_cost", args)

@@ -82,13 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
 
-    from sae_lens_vision_steer.activation_cache import ActivationCache
-    from sae_lens_vision_steer.training import activation_batches, holdout_split, train_sae
+    from sae_lens_vision_steer.activation_cache import ActivationStore
+    from sae_lens_vision_steer.training.trainer import activation_batches, holdout_split, train_sae
 
     set_threads(args.threads)
     print_header("training_throughput", args)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    cache = ActivationCache.open(training_cache(args))
+    cache = ActivationStore.open(training_cache(args))
     hook = cache.hook_names[0]
     d_in = cache.d_in(hook)
     train_rows, _ = holdout_split(cache, 0.1, 0)  # train_sae's default hold-out

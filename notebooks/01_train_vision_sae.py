@@ -117,7 +117,7 @@ cache
 # (`sae_lens.SAE.load_from_disk` loads it), with the hook, model and data set in its metadata.
 
 # %%
-from sae_lens_vision_steer.training import train_sae
+from sae_lens_vision_steer.training.trainer import train_sae
 
 # A top-k SAE trained with SAELens' SAETrainer; 10% of the images are held out for evaluation.
 # resume=True returns the finished SAE when this folder already holds the same run (from notebook
@@ -138,7 +138,7 @@ print(f"SAE {sae.cfg.d_in} -> {sae.cfg.d_sae} latents, k {SAE_K}: held-out FVU {
 # %%
 import numpy as np
 
-from sae_lens_vision_steer.training import fvu_distribution, holdout_split
+from sae_lens_vision_steer.training.trainer import fvu_distribution, holdout_split
 
 m = run.metrics
 print(f"held-out FVU {m['heldout_fvu']:.4f} (train {m['train_fvu']:.4f}), mean L0 {m['heldout_mean_l0']:.2f} "
@@ -210,7 +210,7 @@ plt.show()
 # apart.
 
 # %%
-from sae_lens_vision_steer.hub import load_vision_sae, log_feature_sparsity
+from sae_lens_vision_steer.sae.loading import load_vision_sae, log_feature_sparsity
 
 _, info = load_vision_sae(run.out_dir)  # the saved SAE folder, as a user would load it
 log_freq = log_feature_sparsity(info).numpy()  # log10 firing frequency per latent (-10 when it never fired)

@@ -119,7 +119,7 @@ cache = cache_activations(model, train_data, HOOK, RUN_DIR / "cache_train", posi
 cache
 
 # %%
-from sae_lens_vision_steer.training import train_sae
+from sae_lens_vision_steer.training.trainer import train_sae
 
 # A top-k SAE trained with SAELens' SAETrainer; 10% of the images are held out for evaluation.
 # resume=True returns the finished SAE when this folder already holds the same run (from notebook

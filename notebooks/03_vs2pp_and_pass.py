@@ -113,7 +113,7 @@ cache = cache_activations(model, train_data, HOOK, RUN_DIR / "cache_train", posi
 cache
 
 # %%
-from sae_lens_vision_steer.training import train_sae
+from sae_lens_vision_steer.training.trainer import train_sae
 
 # A top-k SAE trained with SAELens' SAETrainer; 10% of the images are held out for evaluation.
 # resume=True returns the finished SAE when this folder already holds the same run (from notebook
@@ -206,9 +206,9 @@ plt.show()
 
 # %%
 from sae_lens_vision_steer import accuracy_metrics
-from sae_lens_vision_steer.pass_sae import prototype_distance_on_cache, train_pass_sae
+from sae_lens_vision_steer.training.pass_sae import prototype_distance_on_cache, train_pass_sae
 from sae_lens_vision_steer.steering import vs2_apply
-from sae_lens_vision_steer.training import holdout_split
+from sae_lens_vision_steer.training.trainer import holdout_split
 
 pass_run = train_pass_sae(cache.root, HOOK, w_aux=W_AUX, k=SAE_K, expansion_factor=SAE_EXPANSION, epochs=SAE_EPOCHS,
                           batch_size=SAE_BATCH, seed=SEED, device=DEVICE, out_dir=RUN_DIR / "sae_pass",

@@ -39,7 +39,7 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 from tqdm.auto import tqdm
 
 from sae_lens_vision_steer.data import load_image_dataset
-from sae_lens_vision_steer.zeroshot_resources import templates_for
+from sae_lens_vision_steer.data.resources import templates_for
 
 MODEL_CFG = {
     "embed_dim": 128,

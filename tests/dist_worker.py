@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from sae_lens_vision_steer import distributed
 from sae_lens_vision_steer.activation_cache import sharded
 from sae_lens_vision_steer.cli import main
+from sae_lens_vision_steer.core import distributed
 
 
 def kill_after(n: int) -> None:
@@ -44,7 +44,7 @@ def kill_after(n: int) -> None:
 
 def log_batches() -> list[int]:
     """Instrumentation: the size of every image batch the image tower's forward gets (cache and eval)."""
-    from sae_lens_vision_steer.hooked_clip import HookedCLIP
+    from sae_lens_vision_steer.sae.splice import HookedCLIP
 
     sizes: list[int] = []
     original = HookedCLIP.forward

@@ -12,21 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import safetensors.torch
 import torch
-
 from conftest import TINY_CLIP_KWARGS, make_tiny_clip
+
 from sae_lens_vision_steer import __version__
 from sae_lens_vision_steer.activation_cache import (
-    ActivationCache,
+    ActivationStore,
     CacheError,
     CacheMismatchError,
     CorruptCacheError,
     NonFiniteActivationsError,
     cache_activations,
 )
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 from sae_lens_vision_steer.data import load_image_dataset
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_resid_mid"]
@@ -47,7 +46,7 @@ def train2000(tiny_clip, tiny_imagenet_dir):
 
 
 @pytest.fixture(scope="module")
-def cache2000(tiny_clip, train2000, tmp_path_factory) -> ActivationCache:
+def cache2000(tiny_clip, train2000, tmp_path_factory) -> ActivationStore:
     out = tmp_path_factory.mktemp("cache2000")
     return cache_activations(tiny_clip, train2000, HOOKS, out, batch_size=128, num_workers=0, shard_size=512,
                              show_progress=False)
@@ -205,7 +204,7 @@ def test_corrupt_and_truncated_shards_are_detected(cache2000, tmp_path):
     data = bytearray(shard1.read_bytes())
     data[-10] ^= 0xFF  # flip bits inside the activations
     shard1.write_bytes(bytes(data))
-    c = ActivationCache.open(root)  # same size: found on read
+    c = ActivationStore.open(root)  # same size: found on read
     c.read_shard(0)
     with pytest.raises(CorruptCacheError, match="shard_00001.safetensors is corrupt"):
         c.read_shard(1)
@@ -217,7 +216,7 @@ def test_corrupt_and_truncated_shards_are_detected(cache2000, tmp_path):
     shard2 = root / "shard_00002.safetensors"
     shard2.write_bytes(shard2.read_bytes()[:1000])
     with pytest.raises(CorruptCacheError, match="shard_00002.safetensors is truncated"):
-        ActivationCache.open(root)
+        ActivationStore.open(root)
 
 
 class _NaNAt(torch.utils.data.Dataset):
@@ -254,19 +253,19 @@ def test_non_finite_activations_name_the_shard(tiny_clip, tiny_imagenet_dir, tmp
     meta["shards"][1].update(nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     (c.root / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(NonFiniteActivationsError, match="shard 1"):
-        ActivationCache.open(c.root).load()
+        ActivationStore.open(c.root).load()
 
 
 def test_empty_missing_and_incomplete_caches_are_refused(tmp_path, tiny_clip, tiny_imagenet_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ActivationCache.open(tmp_path / "nope")
+        ActivationStore.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="metadata.json is missing .it is empty"):
-        ActivationCache.open(tmp_path / "empty")
+        ActivationStore.open(tmp_path / "empty")
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "metadata.json").write_text(json.dumps({"complete": False, "shards": []}))
     with pytest.raises(CacheError, match="incomplete"):
-        ActivationCache.open(tmp_path / "partial")
+        ActivationStore.open(tmp_path / "partial")
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "shard_00000.safetensors").write_bytes(b"x")
     ds = load_image_dataset("tiny-imagenet", "val", tiny_imagenet_dir, transform=tiny_clip.preprocess, limit=4)
@@ -286,7 +285,7 @@ def test_cli_cache(tmp_path, tiny_imagenet_dir, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "40 images (0 skipped), 40 rows (cls, float16) in 3 shards" in out and "peak RSS" in out
-    c = ActivationCache.open(tmp_path / "c")
+    c = ActivationStore.open(tmp_path / "c")
     assert c.hook_names == ["blocks.1.hook_resid_post", "blocks.0.hook_resid_post"]
     # Same command again: reused. Another dtype: refused with one clear line.
     assert main(argv) == 0
@@ -329,10 +328,10 @@ def test_peak_memory_does_not_grow_with_images(tmp_path):
 def test_preprocess_identity_has_no_memory_addresses():
     from torchvision.transforms import Compose
 
-    from sae_lens_vision_steer.activation_cache import _stable_repr
+    from sae_lens_vision_steer.core.identity import stable_repr
 
     t = Compose([lambda x: x])  # a plain function in a Compose shows its address
-    assert " at 0x" in repr(t) and " at 0x" not in _stable_repr(t)
+    assert " at 0x" in repr(t) and " at 0x" not in stable_repr(t)
 
 
 def test_cache_files_get_the_usual_permissions(cache2000):

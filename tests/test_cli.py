@@ -3,12 +3,10 @@ import subprocess
 import sys
 
 import pytest
-
-from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
+from conftest import TINY_CLIP_KWARGS
 
 from sae_lens_vision_steer.cli import build_parser, main
-
-from conftest import TINY_CLIP_KWARGS
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 
 
 def test_help_at_every_level(capsys):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_CLIP_KWARGS, write_image_folder
+
 from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.cli.common import (
     EXIT_CODES,
@@ -69,7 +69,7 @@ def test_out_pointing_at_a_file(imgs, tmp_path, capsys):
 
 
 def test_read_only_folder(imgs, tmp_path, capsys, monkeypatch):
-    import sae_lens_vision_steer.fileio as fileio
+    import sae_lens_vision_steer.core.fileio as fileio
 
     real = fileio.tempfile.NamedTemporaryFile
 
@@ -87,7 +87,7 @@ def test_read_only_folder(imgs, tmp_path, capsys, monkeypatch):
 
 
 def test_full_disk_then_resume(imgs, tmp_path, capsys, monkeypatch):
-    import sae_lens_vision_steer.activation_cache.writer as writer
+    import sae_lens_vision_steer.activation_cache.shards as writer  # where shards are written
 
     real, calls = writer.write_bytes_atomic, []
 
@@ -131,7 +131,7 @@ def test_metadata_that_is_not_an_object(imgs, tmp_path, capsys):
 
 
 def test_ctrl_c_says_what_was_saved(imgs, tmp_path, capsys, monkeypatch):
-    import sae_lens_vision_steer.activation_cache.writer as writer
+    import sae_lens_vision_steer.activation_cache.shards as writer  # where shards are written
 
     real, calls = writer.write_bytes_atomic, []
 
@@ -149,6 +149,7 @@ def test_ctrl_c_says_what_was_saved(imgs, tmp_path, capsys, monkeypatch):
 
 def test_a_held_out_set_of_one_image_is_refused_before_training(imgs, tmp_path, capsys):
     from conftest import make_tiny_clip
+
     from sae_lens_vision_steer.activation_cache import cache_activations
     from sae_lens_vision_steer.data import load_image_dataset
 

@@ -4,12 +4,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 
-from sae_lens_vision_steer.data import BadImageError, load_image_dataset, make_loader
-from sae_lens_vision_steer.zeroshot_resources import classnames_for, templates_for
-
-from conftest import write_image_folder
+from sae_lens_vision_steer.data import load_image_dataset, make_loader
+from sae_lens_vision_steer.data.base import BadImageError
+from sae_lens_vision_steer.data.resources import classnames_for, templates_for
 
 
 def test_shipped_classnames():
@@ -92,7 +92,7 @@ def test_hub_dataset_wrapping_without_network(tiny_clip):
     imgs = [Image.fromarray(np.full((20, 20), v, np.uint8)) for v in (0, 100, 200)]  # greyscale
     features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["a_b", "c"])})
     hf = datasets.Dataset.from_dict({"img": imgs, "fine_label": [1, 0, 1]}, features=features)
-    from sae_lens_vision_steer.data import HubImageDataset
+    from sae_lens_vision_steer.data.base import HubImageDataset
 
     ds = HubImageDataset(hf, "toy", "train", transform=tiny_clip.preprocess)
     assert ds.classnames == ["a b", "c"] and ds.image_column == "img" and ds.labels.tolist() == [1, 0, 1]

@@ -19,14 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from sae_lens_vision_steer.cli import main
-from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_USAGE
-from sae_lens_vision_steer.fileio import exclusive_writer
-
 from conftest import TINY_CLIP_KWARGS, write_image_folder
 from dist_worker import launch_forked
 from test_vs2 import make_topk_sae
+
+from sae_lens_vision_steer.cli import main
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_USAGE
+from sae_lens_vision_steer.core.fileio import exclusive_writer
 
 HERE = Path(__file__).resolve().parent
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]

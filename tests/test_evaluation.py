@@ -8,11 +8,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from conftest import TINY_CLIP_KWARGS, make_tiny_clip
+from PIL import Image
+from test_vs2 import make_topk_sae
 
 from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
-import torch
-from PIL import Image
-
 from sae_lens_vision_steer.data import load_image_dataset
 from sae_lens_vision_steer.evaluation import (
     METHODS,
@@ -24,11 +25,12 @@ from sae_lens_vision_steer.evaluation import (
     register_method,
     sweep_vs2,
 )
-from sae_lens_vision_steer.steering import SAEReconstruction, VS2Steering, per_sample_fvu
-from sae_lens_vision_steer.zeroshot import ZeroShotClassifier
-
-from conftest import TINY_CLIP_KWARGS, make_tiny_clip
-from test_vs2 import make_topk_sae
+from sae_lens_vision_steer.steering import (
+    SAEReconstruction,
+    VS2Steering,
+    per_sample_fvu,
+)
+from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
 N_IMAGES = 200
 BATCH = 64

@@ -14,7 +14,14 @@ import pytest
 import timm
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
-from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    Dinov2Config,
+    Dinov2Model,
+    SiglipConfig,
+    SiglipModel,
+)
 
 from sae_lens_vision_steer import HookedCLIP, VS2Steering
 from sae_lens_vision_steer.models.registry import UnsupportedModelError

@@ -13,7 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_lens_vision_steer import ActivationCache, cache_activations, load_image_dataset, train_sae
+from sae_lens_vision_steer import (
+    ActivationStore,
+    cache_activations,
+    load_image_dataset,
+    train_sae,
+)
 from sae_lens_vision_steer.cli import main as cli_main
 from sae_lens_vision_steer.explore import (
     build_feature_browser,
@@ -21,7 +26,7 @@ from sae_lens_vision_steer.explore import (
     latent_stats,
     occlusion_maps,
 )
-from sae_lens_vision_steer.zeroshot import ZeroShotClassifier
+from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
 HOOK = "blocks.1.hook_resid_post"
 N_IMAGES = 120
@@ -41,7 +46,7 @@ def setup(tiny_clip, tiny_imagenet_dir, tmp_path_factory):
 
 def test_stats_match_a_dense_recomputation(setup):
     sae, st = setup["sae"], setup["fb"].stats
-    cache = ActivationCache.open(setup["root"] / "cache")
+    cache = ActivationStore.open(setup["root"] / "cache")
     with torch.no_grad():
         codes = sae.encode(cache.load(HOOK)).numpy()  # [N, S], all at once
     fires = codes > 0
@@ -245,7 +250,7 @@ def test_all_token_sae_heatmaps_are_its_patch_activations(tiny_clip, tiny_imagen
     assert fb.stats.n_images == 40
     s = int(fb.stats.alive[0])
     img = int(fb.stats.top_images_SK[s, 0])
-    (maps,) = sae_patch_maps(ActivationCache.open(tmp_path / "cache"), sae, HOOK, [img], [[s]])
+    (maps,) = sae_patch_maps(ActivationStore.open(tmp_path / "cache"), sae, HOOK, [img], [[s]])
     with torch.no_grad():
         _, c = tiny_clip.run_with_cache(ds[img][0][None], names_filter=[HOOK])
         want = sae.encode(c[HOOK][0, 1:])[:, s]
@@ -263,7 +268,7 @@ def test_all_token_sae_heatmaps_are_its_patch_activations(tiny_clip, tiny_imagen
 def test_refuses_sae_of_another_hook_or_width(setup, tiny_clip, tmp_path):
     import copy
 
-    from sae_lens_vision_steer.errors import InputError
+    from sae_lens_vision_steer.core.errors import InputError
 
     other_hook = copy.deepcopy(setup["sae"])
     other_hook.cfg.metadata.hook_name = "blocks.0.hook_resid_post"

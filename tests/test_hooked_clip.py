@@ -1,11 +1,10 @@
 import open_clip
 import pytest
 import torch
+from conftest import TINY_CLIP_KWARGS
 
 from sae_lens_vision_steer import HookedCLIP
-from sae_lens_vision_steer.hooked_clip import BLOCK_HOOKS
-
-from conftest import TINY_CLIP_KWARGS
+from sae_lens_vision_steer.models.hooked import BLOCK_HOOKS
 
 
 @pytest.fixture(scope="module")

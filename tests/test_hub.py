@@ -14,23 +14,22 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
-
-from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import torch
 import yaml
+from conftest import make_tiny_clip
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
-from safetensors.torch import save_file
 from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from safetensors.torch import save_file
 
 from sae_lens_vision_steer import HookedCLIP
 from sae_lens_vision_steer.cli import build_parser, main
-from sae_lens_vision_steer.hub import load_vision_sae, log_feature_sparsity, publish_sae
-from sae_lens_vision_steer.model_card import card_sections, merge_model_card
-
-from conftest import make_tiny_clip
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
+from sae_lens_vision_steer.hub.model_card import card_sections, merge_model_card
+from sae_lens_vision_steer.hub.publish import publish_sae
+from sae_lens_vision_steer.sae.loading import load_vision_sae, log_feature_sparsity
 
 REPO = "me/vit-saes"
 SAE_ID = "blocks.1.hook_resid_post"
@@ -234,10 +233,10 @@ def test_card_load_and_steer_code_runs_and_steers_as_vs2(dry_run, tmp_path, monk
 
 def test_card_from_real_eval_results(tmp_path):
     """`vision-steer eval`'s own results.json (evaluation.evaluate on generated images) goes into the card."""
+    from conftest import write_image_folder
+
     from sae_lens_vision_steer.data import load_image_dataset
     from sae_lens_vision_steer.evaluation import evaluate
-
-    from conftest import write_image_folder
 
     sae_dir = tmp_path / "sae"
     make_sae_folder(sae_dir, pretrained=None)  # the tiny CLIP has random weights
@@ -259,11 +258,11 @@ def test_card_from_real_eval_results(tmp_path):
 @pytest.mark.slow
 def test_publish_a_sae_trained_by_train_sae(tmp_path):
     """End to end: cache activations of a tiny CLIP, train with `train_sae`, dry-run publish, load back."""
-    training = pytest.importorskip("sae_lens_vision_steer.training")
+    training = pytest.importorskip("sae_lens_vision_steer.training.trainer")
+    from conftest import write_image_folder
+
     from sae_lens_vision_steer.activation_cache import cache_activations
     from sae_lens_vision_steer.data import load_image_dataset
-
-    from conftest import write_image_folder
 
     model = make_tiny_clip(seed=0)
     data = load_image_dataset("imagefolder", data_dir=write_image_folder(tmp_path / "imgs", 3, 10),
@@ -551,7 +550,7 @@ def test_load_from_hub_repo_uses_snapshot_download_for_that_sae_only(dry_run, mo
 OFFLINE_SCRIPT = """
 import json, sys, torch
 from sae_lens import SAE
-from sae_lens_vision_steer.hub import load_vision_sae
+from sae_lens_vision_steer.sae.loading import load_vision_sae
 x = torch.load(sys.argv[1])
 sae, info = load_vision_sae({repo!r}, {sae_id!r})
 plain = SAE.from_pretrained({repo!r}, {sae_id!r})

@@ -181,10 +181,10 @@ def test_01_train_vision_sae(notebook_run):
     import torch
     from sae_lens import SAE
 
-    from sae_lens_vision_steer.activation_cache import ActivationCache
-    from sae_lens_vision_steer.training import holdout_split
+    from sae_lens_vision_steer.activation_cache import ActivationStore
+    from sae_lens_vision_steer.training.trainer import holdout_split
 
-    cache = ActivationCache.open(run_dir / "cache_train")
+    cache = ActivationStore.open(run_dir / "cache_train")
     sae = SAE.load_from_disk(run_dir / "sae_topk")
     assert sae.cfg.d_sae == s["d_sae"] and cache.n_rows == s["n_cached_images"]
     _, held = holdout_split(cache, 0.1, 0)

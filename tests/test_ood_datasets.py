@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sae_lens_vision_steer import load_image_dataset
-from sae_lens_vision_steer.ood_datasets import OOD_DATASETS, clip_benchmark_templates
+from sae_lens_vision_steer.data.ood import OOD_DATASETS, clip_benchmark_templates
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -61,7 +61,7 @@ for name, split in json.loads(sys.argv[1]):
                                   "labels": ds.labels.tolist(), "pixels": [ds[i][0] for i in range(len(ds))]}
     except Exception as e:
         out[f"{name}/{split}"] = {"error": type(e).__name__ + ": " + str(e)}
-import sae_lens_vision_steer.ood_datasets as ood
+import sae_lens_vision_steer.data.ood as ood
 ood.OOD_DATASETS["food101"] = "clip-benchmark/wds_not_in_the_cache"
 try:
     load_image_dataset("food101", "val")

@@ -8,7 +8,7 @@ import torch
 from sae_lens import SAE, SAETrainer, TopKSAE, TrainingSAE
 from sae_lens.config import SAETrainerConfig
 
-from sae_lens_vision_steer.pass_sae import (
+from sae_lens_vision_steer.training.pass_sae import (
     LabelRoutingProvider,
     PassTrainingSAE,
     PassTrainingSAEConfig,
@@ -153,6 +153,7 @@ def test_prototype_distance_metric() -> None:
 def tiny_imagenet_cache(tmp_path_factory, tiny_imagenet_dir):
     """Tiny CLIP (random weights) CLS activations of the first 10 Tiny-ImageNet classes (1,000 images)."""
     from conftest import make_tiny_clip
+
     from sae_lens_vision_steer.activation_cache import cache_activations
     from sae_lens_vision_steer.data import load_image_dataset
 
@@ -166,8 +167,11 @@ def tiny_imagenet_cache(tmp_path_factory, tiny_imagenet_dir):
 
 
 def test_pass_pulls_heldout_codes_to_class_prototypes_vs_plain_topk(tiny_imagenet_cache, tmp_path) -> None:
-    from sae_lens_vision_steer.pass_sae import prototype_distance_on_cache, train_pass_sae
-    from sae_lens_vision_steer.training import holdout_split, train_sae
+    from sae_lens_vision_steer.training.pass_sae import (
+        prototype_distance_on_cache,
+        train_pass_sae,
+    )
+    from sae_lens_vision_steer.training.trainer import holdout_split, train_sae
 
     cache_dir, hook = tiny_imagenet_cache
     kw = dict(k=8, expansion_factor=4, epochs=12, batch_size=128, seed=0, n_checkpoints=0, show_progress=False)
@@ -193,9 +197,10 @@ def test_pass_pulls_heldout_codes_to_class_prototypes_vs_plain_topk(tiny_imagene
 
 def test_pass_refuses_unlabelled_images_before_training(tmp_path, tiny_clip) -> None:
     from conftest import write_image_folder
+
     from sae_lens_vision_steer.activation_cache import cache_activations
     from sae_lens_vision_steer.data import load_image_dataset
-    from sae_lens_vision_steer.pass_sae import train_pass_sae
+    from sae_lens_vision_steer.training.pass_sae import train_pass_sae
 
     ds = load_image_dataset("imagefolder", data_dir=write_image_folder(tmp_path / "img", 2, 4),
                             transform=tiny_clip.preprocess)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 
 from sae_lens_vision_steer.activation_cache import cache_activations
-from sae_lens_vision_steer.data import ImageFolderDataset
-from sae_lens_vision_steer.training import train_sae
-from sae_lens_vision_steer.training_data import LoaderStats, activation_batches
-
-from conftest import write_image_folder
+from sae_lens_vision_steer.data.base import ImageFolderDataset
+from sae_lens_vision_steer.training.batches import LoaderStats, activation_batches
+from sae_lens_vision_steer.training.trainer import train_sae
 
 HOOK = "blocks.1.hook_resid_post"
 

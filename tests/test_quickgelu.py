@@ -14,9 +14,8 @@ import sys
 
 import open_clip
 import torch
-from safetensors.torch import save_file
-
 from conftest import TINY_CLIP_KWARGS
+from safetensors.torch import save_file
 
 REPO = "timm/vit_base_patch32_clip_224.openai"
 FILE = "open_clip_model.safetensors"
@@ -69,7 +68,7 @@ def test_openai_tag_builds_quick_gelu_offline(tmp_path):
 
 
 def test_tags_without_quick_gelu_keep_gelu():
-    from sae_lens_vision_steer.models.open_clip_vit import tag_wants_quick_gelu
+    from sae_lens_vision_steer.models.families.open_clip_vit import tag_wants_quick_gelu
 
     assert tag_wants_quick_gelu("ViT-B-32", "openai") and tag_wants_quick_gelu("ViT-L-14", "openai")
     assert not tag_wants_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")

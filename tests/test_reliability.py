@@ -10,18 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import TINY_CLIP_KWARGS, make_tiny_clip, write_image_folder
+from PIL import Image
+from test_vs2 import make_topk_sae
+
 from sae_lens_vision_steer.activation_cache import CorruptCacheError, cache_activations
 from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_OUTPUT, EXIT_USAGE
-from sae_lens_vision_steer.data import load_image_dataset, to_rgb
-from sae_lens_vision_steer.errors import ConflictError
+from sae_lens_vision_steer.core.errors import ConflictError
+from sae_lens_vision_steer.data import load_image_dataset
+from sae_lens_vision_steer.data.base import to_rgb
 from sae_lens_vision_steer.evaluation import MethodOutput, evaluate, register_method
-from sae_lens_vision_steer.training import sae_size, train_sae
-from sae_lens_vision_steer.zeroshot import ZeroShotClassifier
-from test_vs2 import make_topk_sae
+from sae_lens_vision_steer.training.trainer import sae_size, train_sae
+from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
 FINAL = "blocks.1.hook_resid_post"
 TINY = ["--random-weights", "--seed", "0", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS), "--device", "cpu"]
@@ -93,7 +94,7 @@ def test_unwritable_out_is_refused_before_work_and_the_table_is_printed_before_s
 
     import errno
 
-    import sae_lens_vision_steer.results as results
+    import sae_lens_vision_steer.evaluation.results as results
 
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ev" / "results.json"))
@@ -157,7 +158,7 @@ def test_k_above_d_sae_is_refused_before_any_work(world, tmp_path, capsys):
 
 # 6 ------------------------------------------------------------------------------------------------
 def test_reference_cache_is_checked_like_the_pool(world, tmp_path):
-    from sae_lens_vision_steer.evaluation import load_sae
+    from sae_lens_vision_steer.sae.loading import load_sae
     from sae_lens_vision_steer.steering import fvu_threshold_from_reference
 
     root = world[0]
@@ -178,7 +179,7 @@ def test_reference_cache_is_checked_like_the_pool(world, tmp_path):
 # 7 ------------------------------------------------------------------------------------------------
 def test_saes_are_refused_at_positions_and_hooks_they_were_not_trained_on(world, tiny_clip):
     from sae_lens_vision_steer.evaluation import Evaluator
-    from sae_lens_vision_steer.sae_metadata import sae_hook_name
+    from sae_lens_vision_steer.sae.metadata import sae_hook_name
     from sae_lens_vision_steer.steering import VS2Steering
 
     sae = make_topk_sae(d_in=tiny_clip.cfg.d_model)
@@ -320,7 +321,7 @@ def test_cli_takes_the_model_from_the_sae_and_train_applies_the_presets(world, t
 
 # 15 -----------------------------------------------------------------------------------------------
 def test_published_metadata_is_portable_and_fills_saelens_fields(world, tmp_path):
-    from sae_lens_vision_steer.hub import publish_sae
+    from sae_lens_vision_steer.hub.publish import publish_sae
 
     sae_dir = world[0] / "sae"
     meta = json.loads((sae_dir / "cfg.json").read_text())["metadata"]

@@ -11,10 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_CLIP_KWARGS, write_image_folder
+
 from sae_lens_vision_steer.cli import main
-from sae_lens_vision_steer.reproduce import Backbone, Cell, DataSource, Entry, Grid, SAESpec, Sizes, paper_grid
+from sae_lens_vision_steer.reproduce import (
+    Backbone,
+    Cell,
+    DataSource,
+    Entry,
+    Grid,
+    SAESpec,
+    Sizes,
+    paper_grid,
+)
 from sae_lens_vision_steer.reproduce.tables import paper_numbers
 
 NOTES = Path(__file__).resolve().parents[1].parent / "shared" / "paper-notes.md"
@@ -96,11 +105,11 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     gated = done["vs2/topk/q0.9/k8"]
     from sae_lens import SAE
 
-    from sae_lens_vision_steer.activation_cache import ActivationCache
-    from sae_lens_vision_steer.sae_metadata import activation_mean
+    from sae_lens_vision_steer.activation_cache import ActivationStore
+    from sae_lens_vision_steer.sae.metadata import activation_mean
 
     sae = SAE.load_from_disk(gated["sae"])
-    cache = ActivationCache.open(next((root / "caches").glob("*/cifar100/train-L0-*")))
+    cache = ActivationStore.open(next((root / "caches").glob("*/cifar100/train-L0-*")))
     x = cache.load().float()
     with torch.no_grad():
         rec = sae.decode(sae.encode(x))
@@ -112,7 +121,7 @@ def test_reproduce_end_to_end_reuses_and_retries_only_failed_cells(tmp_path, cap
     assert done["vs2/topk/k8"]["fvu"] == done["vs2/topk/k8"]["sae_heldout_fvu"] is not None
     # the generalized SAE: trained on the union cache (both folders), gated over it, its FVU per data set
     gen = done["vs2/topk/q0.9/k8/union"]
-    union_cache = ActivationCache.open(next((root / "caches").glob("*/union/train-L0-*")))
+    union_cache = ActivationStore.open(next((root / "caches").glob("*/union/train-L0-*")))
     assert union_cache.n_rows == 30 + 12
     usae = SAE.load_from_disk(gen["sae"])
     x = union_cache.load().float()[union_cache.dataset_ids() == 0]  # the gate member's rows

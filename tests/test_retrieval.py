@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_lens_vision_steer.retrieval import ExactCosineIndex, FaissCosineIndex, build_index
+from sae_lens_vision_steer.retrieval.index import (
+    ExactCosineIndex,
+    FaissCosineIndex,
+    build_index,
+)
 
 
 def brute_force_topn(queries: torch.Tensor, pool: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,8 +14,7 @@ from PIL import Image
 
 from sae_lens_vision_steer import HookedCLIP
 from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_USAGE
-from sae_lens_vision_steer.retrieval import ExactCosineIndex, Neighbours
-from sae_lens_vision_steer.retrieval_backbone import (
+from sae_lens_vision_steer.retrieval.backbone import (
     CorruptRetrievalCacheError,
     RetrievalCacheError,
     load_retrieval_backbone,
@@ -24,7 +23,8 @@ from sae_lens_vision_steer.retrieval_backbone import (
     query_retrieval_embeddings,
     resolve_backbone_name,
 )
-from sae_lens_vision_steer.zeroshot import ZeroShotClassifier
+from sae_lens_vision_steer.retrieval.index import ExactCosineIndex, Neighbours
+from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
 
 def tiny_dinov2(seed: int = 0) -> HookedCLIP:
@@ -66,7 +66,10 @@ def _brute_force_knn(q: torch.Tensor, pool: torch.Tensor, n: int) -> torch.Tenso
 @torch.no_grad()
 def test_neighbours_equal_brute_force_knn_and_drive_the_methods(setup) -> None:
     from sae_lens_vision_steer.evaluation import evaluate
-    from sae_lens_vision_steer.steering.vs2pp import build_retrieval_pool, weighted_rag_embeds
+    from sae_lens_vision_steer.steering.vs2pp import (
+        build_retrieval_pool,
+        weighted_rag_embeds,
+    )
 
     model, pool_data, test_data, root = setup
     dino = tiny_dinov2()
@@ -98,7 +101,7 @@ def test_neighbours_equal_brute_force_knn_and_drive_the_methods(setup) -> None:
 
 
 def test_second_run_reuses_the_cache_and_default_folder_sits_next_to_the_pool(setup, monkeypatch) -> None:
-    import sae_lens_vision_steer.retrieval_backbone as rb
+    import sae_lens_vision_steer.retrieval.backbone as rb
 
     model, _, test_data, root = setup
     dino = tiny_dinov2()

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_clip
 from sae_lens import TopKSAE, TopKSAEConfig, Transcoder, TranscoderConfig
 
 from sae_lens_vision_steer import HookedCLIP, VS2Steering
-
-from conftest import make_tiny_clip
 
 D, S, K, T = 64, 128, 8, 17
 HOOK = "blocks.0.hook_resid_post"

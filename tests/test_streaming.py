@@ -14,9 +14,13 @@ import torch
 from PIL import Image
 
 from sae_lens_vision_steer import load_image_dataset
-from sae_lens_vision_steer.activation_cache import METADATA_FILE, cache_activations, dataset_fingerprint
-from sae_lens_vision_steer.data import BadImageError
-from sae_lens_vision_steer.streaming import StreamError, load_streamed_dataset
+from sae_lens_vision_steer.activation_cache import (
+    METADATA_FILE,
+    cache_activations,
+    dataset_fingerprint,
+)
+from sae_lens_vision_steer.data.base import BadImageError
+from sae_lens_vision_steer.data.streaming import StreamError, load_streamed_dataset
 
 N_CLASSES, PER_CLASS = 3, 4
 HOOK = "blocks.1.hook_resid_post"
@@ -216,6 +220,7 @@ def test_cli_stream_bad_inputs(replicas, tmp_path, capsys):
     """`vision-steer cache --stream`: a corrupt member and an early end are one line each with exit code 3;
     --skip-bad-images caches the rest and counts the skipped image."""
     from conftest import TINY_CLIP_KWARGS
+
     from sae_lens_vision_steer.cli import main
     from sae_lens_vision_steer.cli.common import EXIT_INPUT
 
@@ -245,7 +250,6 @@ def test_hub_webdataset_shards_from_the_hf_cache(tmp_path, monkeypatch):
     """An OOD data set's CLIP-benchmark shards (clip-benchmark/wds_food101 replica, offline): the stream
     reads the shards the HF cache holds, with the repo's class names and templates; length from the headers."""
     import huggingface_hub.constants as hf_constants
-
     from test_ood_datasets import write_replica
 
     cache = tmp_path / "hub"

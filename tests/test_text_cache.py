@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import TINY_CLIP_KWARGS, make_tiny_clip
 
-import sae_lens_vision_steer.zeroshot as zeroshot_mod
+import sae_lens_vision_steer.zeroshot.classifier as zeroshot_mod
 from sae_lens_vision_steer import ZeroShotClassifier
 from sae_lens_vision_steer.cli import main
-from sae_lens_vision_steer.text_cache import default_text_cache_dir
+from sae_lens_vision_steer.zeroshot.text_cache import default_text_cache_dir
 
 NAMES = ["cat", "dog", "owl"]
 
@@ -50,10 +50,10 @@ def test_second_classifier_reads_the_cache(tiny_clip, tmp_path, count_encodes):
 def test_another_model_of_the_same_name_is_refused_and_rebuilt(tiny_clip, tmp_path, caplog):
     ZeroShotClassifier(tiny_clip, NAMES, "single", show_progress=False, text_cache=tmp_path)
     other = make_tiny_clip(seed=1)  # same name, tag and kwargs: the same slot, other weights
-    with caplog.at_level(logging.WARNING, logger="sae_lens_vision_steer.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="sae_lens_vision_steer.zeroshot.text_cache"):
         clf = ZeroShotClassifier(other, NAMES, "single", show_progress=False, text_cache=tmp_path)
     assert clf.text_cache_status == "rebuilt"
-    (msg,) = [r.getMessage() for r in caplog.records if r.name == "sae_lens_vision_steer.text_cache"]
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "sae_lens_vision_steer.zeroshot.text_cache"]
     assert "refused" in msg and "model_fingerprint" in msg and "\n" not in msg
     expected = ZeroShotClassifier.build_class_weights(other, NAMES, ["a photo of a {}."], show_progress=False)
     torch.testing.assert_close(clf.weights_EC, expected)
@@ -65,7 +65,7 @@ def test_another_model_of_the_same_name_is_refused_and_rebuilt(tiny_clip, tmp_pa
 def test_other_template_strings_under_the_same_name_are_refused(tiny_clip, tmp_path, monkeypatch, caplog):
     ZeroShotClassifier(tiny_clip, NAMES, "single", show_progress=False, text_cache=tmp_path)
     monkeypatch.setattr(zeroshot_mod, "templates_for", lambda name: ["a blurry photo of a {}."])  # the set changed
-    with caplog.at_level(logging.WARNING, logger="sae_lens_vision_steer.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="sae_lens_vision_steer.zeroshot.text_cache"):
         clf = ZeroShotClassifier(tiny_clip, NAMES, "single", show_progress=False, text_cache=tmp_path)
     assert clf.text_cache_status == "rebuilt" and "templates" in caplog.text
     expected = ZeroShotClassifier.build_class_weights(tiny_clip, NAMES, ["a blurry photo of a {}."], show_progress=False)
@@ -81,7 +81,7 @@ def test_a_damaged_file_is_refused_and_rebuilt(tiny_clip, tmp_path, damage, capl
     else:
         data[-5] ^= 0xFF  # a bit flip inside the tensor bytes: only the sha256 sees it
         path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="sae_lens_vision_steer.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="sae_lens_vision_steer.zeroshot.text_cache"):
         again = ZeroShotClassifier(tiny_clip, NAMES, "single", show_progress=False, text_cache=tmp_path)
     assert again.text_cache_status == "rebuilt" and "refused" in caplog.text
     torch.testing.assert_close(again.weights_EC, clf.weights_EC)

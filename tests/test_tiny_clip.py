@@ -23,10 +23,19 @@ import open_clip
 import pytest
 import torch
 
-from sae_lens_vision_steer import HookedCLIP, cache_activations, evaluate, load_image_dataset, train_sae
+from sae_lens_vision_steer import (
+    HookedCLIP,
+    cache_activations,
+    evaluate,
+    load_image_dataset,
+    train_sae,
+)
 from sae_lens_vision_steer.cli import main as cli_main
-from sae_lens_vision_steer.pass_sae import prototype_distance_on_cache, train_pass_sae
-from sae_lens_vision_steer.training_data import holdout_split
+from sae_lens_vision_steer.training.batches import holdout_split
+from sae_lens_vision_steer.training.pass_sae import (
+    prototype_distance_on_cache,
+    train_pass_sae,
+)
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip-tinyimagenet"
 MODEL = f"local-dir:{ASSET}"

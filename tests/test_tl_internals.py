@@ -10,13 +10,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CLIP_KWARGS
 from transformer_lens import ActivationCache, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
 from sae_lens_vision_steer import HookedCLIP
-from sae_lens_vision_steer.patching import get_act_patch_resid_pre
-
-from conftest import TINY_CLIP_KWARGS
+from sae_lens_vision_steer.models.patching import get_act_patch_resid_pre
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,15 @@ import signal
 
 import numpy as np
 import pytest
-
-from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import torch
-from safetensors.torch import load_file
 from sae_lens import SAE, SAETrainer, TopKSAE
+from safetensors.torch import load_file
 
-from sae_lens_vision_steer.activation_cache import ActivationCache, cache_activations
+from sae_lens_vision_steer.activation_cache import ActivationStore, cache_activations
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 from sae_lens_vision_steer.data import load_image_dataset
-from sae_lens_vision_steer.sae_metadata import VISION_METADATA_KEYS, check_sae_fits_hook
-from sae_lens_vision_steer.training import (
+from sae_lens_vision_steer.sae.metadata import VISION_METADATA_KEYS, check_sae_fits_hook
+from sae_lens_vision_steer.training.trainer import (
     PAPER_PRESETS,
     activation_batches,
     fvu_distribution,
@@ -39,7 +38,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_clip, tiny_imagenet_dir, tmp_path_factory) -> ActivationCache:
+def cache(tiny_clip, tiny_imagenet_dir, tmp_path_factory) -> ActivationStore:
     ds = load_image_dataset("tiny-imagenet", "train", tiny_imagenet_dir, transform=tiny_clip.preprocess, limit=2000)
     return cache_activations(tiny_clip, ds, HOOK, tmp_path_factory.mktemp("cache"), batch_size=128, num_workers=0,
                              shard_size=512, show_progress=False)

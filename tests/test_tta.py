@@ -9,15 +9,15 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_image_folder
 from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
-from conftest import write_image_folder
 from sae_lens_vision_steer import HookedCLIP
-from sae_lens_vision_steer.data import ImageFolderDataset
-from sae_lens_vision_steer.errors import InputError
+from sae_lens_vision_steer.baselines.prompt_tuning import PromptContextEncoder, atfd
+from sae_lens_vision_steer.baselines.tta import TPTConfig, TPTViews, run_tpt, tpt_adapt
+from sae_lens_vision_steer.core.errors import InputError
+from sae_lens_vision_steer.data.base import ImageFolderDataset
 from sae_lens_vision_steer.evaluation import MethodSpec, evaluate
-from sae_lens_vision_steer.steering.prompt_tuning import PromptContextEncoder, atfd
-from sae_lens_vision_steer.steering.tta import TPTConfig, TPTViews, run_tpt, tpt_adapt
 
 NAMES = ["cat", "golden retriever", "hot air balloon", "tench"]
 HF_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
@@ -146,9 +146,11 @@ def test_views_and_runner_counts_64_forwards_per_image(tiny_clip, folder):
     run = run_tpt(tiny_clip, folder, folder.classnames, TPTConfig(augment="crop"), num_workers=0, show_progress=False)
     assert (run.logits_NC.argmax(1).numpy() == tpt.predictions).all()
     enc = PromptContextEncoder(tiny_clip, folder.classnames)
-    from sae_lens_vision_steer.steering.tta import _ViewSet  # the runner's own view set, image 4
+    from sae_lens_vision_steer.baselines.tta import (
+        ViewSet,  # the runner's own view set, image 4
+    )
 
-    v4 = _ViewSet(folder, TPTViews(tiny_clip.preprocess, 32, 64, "crop"), 0)[4][0]
+    v4 = ViewSet(folder, TPTViews(tiny_clip.preprocess, 32, 64, "crop"), 0)[4][0]
     with torch.no_grad():
         f4 = tiny_clip.encode_image(v4)
     one, _ = tpt_adapt(enc, f4[None], tiny_clip.logit_scale, TPTConfig(augment="crop"))
@@ -181,6 +183,7 @@ def test_two_ranks_split_the_images_and_match_one_process(tmp_path):
 
     from conftest import TINY_CLIP_KWARGS
     from dist_worker import launch_forked
+
     from sae_lens_vision_steer.cli import main
 
     data = write_image_folder(tmp_path / "images", n_classes=3, per_class=2, size=40)

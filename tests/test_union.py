@@ -10,22 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_CLIP_KWARGS, make_tiny_clip, write_image_folder
+
 from sae_lens_vision_steer.activation_cache import CacheMismatchError, cache_activations
 from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.cli.common import EXIT_INPUT, EXIT_USAGE
 from sae_lens_vision_steer.data import load_image_dataset
-from sae_lens_vision_steer.steering.vs2 import fvu_threshold_from_reference
-from sae_lens_vision_steer.training import train_sae
-from sae_lens_vision_steer.union import (
-    UnionMismatchError,
-    cache_dataset_names,
-    check_caches_agree,
-    load_union_dataset,
-    member_rows,
-    union_fvu_threshold,
-)
+from sae_lens_vision_steer.activation_cache.union import cache_dataset_names, check_caches_agree, member_rows
+from sae_lens_vision_steer.data.union import UnionMismatchError, load_union_dataset
+from sae_lens_vision_steer.training.gate import fvu_threshold_from_reference, union_fvu_threshold
+from sae_lens_vision_steer.training.trainer import train_sae
 
 HOOK = "blocks.1.hook_resid_post"
 N_CIFAR = 10  # training images of the CIFAR-100 replica (a multiple of BATCH: the batch grids line up)
@@ -115,8 +109,8 @@ def test_sae_on_the_union_records_every_member(union_sae, caches):
     assert meta["dataset"] == "cifar100+imagefolder:alpha"
     assert [(m["dataset"], m["split"], m["n_images"]) for m in meta["dataset_members"]] == [
         ("cifar100", "train", N_CIFAR), ("imagefolder:alpha", "train", 12)]
-    from sae_lens_vision_steer.model_card import sae_card_section
-    from sae_lens_vision_steer.sae_metadata import portable_metadata, vision_metadata
+    from sae_lens_vision_steer.hub.model_card import sae_card_section
+    from sae_lens_vision_steer.sae.metadata import portable_metadata, vision_metadata
 
     assert portable_metadata(vision_metadata(union_sae.sae))["dataset_members"] == meta["dataset_members"]
 
@@ -190,7 +184,7 @@ def test_bad_unions_are_refused(data, tiny_clip, caches, tmp_path):
     with pytest.raises(ValueError, match="one folder per member"):
         load_image_dataset("cifar100,imagefolder,cub200", "train", data["dirs"], pre)
     with pytest.raises(UnionMismatchError, match="preprocessed differently"):
-        from sae_lens_vision_steer.union import UnionImageDataset
+        from sae_lens_vision_steer.data.union import UnionImageDataset
 
         UnionImageDataset([load_image_dataset("cifar100", "train", data["cifar"], pre),
                            load_image_dataset("imagefolder", "train", data["alpha"], None)])
@@ -228,7 +222,7 @@ def test_gate_and_training_refusals(union_sae, caches, capsys):
 def test_training_batches_mix_both_members(caches):
     """Training on a union cache needs nothing special: one epoch of the trainer's stream holds rows of
     every member (shards visited in random order, rows mixed in SAELens' buffer)."""
-    from sae_lens_vision_steer.training_data import activation_batches
+    from sae_lens_vision_steer.training.batches import activation_batches
 
     (c1, _), u = caches
     x = u.load()
@@ -260,7 +254,7 @@ def test_run_with_a_union_trains_one_sae_and_evaluates_each_data_set(data, tmp_p
 
 
 def test_retrieval_methods_refuse_a_union_pool(union_sae, caches, data, tiny_clip):
-    from sae_lens_vision_steer.union_eval import evaluate_members
+    from sae_lens_vision_steer.evaluation.union import evaluate_members
 
     _, u = caches
     val = load_union_dataset("cifar100,imagefolder", "val", data["dirs"], tiny_clip.preprocess)
@@ -278,7 +272,7 @@ def test_cache_cli_with_a_union_writes_the_same_cache(caches, data, tmp_path, ca
                "--shard-size", "7", "--num-workers", "0", "--no-progress", "--out", str(tmp_path / "c")])
     assert rc == 0, capsys.readouterr().err
     assert "member imagefolder:alpha/train: 12 images from image 10" in capsys.readouterr().out
-    from sae_lens_vision_steer.activation_cache import ActivationCache
+    from sae_lens_vision_steer.activation_cache import ActivationStore
 
-    c = ActivationCache.open(tmp_path / "c")
+    c = ActivationStore.open(tmp_path / "c")
     assert [s["sha256"] for s in c.metadata["shards"]] == [s["sha256"] for s in u.metadata["shards"]]

@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import (
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
 
 from sae_lens_vision_steer.steering import (
     SAEReconstruction,
@@ -311,13 +318,16 @@ def test_reconstruction_baselines_match_no_hook_path(tiny_clip):
 def test_threshold_from_reference_cache(tmp_path, tiny_clip):
     from conftest import write_image_folder
 
-    from sae_lens_vision_steer.activation_cache import ActivationCache, cache_activations
+    from sae_lens_vision_steer.activation_cache import (
+        ActivationStore,
+        cache_activations,
+    )
     from sae_lens_vision_steer.data import load_image_dataset
 
     data = load_image_dataset("imagefolder", data_dir=write_image_folder(tmp_path / "imgs"), transform=tiny_clip.preprocess)
     cache_activations(tiny_clip, data, FINAL, tmp_path / "cache", dtype="float32", num_workers=0, show_progress=False)
     sae = make_topk_sae()
-    acts = ActivationCache.open(tmp_path / "cache").load(FINAL)
+    acts = ActivationStore.open(tmp_path / "cache").load(FINAL)
     fvu = per_sample_fvu(acts, sae).numpy()
     assert len(fvu) == len(data) == 12
     assert fvu_threshold_from_reference(sae, tmp_path / "cache", 0.75) == pytest.approx(np.quantile(fvu, 0.75), rel=1e-5)

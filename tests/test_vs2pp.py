@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 import torch
 import torch.nn.functional as F
 from sae_lens import TopKSAE, TopKSAEConfig
 
+from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 from sae_lens_vision_steer.steering.vs2 import vs2_steer
 from sae_lens_vision_steer.steering.vs2pp import (
     VS2PP,
@@ -25,7 +24,7 @@ from sae_lens_vision_steer.steering.vs2pp import (
     vs2pp_steering_vector,
     weighted_rag_embeds,
 )
-from sae_lens_vision_steer.zeroshot import ZeroShotClassifier
+from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
 
 def make_sae(d_in: int = 8, d_sae: int = 32, k: int = 4, seed: int = 0, hook: str | None = None) -> TopKSAE:
@@ -261,6 +260,7 @@ def test_hooks_precomputed_and_online_match_the_cached_path(tiny_clip) -> None:
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory, tiny_clip):
     from conftest import write_image_folder
+
     from sae_lens_vision_steer.activation_cache import cache_activations
     from sae_lens_vision_steer.data import load_image_dataset
 
@@ -280,7 +280,7 @@ def eval_setup(tmp_path_factory, tiny_clip):
 @torch.no_grad()
 def test_eval_methods_match_the_engine_on_cached_tokens(eval_setup) -> None:
     from sae_lens_vision_steer.evaluation import evaluate
-    from sae_lens_vision_steer.steering.vs2pp_methods import VS2PP_METHODS
+    from sae_lens_vision_steer.evaluation.methods.vs2pp import VS2PP_METHODS
 
     model, pool_data, test_data, root, sae, final = eval_setup
     clf = ZeroShotClassifier(model, test_data.classnames, show_progress=False)
@@ -317,6 +317,7 @@ def test_eval_methods_match_the_engine_on_cached_tokens(eval_setup) -> None:
 
 def test_eval_errors_without_pool_or_with_another_model(eval_setup, tmp_path) -> None:
     from conftest import make_tiny_clip
+
     from sae_lens_vision_steer.evaluation import evaluate
 
     model, _, test_data, root, sae, _ = eval_setup

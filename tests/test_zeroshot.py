@@ -2,7 +2,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_lens_vision_steer import ZeroShotClassifier, accuracy_metrics, load_image_dataset
+from sae_lens_vision_steer import (
+    ZeroShotClassifier,
+    accuracy_metrics,
+    load_image_dataset,
+)
 
 
 def test_class_weights_follow_clip_recipe(tiny_clip):

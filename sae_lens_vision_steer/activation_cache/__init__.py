@@ -1,4 +1,6 @@
-"""A disk cache of CLIP image-tower activations, written in fixed-size shards, and its reader.
+"""The activation store: image-tower activations on disk in fixed-size shards (`ActivationStore`), and its
+writer. (Named apart from TransformerLens' in-memory `ActivationCache`, which `run_with_cache` returns;
+`ActivationCache` here is a deprecated alias, kept for one release.)
 
 Layout of a cache folder::
 
@@ -21,7 +23,7 @@ complete cache verifies every file's sha256; `repair=True` recomputes only the d
 sums stored in the shards, so a resumed run's metadata equals an uninterrupted run's.
 
 Modules: `format` (constants, errors, fingerprints, the identifying request), `writer`
-(`cache_activations`), `reader` (`ActivationCache`).
+(`cache_activations`), `reader` (`ActivationStore`), `union` (the member data sets of a union's store).
 """
 
 from .format import (
@@ -38,10 +40,6 @@ from .format import (
     CorruptCacheError,
     NonFiniteActivationsError,
     Positions,
-    _file_mode,
-    _stable_repr,
-    _write_bytes_atomic,
-    _write_json_atomic,
     dataset_fingerprint,
     describe_mismatch,
     model_fingerprint,
@@ -49,12 +47,22 @@ from .format import (
     rows_per_image,
     select_positions,
 )
-from .reader import ActivationCache
+from .reader import ActivationStore
 from .writer import cache_activations, damaged_files
 
 __all__ = [
     "CACHE_DTYPES", "DEFAULT_SHARD_SIZE", "FORMAT_VERSION", "HEAD_HOOKS", "IDENTITY_FIELDS", "METADATA_FILE",
-    "POSITIONS", "SHARD_PATTERN", "ActivationCache", "CacheError", "CacheMismatchError", "CorruptCacheError",
+    "POSITIONS", "SHARD_PATTERN", "ActivationStore", "CacheError", "CacheMismatchError", "CorruptCacheError",
     "NonFiniteActivationsError", "Positions", "cache_activations", "damaged_files", "dataset_fingerprint",
     "describe_mismatch", "model_fingerprint", "read_metadata", "rows_per_image", "select_positions",
 ]
+
+
+def __getattr__(name: str):
+    if name == "ActivationCache":  # the name before 0.2; TransformerLens has a class of that name too
+        import warnings
+
+        warnings.warn("sae_lens_vision_steer.activation_cache.ActivationCache is now ActivationStore; the old name "
+                      "goes away in the next release", DeprecationWarning, stacklevel=2)
+        return ActivationStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

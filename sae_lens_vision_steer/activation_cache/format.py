@@ -13,14 +13,17 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from ..data import ImageDataset
-from ..errors import ConflictError, InputError
-from ..fileio import file_mode as _file_mode  # noqa: F401  (re-exported for older imports)
-from ..fileio import write_bytes_atomic as _write_bytes_atomic  # noqa: F401
-from ..fileio import write_json_atomic as _write_json_atomic  # noqa: F401
-from ..hooked_clip import HookedCLIP
-from ..identity import dataset_identity, model_identity
-from ..models.positions import POOLED_HOOKS, position_index
+from ..core.errors import ConflictError, InputError
+from ..core.identity import (
+    dataset_fingerprint,
+    dataset_identity,
+    model_fingerprint,
+    model_identity,
+    stable_repr,
+)
+from ..core.positions import POOLED_HOOKS, position_index
+from ..data.base import ImageDataset
+from ..sae.splice import HookedCLIP
 
 Positions = Literal["cls", "patches", "all"]
 POSITIONS = ("cls", "patches", "all")
@@ -58,48 +61,16 @@ class NonFiniteActivationsError(CacheError):
 
 
 # ---------------------------------------------------------------------------------- small helpers
-def _sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
     import io
 
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
-
-
-def model_fingerprint(model: HookedCLIP) -> str:
-    """sha256 over the image tower's weights: tells apart two random-weight models of one name."""
-    h = hashlib.sha256()
-    for name, t in model.vision_state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place, no copy
-    return h.hexdigest()[:16]
-
-
-def dataset_fingerprint(dataset: ImageDataset) -> str:
-    """sha256 over the selected items and their labels (changes with `limit` and with the split)."""
-    if callable(getattr(dataset, "fingerprint", None)):  # a union (union.py): combined from its members'
-        return dataset.fingerprint()
-    h = hashlib.sha256()
-    h.update(str(len(dataset)).encode())
-    indices = getattr(dataset, "indices", None)
-    if indices is not None:
-        h.update(np.asarray(indices, dtype=np.int64).tobytes())
-    files = getattr(dataset, "relative_paths", None)
-    if files is not None:  # folder data sets: which files, relative to the data folder (portable)
-        h.update("\n".join(files).encode())
-    labels = getattr(dataset, "subset_labels", None)
-    if labels is not None:
-        h.update(np.asarray(labels, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _stable_repr(obj: Any) -> str:
-    """`repr` without memory addresses (a Lambda transform's repr has one), so it compares across runs."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
 def rows_per_image(model: HookedCLIP, positions: str) -> int:
@@ -119,7 +90,7 @@ def select_positions(act: torch.Tensor, positions: str, n_prefix_tokens: int = 1
     return act.reshape(-1, act.shape[-1])
 
 
-def _normalise_hooks(model: HookedCLIP, hook_names: str | Sequence[str], positions: str) -> list[str]:
+def normalise_hooks(model: HookedCLIP, hook_names: str | Sequence[str], positions: str) -> list[str]:
     names = [hook_names] if isinstance(hook_names, str) else list(dict.fromkeys(hook_names))
     if not names:
         raise ValueError("no hook names given")
@@ -135,11 +106,11 @@ def _normalise_hooks(model: HookedCLIP, hook_names: str | Sequence[str], positio
     return names
 
 
-def _request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], positions: str, dtype: str,
+def cache_request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], positions: str, dtype: str,
              shard_size: int) -> dict[str, Any]:
     transform = getattr(dataset, "transform", None)
-    preprocess = _stable_repr(transform if transform is not None else model.preprocess)
-    if transform is not None and preprocess != _stable_repr(model.preprocess):
+    preprocess = stable_repr(transform if transform is not None else model.preprocess)
+    if transform is not None and preprocess != stable_repr(model.preprocess):
         warnings.warn("the data set's transform differs from model.preprocess; caching with the data set's", stacklevel=3)
     data_id = dataset_identity(dataset)
     return {
@@ -198,6 +169,6 @@ def file_problem(root: Path, rec: dict[str, Any], check_sha: bool = True) -> str
     size = path.stat().st_size
     if size != rec["nbytes"]:
         return f"{path} is truncated or damaged ({size} bytes, expected {rec['nbytes']})"
-    if check_sha and _sha256_bytes(path.read_bytes()) != rec["sha256"]:
+    if check_sha and sha256_bytes(path.read_bytes()) != rec["sha256"]:
         return f"{path} is corrupt (its sha256 does not match the one in {METADATA_FILE})"
     return None

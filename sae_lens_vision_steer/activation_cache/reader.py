@@ -9,9 +9,17 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from .format import METADATA_FILE, CacheError, CorruptCacheError, NonFiniteActivationsError, _sha256_bytes, read_metadata
+from .format import (
+    METADATA_FILE,
+    CacheError,
+    CorruptCacheError,
+    NonFiniteActivationsError,
+    read_metadata,
+    sha256_bytes,
+)
 
-class ActivationCache:
+
+class ActivationStore:
     """Read access to a complete cache folder. Every shard read checks size and sha256."""
 
     def __init__(self, root: Path, metadata: dict[str, Any]):
@@ -21,7 +29,7 @@ class ActivationCache:
         self._image_index: np.ndarray | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "ActivationCache":
+    def open(cls, path: str | Path) -> "ActivationStore":
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"activation cache folder {root} does not exist")
@@ -126,7 +134,7 @@ class ActivationCache:
         data = path.read_bytes()
         if len(data) != rec["nbytes"]:
             raise CorruptCacheError(f"{path} is truncated or damaged: {len(data)} bytes, expected {rec['nbytes']}")
-        if _sha256_bytes(data) != rec["sha256"]:
+        if sha256_bytes(data) != rec["sha256"]:
             raise CorruptCacheError(f"{path} is corrupt: its sha256 does not match the one in {METADATA_FILE}")
         return data
 
@@ -182,5 +190,5 @@ class ActivationCache:
 
     def __repr__(self) -> str:
         m = self.metadata
-        return (f"ActivationCache({str(self.root)!r}, model={m['model_name']}/{m['pretrained']}, hooks={m['hook_names']}, "
+        return (f"ActivationStore({str(self.root)!r}, model={m['model_name']}/{m['pretrained']}, hooks={m['hook_names']}, "
                 f"positions={m['positions']}, rows={m['n_rows']}, dtype={m['dtype']})")

@@ -19,12 +19,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
-from ..fileio import remove_temp_files, write_json_atomic
-from .format import METADATA_FILE, SHARD_NAME_RE, SHARD_PATTERN, CacheError, CacheMismatchError, \
-    describe_mismatch, file_problem, read_metadata
-from .reader import ActivationCache
-from .writer import PROGRESS_PATTERN, _finalise, _remove_cache_files, initial_metadata, progress_files
+from ..core import distributed
+from ..core.fileio import remove_temp_files, write_json_atomic
+from .format import (
+    METADATA_FILE,
+    SHARD_NAME_RE,
+    SHARD_PATTERN,
+    CacheError,
+    CacheMismatchError,
+    describe_mismatch,
+    file_problem,
+    read_metadata,
+)
+from .reader import ActivationStore
+from .shards import (
+    PROGRESS_PATTERN,
+    finalise,
+    initial_metadata,
+    progress_files,
+    remove_cache_files,
+)
 
 
 def shard_plan(request: dict[str, Any]) -> list[tuple[int, int]]:
@@ -65,7 +79,7 @@ def _setup(writer: Any, overwrite: bool, repair: bool) -> tuple[dict[str, Any], 
     """Rank 0: check the folder, find the intact shards, write the metadata. None: the cache is complete."""
     root, request = writer.root, writer.request
     if overwrite:
-        _remove_cache_files(root)
+        remove_cache_files(root)
     remove_temp_files(root)
     meta: dict[str, Any] | None = None
     if writer.meta_path.is_file():
@@ -75,7 +89,7 @@ def _setup(writer: Any, overwrite: bool, repair: bool) -> tuple[dict[str, Any], 
             raise CacheMismatchError(f"{root} holds a cache made differently from this request ({'; '.join(diffs)}). "
                                      "Use another folder, or overwrite=True (--overwrite) to replace it.")
         if meta.get("complete"):
-            writer._reuse(meta, repair)
+            writer.reuse(meta, repair)
             for p in progress_files(root):
                 p.unlink()
             return None
@@ -112,14 +126,14 @@ def _setup(writer: Any, overwrite: bool, repair: bool) -> tuple[dict[str, Any], 
     return meta, sorted(done)
 
 
-def run_sharded(writer: Any, overwrite: bool, repair: bool) -> ActivationCache:
+def run_sharded(writer: Any, overwrite: bool, repair: bool) -> ActivationStore:
     """Cache the shards missing from `writer.root`, split over the ranks (any number, one included)."""
     root, request = writer.root, writer.request
     distributed.check_same("cache request", {**request, "batch_size": writer.batch_size})
     status = distributed.on_main(lambda: _setup(writer, overwrite, repair))
     if status is None:
         distributed.barrier()
-        return ActivationCache.open(root)
+        return ActivationStore.open(root)
     meta, done = status
     writer.meta = meta
     plan = shard_plan(request)
@@ -138,7 +152,7 @@ def run_sharded(writer: Any, overwrite: bool, repair: bool) -> ActivationCache:
             write_json_atomic(progress_path, {"world_size": distributed.world_size(), "shards": records})
             return rec["first_row"] // S < last
 
-        writer._forward(first, first * S, start_image, first * S - start_image * P, record,
+        writer.forward_range(first, first * S, start_image, first * S - start_image * P, record,
                         stop_image=-(-end_row // P))
     gathered = distributed.all_gather_object(records)  # every rank is done here
 
@@ -149,7 +163,7 @@ def run_sharded(writer: Any, overwrite: bool, repair: bool) -> ActivationCache:
             raise CacheError(f"shards {missing[:10]} of {root} were not written; run the command again to resume")
         meta["shards"] = [by_index[k] for k in range(len(plan))]
         write_json_atomic(writer.meta_path, meta)
-        _finalise(root, meta)
+        finalise(root, meta)
 
     distributed.on_main(finish)
-    return ActivationCache.open(root)
+    return ActivationStore.open(root)

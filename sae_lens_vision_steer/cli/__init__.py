@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from .common import EXIT_INTERRUPTED, error_exit_code, error_message, resolve_device
 
     args = build_parser().parse_args(argv)
-    from .. import distributed
+    from ..core import distributed
 
     started = distributed.launched() and not distributed.active()  # end only a group this call starts
     try:
@@ -87,7 +87,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
     """Join the process group; ranks other than 0 print nothing to stdout and show no progress bars."""
     import os
 
-    from .. import distributed
+    from ..core import distributed
 
     if args.command not in DISTRIBUTED_COMMANDS:
         raise ValueError(f"vision-steer {args.command} runs in one process; under torchrun / accelerate launch "

@@ -47,8 +47,8 @@ DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "openai"
 
 def error_exit_code(e: BaseException) -> int | None:
     """The exit code for a user error, or None for an unexpected one (a bug: shown with its traceback)."""
-    from ..data import BadImageError
-    from ..errors import ConflictError, DeviceError, InputError, OutputError
+    from ..core.errors import ConflictError, DeviceError, InputError, OutputError
+    from ..data.base import BadImageError
 
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -69,8 +69,8 @@ def error_exit_code(e: BaseException) -> int | None:
 
 def error_message(e: BaseException) -> str:
     """One line naming the file or flag, with a hint."""
-    from ..data import BadImageError
-    from ..fileio import describe_os_error
+    from ..core.fileio import describe_os_error
+    from ..data.base import BadImageError
 
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     if isinstance(e, BadImageError):
@@ -170,7 +170,7 @@ def add_text_cache_args(g: Any) -> None:
 
 def resolve_text_cache(args: argparse.Namespace) -> Path | None:
     """The text-embedding cache folder of `--text-cache` / `--no-text-cache` / the environment, or None."""
-    from ..text_cache import default_text_cache_dir
+    from ..zeroshot.text_cache import default_text_cache_dir
 
     if getattr(args, "no_text_cache", False):
         return None
@@ -201,7 +201,7 @@ def resolve_device(name: str) -> str:
     """`auto` -> `cuda` when a GPU is visible, else `cpu`; a device that is not there is refused."""
     import torch
 
-    from ..errors import DeviceError
+    from ..core.errors import DeviceError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -222,7 +222,7 @@ def resolve_device(name: str) -> str:
 def resolve_model_args(args: argparse.Namespace, sae=None) -> list[str]:
     """Fill `--model`, `--pretrained`, `--model-kwargs` (and `--random-weights`) that were not given:
     from the SAE's metadata when there is an SAE, else the defaults. Returns notes to print."""
-    from ..identity import weights_from_name
+    from ..core.identity import weights_from_name
 
     meta = sae.cfg.metadata if sae is not None else {}
     notes = []
@@ -250,8 +250,8 @@ def resolve_model_args(args: argparse.Namespace, sae=None) -> list[str]:
 def load_model(args: argparse.Namespace):
     import torch
 
-    from ..hooked_clip import HookedCLIP
-    from ..identity import weights_from_name
+    from ..core.identity import weights_from_name
+    from ..sae.splice import HookedCLIP
 
     if args.model is None:
         resolve_model_args(args)
@@ -287,8 +287,8 @@ def peak_rss_mib() -> float:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    from ..fileio import write_json_atomic as _write
-    from ..results import json_default
+    from ..core.fileio import write_json_atomic as _write
+    from ..evaluation.results import json_default
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
-    add_text_cache_args,
-    resolve_text_cache,
     abspath,
     add_data_args,
     add_model_args,
     add_progress_arg,
+    add_text_cache_args,
     finite_float,
     json_object,
     load_data,
@@ -21,6 +20,7 @@ from .common import (
     peak_rss_mib,
     positive_int,
     resolve_model_args,
+    resolve_text_cache,
 )
 
 HELP = "evaluate zero-shot CLIP, VS2 and SAE-reconstruction baselines on a data set"
@@ -178,13 +178,13 @@ def gate_methods(args: argparse.Namespace) -> list[str]:
 def load_sae_arg(path: str | None, device: str):
     if path is None:
         return None
-    from ..evaluation import load_sae
+    from ..sae.loading import load_sae
 
     return load_sae(path, device)
 
 
 def load_layer_saes(text: str | None, device: str) -> list[Any] | None:
-    from ..evaluation import load_sae
+    from ..sae.loading import load_sae
 
     if not text:
         return None
@@ -204,7 +204,7 @@ def resolve_fvu_threshold(args: argparse.Namespace, sae, model=None) -> tuple[fl
     if sae is None:
         raise ValueError("--fvu-quantile needs --sae")
     if "," in str(args.reference_cache) or getattr(args, "gate_datasets", None):  # a union of references
-        from ..union import union_fvu_threshold
+        from ..training.gate import union_fvu_threshold
 
         tau, info = union_fvu_threshold(sae, args.reference_cache, args.fvu_quantile, datasets=args.gate_datasets,
                                         hook_name=args.hook, model=model)
@@ -212,7 +212,7 @@ def resolve_fvu_threshold(args: argparse.Namespace, sae, model=None) -> tuple[fl
               f"of {', '.join(info['datasets'])} in {args.reference_cache})")
         return tau, {"fvu_quantile": args.fvu_quantile, "reference_cache": str(args.reference_cache),
                      "gate_datasets": info["datasets"], "gate_rows": info["rows_per_dataset"]}
-    from ..steering.vs2 import fvu_threshold_from_reference
+    from ..training.gate import fvu_threshold_from_reference
 
     tau = fvu_threshold_from_reference(sae, args.reference_cache, args.fvu_quantile, hook_name=args.hook,
                                        show_progress=not args.no_progress, model=model)
@@ -248,9 +248,9 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import distributed
+    from ..core import distributed
+    from ..core.outputs import prepare_output_dir
     from ..evaluation import evaluate
-    from ..outputs import prepare_output_dir
 
     methods = split_list(args.methods)
     if not methods:
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     config = {"sae_path": args.sae, "random_weights": args.random_weights, "seed": args.seed, "limit": args.limit,
               **gate_cfg, **({"retrieval": retrieval_options(args)} if args.pool_cache else {})}
     if getattr(data, "members", None) is not None:  # a union: each data set on its own (union_eval.py)
-        from ..union_eval import evaluate_members
+        from ..evaluation.union import evaluate_members
 
         res = evaluate_members(model, data.members, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                                templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,

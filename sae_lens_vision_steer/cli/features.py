@@ -7,7 +7,14 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_args, add_progress_arg, load_model, peak_rss_mib, positive_int, resolve_model_args
+from .common import (
+    add_model_args,
+    add_progress_arg,
+    load_model,
+    peak_rss_mib,
+    positive_int,
+    resolve_model_args,
+)
 
 HELP = "write a static feature browser for an SAE (top images, heatmaps, promoted classes)"
 DESCRIPTION = (HELP + ". Per-latent statistics come from one pass over --cache (usually the SAE's training "
@@ -32,13 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..evaluation import load_sae
+    from ..core.errors import InputError
     from ..explore import build_feature_browser
-    from ..explore.browser import _check_destination
+    from ..explore.browser import check_destination
+    from ..sae.loading import load_sae
 
     t0 = time.perf_counter()
-    _check_destination(Path(args.out))  # before loading anything
+    check_destination(Path(args.out))  # before loading anything
     results = None
     if args.results:
         try:

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import publish_sae
+    from ..hub.publish import publish_sae
 
     eval_results = False if args.no_eval_results else args.eval_results
     res = publish_sae(args.sae, args.repo_id, args.sae_id, private=args.private, revision=args.revision,

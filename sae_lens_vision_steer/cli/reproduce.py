@@ -7,7 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import EXIT_INPUT, add_device_arg, add_progress_arg, non_negative_int, positive_float, positive_int
+from .common import (
+    EXIT_INPUT,
+    add_device_arg,
+    add_progress_arg,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 HELP = "run the paper's whole evaluation grid (or a part) and write its tables next to the paper's numbers"
 DESCRIPTION = (

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from .common import (
-    resolve_text_cache,
     add_model_args,
     add_progress_arg,
     load_model,
@@ -27,6 +26,7 @@ from .common import (
     positive_float,
     positive_int,
     resolve_model_args,
+    resolve_text_cache,
     write_json_atomic,
 )
 from .eval import (
@@ -119,13 +119,18 @@ def interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import distributed
     from ..activation_cache import cache_activations
+    from ..core import distributed
+    from ..core.outputs import prepare_output_dir
     from ..data import load_image_dataset
     from ..evaluation import evaluate
-    from ..steering.vs2 import fvu_threshold_from_reference
-    from ..outputs import prepare_output_dir
-    from ..training import check_training_args, fvu_distribution, sae_size, train_sae
+    from ..training.gate import fvu_threshold_from_reference
+    from ..training.trainer import (
+        check_training_args,
+        fvu_distribution,
+        sae_size,
+        train_sae,
+    )
 
     if args.reference_cache:
         raise ValueError("run uses its own training cache as the FVU reference; --reference-cache is for eval")
@@ -188,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     if "trained" not in box:
         from types import SimpleNamespace
 
-        from ..evaluation import load_sae
+        from ..sae.loading import load_sae
 
         box["trained"] = SimpleNamespace(sae=load_sae(sae_dir, args.device), out_dir=Path(sae_dir), metrics={})
     trained = box["trained"]
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     fvu_dist = fvu_distribution(sae, cache, hook)
     tau, gate_cfg = args.fvu_threshold, {}
     if args.fvu_quantile is not None and (union or args.gate_datasets):  # the training union (or some members)
-        from ..union import union_fvu_threshold
+        from ..training.gate import union_fvu_threshold
 
         tau, info = union_fvu_threshold(sae, cache, args.fvu_quantile, datasets=args.gate_datasets,
                                         hook_name=hook, model=model)
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         gate_cfg = {"fvu_quantile": args.fvu_quantile, "reference_cache": str(cache.root)}
         print(f"      FVU gate: tau = {tau:.4f} (quantile {args.fvu_quantile} over the training cache)")
     if union:  # the FVU distribution of every member's training rows, too
-        from ..union import member_rows
+        from ..activation_cache.union import member_rows
 
         fvu_dist["per_dataset"] = {m.dataset_id: fvu_distribution(sae, cache, hook, rows=member_rows(cache, i))
                                    for i, m in enumerate(train_data.members)}
@@ -228,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         run_eval = evaluate
         if union:  # each data set on its own, with its own classes and templates (union_eval.py)
-            from ..union_eval import evaluate_members
+            from ..evaluation.union import evaluate_members
 
             run_eval = evaluate_members  # the same arguments, with the list of member data sets
         result = run_eval(model, eval_data.members if union else eval_data, sae, methods, lam=args.lam,

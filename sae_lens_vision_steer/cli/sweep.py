@@ -7,7 +7,6 @@ import sys
 import time
 
 from .common import (
-    resolve_text_cache,
     add_data_args,
     add_model_args,
     add_progress_arg,
@@ -16,6 +15,7 @@ from .common import (
     load_model,
     peak_rss_mib,
     resolve_model_args,
+    resolve_text_cache,
     write_json_atomic,
 )
 from .eval import (
@@ -78,13 +78,18 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import Evaluator, MethodSpec, evaluate, plot_sweep_heatmap, sweep_vs2
-    from ..zeroshot import ZeroShotClassifier
-    from ..ood_datasets import dataset_templates
-    from ..zeroshot_resources import DEFAULT_TEMPLATES
-
-    from .. import distributed
-    from ..outputs import prepare_output_dir
+    from ..core import distributed
+    from ..core.outputs import prepare_output_dir
+    from ..data.ood import dataset_templates
+    from ..data.resources import DEFAULT_TEMPLATES
+    from ..evaluation import (
+        Evaluator,
+        MethodSpec,
+        evaluate,
+        plot_sweep_heatmap,
+        sweep_vs2,
+    )
+    from ..zeroshot.classifier import ZeroShotClassifier
 
     lams, gammas = split_list(args.lams, finite_float), split_list(args.gammas, finite_float)
     if not lams or not gammas:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_device_arg, add_progress_arg, non_negative_int, peak_rss_mib, positive_float, positive_int
+from .common import (
+    add_device_arg,
+    add_progress_arg,
+    non_negative_int,
+    peak_rss_mib,
+    positive_float,
+    positive_int,
+)
 
 HELP = "train a top-k SAE on cached activations"
 DESCRIPTION = (HELP + ". Paper settings (final block hook_resid_post, CLS): ViT-B-32 expansion 4, k 64; "
@@ -48,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def interrupted(args: argparse.Namespace) -> str:
     from pathlib import Path
 
-    from ..training import CHECKPOINT_DIR, CHECKPOINT_DONE, _latest_checkpoint
+    from ..training.trainer import CHECKPOINT_DIR, CHECKPOINT_DONE, latest_checkpoint
 
-    ckpt = _latest_checkpoint(Path(args.out) / CHECKPOINT_DIR) if Path(args.out).is_dir() else None
+    ckpt = latest_checkpoint(Path(args.out) / CHECKPOINT_DIR) if Path(args.out).is_dir() else None
     if ckpt is None:
         return f"no checkpoint was saved in {args.out}; the run starts again from the beginning"
     import json
@@ -60,18 +67,18 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..activation_cache import ActivationCache
-    from ..training import sae_size, train_sae
+    from ..activation_cache import ActivationStore
+    from ..training.trainer import sae_size, train_sae
 
     train = train_sae
     if args.objective == "pass":  # same arguments; labels are checked before training starts
         import functools
 
-        from ..pass_sae import train_pass_sae
+        from ..training.pass_sae import train_pass_sae
 
         train = functools.partial(train_pass_sae, w_aux=args.w_aux)
 
-    cache = ActivationCache.open(args.cache)
+    cache = ActivationStore.open(args.cache)
     if args.objective == "pass" and cache.metadata.get("request", {}).get("members"):
         raise ValueError(f"--objective pass needs one class space, but {args.cache} is a union of data sets "
                          f"({cache.metadata['dataset']}) whose labels are per data set; train topk on the union, "

@@ -6,15 +6,15 @@ import argparse
 import time
 
 from .common import (
-    add_text_cache_args,
-    resolve_text_cache,
     add_data_args,
     add_model_args,
     add_progress_arg,
+    add_text_cache_args,
     load_data,
     load_model,
     peak_rss_mib,
     resolve_model_args,
+    resolve_text_cache,
     write_json_atomic,
 )
 
@@ -34,16 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..zeroshot import ZeroShotClassifier
-    from ..ood_datasets import dataset_templates
-    from ..zeroshot_resources import DEFAULT_TEMPLATES
+    from ..data.ood import dataset_templates
+    from ..data.resources import DEFAULT_TEMPLATES
+    from ..zeroshot.classifier import ZeroShotClassifier
 
     t0 = time.perf_counter()
     resolve_model_args(args)
     out = args.out or f"zeroshot_{args.dataset.replace('/', '_').replace(':', '_')}_{args.split}.json"
     from pathlib import Path
 
-    from ..fileio import check_writable_dir
+    from ..core.fileio import check_writable_dir
 
     if Path(out).is_dir():
         raise IsADirectoryError(21, "--out is a folder; give a file name", out)

@@ -20,17 +20,8 @@ The FVU gate is per method: `fvu_threshold` reaches only the methods in `gate_me
 Results and plots are in `results.py`.
 """
 
-from ..results import (  # re-exported: the results API used to live here
-    RESULTS_FILE,
-    EvaluationResult,
-    MethodScores,
-    SweepResult,
-    format_table,
-    plot_per_class_changes,
-    plot_sweep_heatmap,
-)
 from . import methods  # noqa: F401  (registers the built-in methods)
-from .methods import sae_reconstruction
+from .methods.builtin import sae_reconstruction
 from .registry import (
     DEFAULT_GATED_METHODS,
     DEFAULT_METHODS,
@@ -41,12 +32,21 @@ from .registry import (
     get_method,
     register_method,
 )
-from .runner import Evaluator, MethodSpec, evaluate, load_sae, sweep_vs2
+from .results import (  # re-exported: the results API used to live here
+    RESULTS_FILE,
+    EvaluationResult,
+    MethodScores,
+    SweepResult,
+    format_table,
+    plot_per_class_changes,
+    plot_sweep_heatmap,
+)
+from .runner import Evaluator, MethodSpec, evaluate, sweep_vs2
 from .tokens import HookTokens, cache_hook_tokens, hook_cut, make_tower_tail
 
 __all__ = [
     "DEFAULT_GATED_METHODS", "DEFAULT_METHODS", "EvaluationResult", "Evaluator", "HookTokens", "METHODS", "Method",
     "MethodContext", "MethodOutput", "MethodScores", "MethodSpec", "RESULTS_FILE", "SweepResult", "cache_hook_tokens",
-    "evaluate", "format_table", "get_method", "hook_cut", "load_sae", "make_tower_tail", "plot_per_class_changes",
+    "evaluate", "format_table", "get_method", "hook_cut", "make_tower_tail", "plot_per_class_changes",
     "plot_sweep_heatmap", "register_method", "sae_reconstruction", "sweep_vs2",
 ]

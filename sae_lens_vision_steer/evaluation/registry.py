@@ -9,9 +9,9 @@ from typing import Any, Callable, Literal
 import torch
 from sae_lens import SAE
 
-from ..data import ImageDataset
-from ..hooked_clip import HookedCLIP
-from ..zeroshot import ZeroShotClassifier
+from ..data.base import ImageDataset
+from ..sae.splice import HookedCLIP
+from ..zeroshot.classifier import ZeroShotClassifier
 
 DEFAULT_METHODS = ("zeroshot", "vs2", "rec_final", "rec_final_gamma")
 DEFAULT_GATED_METHODS = ("vs2",)  # the paper gates VS2 only
@@ -86,19 +86,8 @@ def register_method(name: str, *, kind: Literal["tokens", "pass"] = "tokens", ne
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        _load_plugin_methods()
+    """A registered method (the built-in ones are registered by `evaluation.methods`, imported with the
+    `evaluation` package)."""
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
     return METHODS[name]
-
-
-def _load_plugin_methods() -> None:
-    """Import modules that register more methods (VS2++ and its baselines), if they exist."""
-    import importlib
-
-    # vs2pp_methods registers vs2pp*, clip_steer*, weighted_rag*; tta_methods the prompt and TPT baselines
-    # (kept out of steering/ proper so that the steering package never imports this runner: no import
-    # cycle). Our own modules: an import error is a bug, never a silently missing method.
-    for mod in ("sae_lens_vision_steer.steering.vs2pp_methods", "sae_lens_vision_steer.steering.tta_methods"):
-        importlib.import_module(mod)

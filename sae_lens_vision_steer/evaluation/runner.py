@@ -13,16 +13,29 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..data import ImageDataset, make_loader
-from ..hooked_clip import HookedCLIP
-from ..identity import model_identity
-from ..results import EvaluationResult, MethodScores, SweepResult
-from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
+from ..core import distributed
+from ..core.identity import (
+    dataset_fingerprint,
+    model_fingerprint,
+    model_identity,
+    tensors_fingerprint,
+)
+from ..data import shard_loader
+from ..data.base import ImageDataset, make_loader
+from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
+from ..sae.splice import HookedCLIP
 from ..steering.hooks import TokenIntervention
 from ..steering.vs2 import PAPER_GAMMA, PAPER_LAM
-from ..zeroshot import ZeroShotClassifier, ZeroShotResult, accuracy_metrics
-from .registry import DEFAULT_GATED_METHODS, DEFAULT_METHODS, Method, MethodContext, MethodOutput, get_method
+from ..zeroshot.classifier import ZeroShotClassifier, ZeroShotResult, accuracy_metrics
+from .registry import (
+    DEFAULT_GATED_METHODS,
+    DEFAULT_METHODS,
+    Method,
+    MethodContext,
+    MethodOutput,
+    get_method,
+)
+from .results import EvaluationResult, MethodScores, SweepResult
 from .tokens import cache_hook_tokens, hook_cut, make_tower_tail
 
 
@@ -165,7 +178,7 @@ class Evaluator:
         """A hooked pass under torchrun: each rank classifies its block of the batch grid, the logits are
         gathered in order and scored once. Coverage is the image-weighted mean of the ranks' coverages
         (equal to one process's up to float rounding)."""
-        loader = distributed.shard_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
+        loader = shard_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
         logits, labels, n_skipped = [], [], 0
         with torch.no_grad(), self.model.hooks(fwd_hooks=list(hooks)):
             for batch in tqdm(loader, desc="zero-shot", disable=not self.ctx.show_progress, unit="batch"):
@@ -188,17 +201,7 @@ class Evaluator:
 def _request_fingerprint(model: HookedCLIP, data: ImageDataset, sae: SAE | None, hook_name: str,
                          batch_size: int) -> dict[str, Any]:
     """What the ranks of a distributed evaluation must agree on (compared by `distributed.check_same`)."""
-    import hashlib
-
-    from ..activation_cache import dataset_fingerprint, model_fingerprint
-
-    sae_hash = None
-    if sae is not None:
-        h = hashlib.sha256()
-        for name, t in sae.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-        sae_hash = h.hexdigest()[:16]
+    sae_hash = None if sae is None else tensors_fingerprint(sae.state_dict())
     return {"model_name": model.cfg.model_name, "model_fingerprint": model_fingerprint(model), "sae": sae_hash,
             "hook_name": hook_name, "dataset": getattr(data, "dataset_id", None), "split": getattr(data, "split", None),
             "n_images": len(data), "dataset_fingerprint": dataset_fingerprint(data), "batch_size": batch_size}
@@ -230,8 +233,8 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     writes `results.json`, `results.md` and per-class plots there. `text_cache`: a folder for the
     class-prompt embeddings (`text_cache.py`), used when no `classifier` is given.
     """
-    from ..ood_datasets import dataset_templates
-    from ..zeroshot_resources import DEFAULT_TEMPLATES
+    from ..data.ood import dataset_templates
+    from ..data.resources import DEFAULT_TEMPLATES
 
     specs = _as_specs(methods)
     for spec in specs:  # fail before the backbone runs
@@ -301,17 +304,3 @@ def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[floa
         top1[gi, li], cov[gi, li] = s.top1, s.coverage
     return SweepResult([float(v) for v in lams], [float(v) for v in gammas], top1, cov, evaluator.zeroshot.top1,
                        selected_on, len(evaluator.labels_N), time.perf_counter() - t0)
-
-
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """A SAELens SAE saved with `save_model`/`save_inference_model` (a folder with cfg.json)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"SAE folder {path} does not exist")
-    if not (path / "cfg.json").is_file():
-        found = sorted(p.parent for p in path.glob("*/cfg.json"))
-        if len(found) != 1:
-            raise FileNotFoundError(f"{path} is not a SAELens SAE folder (no cfg.json"
-                                    + (f"; candidates: {[str(p) for p in found]})" if found else ")"))
-        path = found[0]
-    return SAE.load_from_disk(path, device=str(device))

@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..data import ImageDataset
-from ..hooked_clip import HookedCLIP
+from ..core import distributed
+from ..data import shard_loader
+from ..data.base import ImageDataset
+from ..sae.splice import HookedCLIP
 
 RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
@@ -58,7 +59,7 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
     stop, start = hook_cut(model, hook_name)
     keep_all = start < model.cfg.n_layers
     # Under torchrun each rank runs its block of the batch grid; the tokens are gathered in order below.
-    loader = data if isinstance(data, DataLoader) else distributed.shard_loader(data, batch_size, num_workers)
+    loader = data if isinstance(data, DataLoader) else shard_loader(data, batch_size, num_workers)
     cls, resid, labels, n_skipped = [], [], [], 0
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"backbone to {hook_name}", disable=not show_progress, unit="batch"):

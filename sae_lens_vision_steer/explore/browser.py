@@ -27,12 +27,12 @@ import numpy as np
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from ..activation_cache import ActivationCache, model_fingerprint
-from ..errors import ConflictError, InputError, OutputError
-from ..fileio import file_mode, write_json_atomic
-from ..hooked_clip import HookedCLIP
-from ..identity import portable_model_name
-from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
+from ..activation_cache import ActivationStore, model_fingerprint
+from ..core.errors import ConflictError, InputError, OutputError
+from ..core.fileio import file_mode, write_json_atomic
+from ..core.identity import portable_model_name
+from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
+from ..sae.splice import HookedCLIP
 from . import heatmaps as hm
 from .directions import decoder_class_scores, promoted_classes
 from .html import BROWSER_JS, CSS, index_data_js, index_page
@@ -53,7 +53,7 @@ class FeatureBrowser:
     notes: list[str]
 
 
-def check_sae_and_cache(sae: SAE, cache: ActivationCache, model: HookedCLIP, hook_name: str | None) -> str:
+def check_sae_and_cache(sae: SAE, cache: ActivationStore, model: HookedCLIP, hook_name: str | None) -> str:
     """The SAE's hook, after checking that cache, SAE and model belong together (each difference named)."""
     hook = sae_hook_name(sae, hook_name)
     problems = []
@@ -74,7 +74,7 @@ def check_sae_and_cache(sae: SAE, cache: ActivationCache, model: HookedCLIP, hoo
     return hook
 
 
-def _check_destination(out: Path) -> list[str]:
+def check_destination(out: Path) -> list[str]:
     """Files of the previous build in `out` (to be replaced), or a ConflictError for a foreign folder."""
     if not out.exists():
         return []
@@ -124,18 +124,18 @@ def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, ou
     """Build the browser in `out_dir` (see the module docstring). `heatmap`: auto (`sae` for patch/all
     token caches, else `attention`), attention, occlusion, sae or none. `results`: a parsed
     `results.json` of `vision-steer eval`, for the VS2 per-class changes."""
-    from ..zeroshot import ZeroShotClassifier
-    from ..zeroshot_resources import DEFAULT_TEMPLATES
+    from ..data.resources import DEFAULT_TEMPLATES
+    from ..zeroshot.classifier import ZeroShotClassifier
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if heatmap not in ("auto", "none", *hm.METHODS):
         raise ValueError(f"heatmap must be auto, none, {', '.join(hm.METHODS)}; got {heatmap!r}")
     out = Path(out_dir)
-    _check_destination(out)
+    check_destination(out)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    cache = ActivationCache.open(cache_dir)
+    cache = ActivationStore.open(cache_dir)
     hook = check_sae_and_cache(sae, cache, model, hook_name)
     if heatmap == "auto":
         heatmap = "sae" if cache.positions != "cls" else "attention"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from sae_lens import SAE
 
-from ..hooked_clip import HookedCLIP
+from ..sae.splice import HookedCLIP
 
 
 @torch.no_grad()

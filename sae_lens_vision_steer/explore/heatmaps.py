@@ -20,9 +20,9 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from ..activation_cache import ActivationCache
-from ..hooked_clip import HookedCLIP
-from ..models.positions import POOLED_HOOKS
+from ..activation_cache import ActivationStore
+from ..core.positions import POOLED_HOOKS
+from ..sae.splice import HookedCLIP
 
 METHODS = ("attention", "occlusion", "sae")
 
@@ -85,7 +85,7 @@ def occlusion_maps(model: HookedCLIP, sae: SAE, images_BCHW: torch.Tensor, laten
 
 
 @torch.no_grad()
-def sae_patch_maps(cache: ActivationCache, sae: SAE, hook_name: str, images: Iterable[int],
+def sae_patch_maps(cache: ActivationStore, sae: SAE, hook_name: str, images: Iterable[int],
                    latents: list[list[int]]) -> list[np.ndarray]:
     """For a patch/all-token cache: per image, `[len(latents[b]), n_patches]` SAE activations per patch."""
     P = int(cache.metadata["request"]["rows_per_image"])

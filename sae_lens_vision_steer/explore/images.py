@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..activation_cache import ActivationCache, dataset_fingerprint
+from ..activation_cache import ActivationStore, dataset_fingerprint
 from ..data import ImageDataset, load_image_dataset
-from ..hooked_clip import HookedCLIP
+from ..sae.splice import HookedCLIP
 
 THUMB_PX = 96
 
 
-def open_cache_dataset(cache: ActivationCache, model: HookedCLIP, data_dir: str | Path | None = None
+def open_cache_dataset(cache: ActivationStore, model: HookedCLIP, data_dir: str | Path | None = None
                        ) -> tuple[ImageDataset | None, str | None]:
     """The cache's data set with the model's transform, or `(None, why not)`.
 

@@ -17,7 +17,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from ..activation_cache import ActivationCache
+from ..activation_cache import ActivationStore
 
 HIST_BINS = 24
 
@@ -51,11 +51,11 @@ class LatentStats:
         return np.nonzero(self.freq_S > 0)[0]
 
 
-def _image_rows(cache: ActivationCache) -> int:
+def _image_rows(cache: ActivationStore) -> int:
     return int(cache.metadata.get("request", {}).get("rows_per_image") or {"cls": 1}.get(cache.positions, 0)) or 1
 
 
-def _per_image_labels(cache: ActivationCache, rows_per_image: int, missing: dict[str, str]):
+def _per_image_labels(cache: ActivationStore, rows_per_image: int, missing: dict[str, str]):
     """Labels and data-set indices, one per image; None (with the reason in `missing`) when absent."""
     out = []
     for name, why in (("labels", "per-class means"), ("image_index", "top-image thumbnails and heatmaps")):
@@ -72,7 +72,7 @@ def _per_image_labels(cache: ActivationCache, rows_per_image: int, missing: dict
 
 
 @torch.no_grad()
-def latent_stats(cache: ActivationCache, sae: SAE, hook_name: str, top_k: int = 16, batch_size: int = 4096,
+def latent_stats(cache: ActivationStore, sae: SAE, hook_name: str, top_k: int = 16, batch_size: int = 4096,
                  n_classes: int | None = None, show_progress: bool = True) -> LatentStats:
     """One pass over `cache` at `hook_name`: every image's SAE code, kept sparse; then per-latent stats."""
     P = _image_rows(cache)

@@ -1,6 +1,7 @@
-"""Hooked vision models: TransformerLens components, the hooked root module, the open_clip ViT family."""
+"""Hooked vision towers with TransformerLens hook names: components, the hooked root module (`HookedViT`)
+and the model families. Nothing here knows about SAEs: `sae.splice.HookedCLIP` adds the splice API."""
 
 from .config import HookedCLIPConfig
-from .hooked import BLOCK_HOOKS, POOLED_HOOKS, HookedCLIP
+from .hooked import BLOCK_HOOKS, HookedViT
 
-__all__ = ["BLOCK_HOOKS", "POOLED_HOOKS", "HookedCLIP", "HookedCLIPConfig"]
+__all__ = ["BLOCK_HOOKS", "HookedCLIPConfig", "HookedViT"]

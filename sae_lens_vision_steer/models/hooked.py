@@ -1,4 +1,4 @@
-"""`HookedCLIP`: a ViT image tower (open_clip, timm or transformers; see `registry.py`) as a
+"""`HookedViT`: a ViT image tower (open_clip, timm or transformers; see `registry.py`) as a
 TransformerLens `HookedRootModule`.
 
 The tower is re-run through its own submodules (no weight copies) with TL's hook names and shapes:
@@ -17,7 +17,8 @@ The tower is re-run through its own submodules (no weight copies) with TL's hook
     hook_image_embed [B, E]      after the projection, before normalisation
 
 `run_with_cache` returns a TL `ActivationCache`; `cfg` is a `HookedTransformerConfig`. SAEs are
-spliced in the `HookedSAETransformer` way (see `splice.py`).
+spliced in by `sae.splice.HookedCLIP`, the subclass users load (`HookedSAETransformer`'s split: this
+module knows nothing of SAEs).
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ import torch.nn as nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from ..splice import SAESpliceMixin
+from ..core.positions import POOLED_HOOKS
 from . import registry
-from .components import Attention, LayerNorm, MLP, TransformerBlock
+from .components import MLP, Attention, LayerNorm, TransformerBlock
 from .config import HookedCLIPConfig
-from .positions import POOLED_HOOKS
 from .tower import Tower
 
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
 
-class HookedCLIP(SAESpliceMixin, HookedRootModule):
-    """CLIP with a hooked image tower (see the module docstring for the hook names)."""
+class HookedViT(HookedRootModule):
+    """A hooked image tower (see the module docstring for the hook names). Users load `HookedCLIP`, this
+    class with the SAE splice API."""
 
     def __init__(
         self,
@@ -73,14 +74,14 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
         setattr(self, pooled, HookPoint())
         self._pooled = getattr(self, pooled)
         self.hook_image_embed = HookPoint()
-        self.init_splice()
+        self.init_hooks()
         self.setup()
 
     @classmethod
     def from_pretrained(
         cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
         use_attn_result: bool = False, **kwargs: Any,
-    ) -> "HookedCLIP":
+    ) -> "HookedViT":
         """Load by name: open_clip names and tags (`ViT-B-32`, `openai`), `hf-hub:` and `local-dir:` names,
         transformers repo ids as `hf:openai/clip-vit-base-patch32`, timm names as `timm:vit_base_patch14_dinov2`.
         Unsupported towers are refused from their config, before any weights are downloaded.
@@ -93,6 +94,9 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
         arch_kwargs = {k: v for k, v in kwargs.items() if k != "force_quick_gelu"}
         return cls(model, model_name=model_name, pretrained=pretrained, preprocess=preprocess, tokenizer=tokenizer,
                    use_attn_result=use_attn_result, model_kwargs=arch_kwargs)
+
+    def init_hooks(self) -> None:
+        """Called before `setup()`; subclasses add state that the hook points need."""
 
     @property
     def pooled_hook(self) -> str:
@@ -208,7 +212,7 @@ class HookedCLIP(SAESpliceMixin, HookedRootModule):
         """open_clip's image tower (`model.clip.visual`), for open_clip families."""
         return self.clip.visual
 
-    def to(self, *args: Any, **kwargs: Any) -> "HookedCLIP":  # keep cfg.device/dtype true, as TL does
+    def to(self, *args: Any, **kwargs: Any) -> "HookedViT":  # keep cfg.device/dtype true, as TL does
         out = super().to(*args, **kwargs)
         self.cfg.device = str(self.device)
         self.cfg.dtype = next(self.clip.parameters()).dtype

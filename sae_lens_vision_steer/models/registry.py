@@ -1,4 +1,4 @@
-"""Model families: which library models `HookedCLIP` adapts, and loading them by name.
+"""Loading by name, and finding the family that adapts a built model (the families are in `families/`).
 
 Each family says, from a built model, whether it handles it (`handles`) and how (`tower`); and from a
 name alone, before any download, whether it can load it (`check_name`). `HookedCLIP(model)` and
@@ -12,39 +12,20 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .families import (  # noqa: F401  (the registry's API)
+    FAMILIES,
+    Family,
+    UnsupportedModelError,
+    describe,
+    open_clip_vit,
+    register,
+)
 from .tower import Tower
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    description: str  # what it covers, for error messages and the support table
-    handles: Callable[[nn.Module], bool]
-    tower: Callable[..., Tower]  # (model, model_name=..., preprocess=..., tokenizer=...) -> Tower
-
-
-FAMILIES: list[Family] = []
-
-
-def register(family: Family) -> Family:
-    if any(f.name == family.name for f in FAMILIES):
-        raise ValueError(f"model family {family.name!r} is already registered")
-    FAMILIES.append(family)
-    return family
-
-
-def describe() -> str:
-    return "; ".join(f"{f.name} ({f.description})" for f in FAMILIES)
-
-
-class UnsupportedModelError(TypeError):
-    """A model or name no registered family can adapt (raised before any weights are downloaded)."""
 
 
 def tower_for(model: nn.Module, **kwargs: Any) -> Tower:
@@ -64,16 +45,14 @@ def resolve_alias(model_name: str) -> str:
 
 def load(model_name: str, pretrained: str | None, device: str | torch.device, **kwargs: Any):
     """(library model, preprocess or None, tokenizer or None); unsupported towers are refused first."""
-    from . import open_clip_vit
-
     model_name = resolve_alias(model_name)
 
     if model_name.startswith("hf:"):
-        from . import hf
+        from .families import hf
 
         return hf.load(model_name[3:], pretrained, device, **kwargs)
     if model_name.startswith("timm:"):
-        from . import timm_vit
+        from .families import timm_vit
 
         return timm_vit.load(model_name[5:], pretrained, device, **kwargs)
     check_open_clip_name(model_name)
@@ -113,7 +92,7 @@ def unsupported_reason(cfg: dict) -> str | None:
     """Why an open_clip model config is not supported, or None. Reads the config only (no weights)."""
     v = cfg.get("vision_cfg", {})
     if v.get("timm_model_name"):
-        from . import timm_vit
+        from .families import timm_vit
 
         return timm_vit.unsupported_reason(v["timm_model_name"], pool=v.get("timm_pool", "avg"),
                                            proj=v.get("timm_proj", "linear"))
@@ -125,26 +104,3 @@ def unsupported_reason(cfg: dict) -> str | None:
     if v.get("pool_type", "tok") != "tok":
         return f"its ViT pools with pool_type={v.get('pool_type')!r}"
     return None
-
-
-def _register_builtin() -> None:
-    from . import open_clip_vit
-
-    register(Family("open_clip_vit", "open_clip's own ViT towers: ViT-B-32, ViT-B-16, ViT-L-14, ... and -quickgelu",
-                    open_clip_vit.handles, open_clip_vit.tower))
-    try:
-        from . import hf, timm_vit
-    except ImportError:
-        return
-
-    register(Family("open_clip_timm_vit", "open_clip models with a timm ViT tower: SigLIP, SigLIP2 (attention pool) "
-                    "and other timm VisionTransformer towers", timm_vit.handles_open_clip, timm_vit.open_clip_tower))
-    register(Family("timm_vit", "timm VisionTransformer models as image-only backbones (e.g. DINOv2 "
-                    "vit_base_patch14_dinov2)", timm_vit.handles, timm_vit.tower))
-    register(Family("hf_clip", "transformers CLIPModel / CLIPVisionModelWithProjection and SiglipModel",
-                    hf.handles_clip, hf.clip_tower))
-    register(Family("hf_dinov2", "transformers Dinov2Model as an image-only backbone", hf.handles_dinov2,
-                    hf.dinov2_tower))
-
-
-_register_builtin()

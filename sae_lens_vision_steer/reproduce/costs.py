@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..fileio import read_json_file
+from ..core.fileio import read_json_file
 
 
 def facts() -> dict[str, Any]:

@@ -64,7 +64,7 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
             for job in (gate_cache(plan, g, c), pool_cache(plan, g, c)):
                 if job is not None:
                     caches.setdefault(job.key, job)
-    caches = {k: j for k, j in caches.items() if not (root and _complete(root / j.folder))}
+    caches = {k: j for k, j in caches.items() if not (root and cell_complete(root / j.folder))}
 
     # downloads
     backbones = sorted({g.backbone for g in groups} | {j.backbone for j in caches.values()})
@@ -132,7 +132,7 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
             if c.method in TPT_LIKE and c not in done:
                 n_tpt += 1
                 add_pass(g.backbone, n, f"{c.method} {g.data}/{g.backbone}", facts()["tpt"]["views"])
-    from ..training import PAPER_PRESETS
+    from ..training.trainer import PAPER_PRESETS
 
     sae_s = 0.0
     for j in saes.values():
@@ -171,7 +171,7 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
     return out
 
 
-def _complete(folder: Path) -> bool:
+def cell_complete(folder: Path) -> bool:
     try:
         return bool(json.loads((folder / "metadata.json").read_text()).get("complete"))
     except (OSError, ValueError):

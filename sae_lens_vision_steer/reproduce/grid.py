@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..fileio import read_json_file
+from ..core.fileio import read_json_file
 
 MAIN_DATASETS = ("cifar100", "cub200", "tiny-imagenet")
 OOD = ("aircraft", "food101", "flowers102", "caltech101", "sun397", "eurosat")

@@ -23,9 +23,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..fileio import write_json_atomic
+from ..core.fileio import write_json_atomic
 from .grid import Cell, Grid, Sizes
-from .plan import CacheJob, EvalGroup, Plan, SAEJob, gate_cache, gate_in_union, make_plan, pool_cache
+from .plan import (
+    CacheJob,
+    EvalGroup,
+    Plan,
+    SAEJob,
+    gate_cache,
+    gate_in_union,
+    make_plan,
+    pool_cache,
+)
 
 STATE_DIR = "cells"
 
@@ -138,8 +147,8 @@ class GridRunner:
         if self._model is None or self._model[0] != backbone:
             import torch
 
-            from ..hooked_clip import HookedCLIP
-            from ..identity import weights_from_name
+            from ..core.identity import weights_from_name
+            from ..sae.splice import HookedCLIP
 
             b = self.grid.backbone(backbone)
             self._model, self._saes, self._caches = None, {}, {}
@@ -159,8 +168,8 @@ class GridRunner:
         return f"blocks.{model.cfg.n_layers - 1 - layer_from_end}.hook_resid_post"
 
     def cache(self, job: CacheJob):
-        from ..activation_cache import ActivationCache, cache_activations
-        from .dryrun import _complete
+        from ..activation_cache import ActivationStore, cache_activations
+        from .dryrun import cell_complete
 
         if job.key in self._caches:
             return self._caches[job.key]
@@ -168,25 +177,25 @@ class GridRunner:
         model = self.model(job.backbone)
         src = self.grid.data(job.data)
         if src.is_union:
-            from ..union import load_union_dataset  # the union helper's API
+            from ..data.union import load_union_dataset  # the union helper's API
 
             data = load_union_dataset(src.members, job.split, src.data_dir, model.preprocess, job.limit)
         else:
             from ..data import load_image_dataset
 
             data = load_image_dataset(src.dataset, job.split, src.data_dir, model.preprocess, job.limit)
-        reused = _complete(folder)
+        reused = cell_complete(folder)
         cache = cache_activations(model, data, self.hook(model, job.layer_from_end), folder, positions="cls",
                                   batch_size=self.sizes.batch_size, num_workers=self.num_workers,
                                   show_progress=self.show)
         (self.report.reused if reused else self.report.computed)["caches"] += 1
-        self._caches[job.key] = cache if isinstance(cache, ActivationCache) else ActivationCache.open(folder)
+        self._caches[job.key] = cache if isinstance(cache, ActivationStore) else ActivationStore.open(folder)
         return self._caches[job.key]
 
     def sae(self, job: SAEJob):
         if job.key in self._saes:
             return self._saes[job.key]
-        from ..training import sae_size, train_sae
+        from ..training.trainer import sae_size, train_sae
 
         cache = self.cache(job.cache)
         folder = self.ws.root / job.folder
@@ -202,7 +211,7 @@ class GridRunner:
             kw["epochs"] = 10  # as `vision-steer run`
         hook = self.hook(self.model(job.backbone), job.spec.layer_from_end)
         if job.spec.objective == "pass":
-            from ..pass_sae import train_pass_sae
+            from ..training.pass_sae import train_pass_sae
 
             trained = train_pass_sae(cache.root, hook, w_aux=job.spec.w_aux, **kw)
         elif job.spec.objective == "topk":
@@ -261,18 +270,19 @@ class GridRunner:
 
     def _tau(self, plan: Plan, group: EvalGroup, cell: Cell, sae, model) -> float:
         if gate_in_union(self.grid, group, cell):
-            from ..union import cache_dataset_names, union_fvu_threshold
+            from ..activation_cache.union import cache_dataset_names
+            from ..training.gate import gate_threshold
 
             cache = self.sae(group.sae)[2]  # the union's cache: its members in the union's order
             union = self.grid.data(group.sae.cache.data).members
             names = cache_dataset_names(cache)
             chosen = [names[union.index(m)] for m in self.grid.data(cell.gate_on).members]
-            tau, _ = union_fvu_threshold(sae, cache, cell.fvu_quantile, datasets=chosen, model=model)
+            tau, _ = gate_threshold(sae, cache, cell.fvu_quantile, datasets=chosen, model=model)
             return tau
-        from ..steering.vs2 import fvu_threshold_from_reference
+        from ..training.gate import gate_threshold
 
         ref = self.cache(gate_cache(plan, group, cell))
-        return fvu_threshold_from_reference(sae, ref.root, cell.fvu_quantile, model=model)
+        return gate_threshold(sae, ref.root, cell.fvu_quantile, model=model)[0]
 
     def _fvu_on(self, plan: Plan, group: EvalGroup, cell: Cell, sae, metrics) -> float | None:
         """The SAE's FVU on the cell's data set: its held-out FVU when trained on that data set, else the
@@ -281,7 +291,7 @@ class GridRunner:
             return metrics.get("heldout_fvu")
         import numpy as np
 
-        from ..fvu import evaluate_sae_on_cache
+        from ..training.fvu import evaluate_sae_on_cache
 
         src = self.grid.data(cell.dataset)
         if src.train_split is None:

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_bytes_atomic, write_json_atomic
+from ..core.fileio import write_bytes_atomic, write_json_atomic
 from .grid import Entry, Grid
 
 TITLES = {

@@ -15,10 +15,9 @@ from typing import Callable, Sequence, Union
 import torch
 from sae_lens import SAE
 
-from ..hooked_clip import HookedCLIP
-from ..models.positions import POOLED_HOOKS
-from ..models.positions import position_index
-from ..sae_metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
+from ..core.positions import POOLED_HOOKS, position_index
+from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
+from ..sae.splice import HookedCLIP
 
 Positions = Union[str, Sequence[int]]  # "cls" | "all" | "patches" | explicit token indices
 HookFn = Callable[..., torch.Tensor]

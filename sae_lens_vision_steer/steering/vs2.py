@@ -13,16 +13,19 @@ token unsteered when its reconstruction is poor: `FVU(x) = ||x - x_rec||^2 / ||x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from sae_lens import SAE
-from tqdm.auto import tqdm
 
-from ..sae_metadata import activation_mean, sae_hook_name
-from .hooks import Positions, Site, TokenIntervention, check_affine_decoder, check_finite
+from ..sae.metadata import activation_mean
+from ..training.fvu import fvu_of_reconstruction
+from .hooks import (
+    Positions,
+    Site,
+    TokenIntervention,
+    check_finite,
+)
 
 PAPER_LAM = 2.1  # best setting for CIFAR-100 with ViT-B/32 in the paper
 PAPER_GAMMA = 1.5
@@ -37,13 +40,6 @@ class VS2Output:
     @property
     def coverage(self) -> float:
         return self.steered_mask.float().mean().item()
-
-
-def _fvu(x: torch.Tensor, rec: torch.Tensor, mean_D: torch.Tensor) -> torch.Tensor:
-    err = (x - rec).pow(2).sum(-1)
-    var = (x - mean_D).pow(2).sum(-1)
-    # A token exactly at the mean has undefined FVU: make it +inf so the gate never steers it.
-    return err / var.clamp_min(torch.finfo(var.dtype).tiny)
 
 
 def _steer_from_linear(x: torch.Tensor, lin: torch.Tensor, lam: float, gamma: float, preserve_norm: bool) -> torch.Tensor:
@@ -81,7 +77,7 @@ def vs2_from_reconstruction(x: torch.Tensor, rec: torch.Tensor, sae: SAE, lam: f
         mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
         return VS2Output(steered.to(x.dtype), mask, None)
     mean_D = activation_mean(sae) if mean_D is None else mean_D.to(device=x_sae.device, dtype=x_sae.dtype)
-    fvu = _fvu(x_sae, rec, mean_D)
+    fvu = fvu_of_reconstruction(x_sae, rec, mean_D)
     mask = fvu <= fvu_threshold
     steered = torch.where(mask[..., None], steered, x_sae)
     return VS2Output(steered.to(x.dtype), mask, fvu)
@@ -91,55 +87,6 @@ def vs2_steer(x: torch.Tensor, sae: SAE, lam: float = PAPER_LAM, gamma: float = 
               preserve_norm: bool = True) -> torch.Tensor:
     """The steered tokens `x_hat` for tokens `x` `[..., d_in]` (no gate)."""
     return vs2_apply(x, sae, lam, gamma, None, None, preserve_norm).steered
-
-
-def per_sample_fvu(x: torch.Tensor, sae: SAE, mean: torch.Tensor | None = None) -> torch.Tensor:
-    """`||x - sae(x)||^2 / ||x - mu||^2` per token of `x` `[..., d_in]`, with mu the SAE's recorded
-    training mean (`sae_metadata.activation_mean`; warns and uses `b_dec` when none is recorded)."""
-    x_sae = x.to(sae.dtype)
-    mu = activation_mean(sae) if mean is None else mean.to(device=x_sae.device, dtype=x_sae.dtype)
-    return _fvu(x_sae, sae(x_sae), mu)
-
-
-@torch.no_grad()
-def fvu_threshold_from_reference(sae: SAE, reference: torch.Tensor | str | Path, quantile: float,
-                                 hook_name: str | None = None, batch_size: int = 8192,
-                                 show_progress: bool = False, model=None) -> float:
-    """The gate threshold `tau`: the `quantile` of per-sample FVU over unlabeled reference activations.
-
-    `reference` is a tensor `[N, d_in]` or an activation-cache folder written by `cache_activations`
-    (read at `hook_name`, default the SAE's hook, with `training.per_sample_fvu_on_cache`). FVU uses
-    the SAE's recorded activation mean, as the gate does at test time. A cache must hold one CLS row
-    per image at the SAE's hook (the gate is applied to CLS tokens), made by `model` when given
-    (weight fingerprint) and by the SAE's model; each difference is named.
-    """
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"FVU quantile must be in [0, 1], got {quantile}")
-    mu = activation_mean(sae)  # the same mean the gate uses at test time
-    if isinstance(reference, (str, Path)):
-        from ..activation_cache import ActivationCache
-        from ..fvu import per_sample_fvu_on_cache  # streams the cache shard by shard
-        from ..sae_metadata import check_activation_cache_for_sae
-
-        hook = sae_hook_name(sae, hook_name)
-        cache = ActivationCache.open(reference)
-        check_activation_cache_for_sae(cache, sae, hook, "the reference cache", model)
-        fvu = per_sample_fvu_on_cache(sae, cache, hook, mean=mu, batch_size=batch_size)
-        return _finite_quantile(torch.from_numpy(fvu), quantile)
-    if reference.ndim != 2 or reference.shape[1] != sae.cfg.d_in:
-        raise ValueError(f"reference activations must be [N, {sae.cfg.d_in}], got {list(reference.shape)}")
-    if len(reference) == 0:
-        raise ValueError("reference activations are empty")
-    fvus = [per_sample_fvu(reference[i:i + batch_size].to(sae.device), sae, mu).double().cpu()
-            for i in tqdm(range(0, len(reference), batch_size), desc="reference FVU", disable=not show_progress)]
-    return _finite_quantile(torch.cat(fvus), quantile)
-
-
-def _finite_quantile(fvu_N: torch.Tensor, quantile: float) -> float:
-    fvu_N = fvu_N[torch.isfinite(fvu_N)]
-    if len(fvu_N) == 0:
-        raise ValueError("no reference activation has a finite FVU")
-    return float(np.quantile(fvu_N.double().numpy(), quantile))  # torch.quantile caps its input size
 
 
 class VS2Steering(TokenIntervention):
@@ -207,6 +154,6 @@ class VS2Steering(TokenIntervention):
 
 
 __all__ = [
-    "PAPER_GAMMA", "PAPER_LAM", "VS2Output", "VS2Steering", "fvu_threshold_from_reference",
-    "per_sample_fvu", "vs2_apply", "vs2_steer",
+    "PAPER_GAMMA", "PAPER_LAM", "VS2Output", "VS2Steering",
+    "vs2_apply", "vs2_steer",
 ]

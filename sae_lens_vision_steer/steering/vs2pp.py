@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from sae_lens import SAE
 
-from ..retrieval import DEFAULT_N_NEIGHBOURS, CosineIndex, Neighbours, build_index
+from ..retrieval.index import DEFAULT_N_NEIGHBOURS, CosineIndex, Neighbours, build_index
 from .hooks import Site, TokenIntervention, check_affine_decoder, check_finite
 from .vs2 import PAPER_GAMMA, PAPER_LAM
 
