@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from .activation_cache import ActivationStore, cache_activations
 from .core import distributed
-from .core.errors import InputError
+from .core.errors import InputError, UsageError
 from .core.outputs import prepare_output_dir
 from .data import ImageDataset, load_image_dataset
 from .evaluation import evaluate
@@ -70,9 +70,9 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         if not self.methods:
-            raise ValueError("methods is empty")
+            raise UsageError("methods is empty")
         if self.fvu_threshold is not None and self.fvu_quantile is not None:
-            raise ValueError("give fvu_threshold or fvu_quantile, not both")
+            raise UsageError("give fvu_threshold or fvu_quantile, not both")
 
 
 @dataclass
@@ -125,7 +125,7 @@ def train_stage(store: ActivationStore, hook: str, config: TrainConfig, folder: 
                 overwrite: bool = False) -> tuple[TrainResult, bool]:
     """`(trained, reused)`: a top-k or PASS SAE on `store` at `hook`, resumed or returned when finished."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown SAE objective {objective!r}; one of {', '.join(OBJECTIVES)}")
+        raise UsageError(f"unknown SAE objective {objective!r}; one of {', '.join(OBJECTIVES)}")
     reused = training_complete(folder) and not overwrite
     if objective == "pass":
         from .training.pass_sae import train_pass_sae

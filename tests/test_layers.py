@@ -15,11 +15,12 @@ PACKAGE = ROOT / "sae_lens_vision_steer"
 
 
 def test_import_linter_contracts_hold():
-    importlinter = pytest.importorskip("importlinter")
-    from importlinter.cli import lint_imports
-
-    assert importlinter is not None
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0  # 0: every contract kept
+    pytest.importorskip("importlinter")
+    # in a subprocess: import-linter configures logging, which would silence later tests' caplog
+    code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(config_filename='pyproject.toml'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]  # 0: every contract kept
+    assert "Contracts: 3 kept, 0 broken." in out.stdout
 
 
 def test_no_import_cycles():
@@ -74,3 +75,21 @@ def test_the_public_names_resolve_lazily():
         s.no_such_name  # noqa: B018
     with pytest.warns(DeprecationWarning, match="ActivationStore"):
         assert s.ActivationCache is s.ActivationStore
+
+
+def test_importing_installs_no_warnings_filter_of_ours():
+    code = ("import warnings, sae_lens_vision_steer.sae.metadata, sae_lens_vision_steer.training.trainer, "
+            "sae_lens_vision_steer.evaluation; print([f for f in warnings.filters if f[1] is not None and "
+            "'model_from_pretrained_kwargs' in f[1].pattern])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_vision_steer_help_imports_no_model_library():
+    code = ("import sys, contextlib, io\nfrom sae_lens_vision_steer.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "assert 'reproduce' in out.getvalue()\n"
+            "print([m for m in ('torch', 'transformer_lens', 'sae_lens', 'open_clip') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

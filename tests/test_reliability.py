@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CLIP_KWARGS, make_tiny_clip, write_image_folder
 from PIL import Image
-from test_vs2 import make_topk_sae
+from saes import make_topk_sae
 
 from sae_lens_vision_steer.activation_cache import CorruptCacheError, cache_activations
 from sae_lens_vision_steer.cli import main

@@ -13,7 +13,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from ..core.errors import ConflictError, InputError
+from ..core.errors import ConflictError, InputError, UsageError
 from ..core.identity import (
     dataset_fingerprint,
     dataset_identity,
@@ -44,7 +44,7 @@ IDENTITY_FIELDS = (
 )
 
 
-class CacheError(ValueError):
+class CacheError(UsageError):
     """A cache folder that cannot be used as asked (mismatch, corruption, bad values)."""
 
 
@@ -93,14 +93,14 @@ def select_positions(act: torch.Tensor, positions: str, n_prefix_tokens: int = 1
 def normalise_hooks(model: HookedCLIP, hook_names: str | Sequence[str], positions: str) -> list[str]:
     names = [hook_names] if isinstance(hook_names, str) else list(dict.fromkeys(hook_names))
     if not names:
-        raise ValueError("no hook names given")
+        raise UsageError("no hook names given")
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        raise UsageError(f"positions must be one of {POSITIONS}, got {positions!r}")
     for name in names:
         model.check_hook_name(name)
         if name in HEAD_HOOKS:
             if positions != "cls":
-                raise ValueError(f"hook {name!r} holds only the pooled vector; use positions='cls'")
+                raise UsageError(f"hook {name!r} holds only the pooled vector; use positions='cls'")
         else:
             position_index(model.cfg, positions, name)  # e.g. `cls` on a model without a CLS token: refused
     return names

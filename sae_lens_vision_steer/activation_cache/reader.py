@@ -9,6 +9,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from ..core.errors import MissingInputError, UnknownNameError
 from .format import (
     METADATA_FILE,
     CacheError,
@@ -32,11 +33,11 @@ class ActivationStore:
     def open(cls, path: str | Path) -> "ActivationStore":
         root = Path(path)
         if not root.is_dir():
-            raise FileNotFoundError(f"activation cache folder {root} does not exist")
+            raise MissingInputError(f"activation cache folder {root} does not exist")
         meta_path = root / METADATA_FILE
         if not meta_path.is_file():
             hint = " (it is empty)" if not any(root.iterdir()) else ""
-            raise FileNotFoundError(f"{root} is not an activation cache: {METADATA_FILE} is missing{hint}")
+            raise MissingInputError(f"{root} is not an activation cache: {METADATA_FILE} is missing{hint}")
         meta = read_metadata(meta_path)
         if not meta.get("complete"):
             raise CacheError(f"the cache in {root} is incomplete ({len(meta.get('shards', []))} shards written); "
@@ -57,7 +58,7 @@ class ActivationStore:
         if hook_name is None:
             return self.hook_names[0]
         if hook_name not in self.metadata["hook_names"]:
-            raise KeyError(f"hook {hook_name!r} is not in the cache at {self.root}; it holds {self.hook_names}")
+            raise UnknownNameError(f"hook {hook_name!r} is not in the cache at {self.root}; it holds {self.hook_names}")
         return hook_name
 
     def d_in(self, hook_name: str | None = None) -> int:

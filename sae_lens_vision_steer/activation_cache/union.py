@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.errors import UsageError
 from ..data import DATASET_ALIASES
 from ..data.union import UnionMismatchError
 
@@ -37,7 +38,7 @@ def _member_index(cache: Any, dataset: str | int) -> int:
         return int(dataset)
     key = DATASET_ALIASES.get(str(dataset).lower(), str(dataset))
     if key not in names:
-        raise ValueError(f"data set {dataset!r} is not in the cache at {cache.root}; it holds {names}")
+        raise UsageError(f"data set {dataset!r} is not in the cache at {cache.root}; it holds {names}")
     return names.index(key)
 
 
@@ -54,7 +55,7 @@ def check_caches_agree(caches: Sequence[Any], hook_name: str | None = None) -> N
         return
     roots = [Path(c.root).resolve() for c in caches]
     if len(set(roots)) < len(roots):
-        raise ValueError(f"the same cache is given twice: {[str(r) for r in roots]}")
+        raise UsageError(f"the same cache is given twice: {[str(r) for r in roots]}")
     first, req0 = caches[0], caches[0].metadata.get("request", {})
     problems = []
     for c in caches[1:]:

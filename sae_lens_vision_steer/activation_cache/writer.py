@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..core.errors import UsageError
 from ..core.fileio import (
     exclusive_writer,
     remove_temp_files,
@@ -30,10 +31,10 @@ from .format import (
     CacheMismatchError,
     CorruptCacheError,
     Positions,
-    normalise_hooks,
     cache_request,
     describe_mismatch,
     file_problem,
+    normalise_hooks,
     read_metadata,
     select_positions,
 )
@@ -74,12 +75,12 @@ def cache_activations(
     shard per hook plus one batch.
     """
     if dtype not in CACHE_DTYPES:
-        raise ValueError(f"dtype must be one of {list(CACHE_DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {list(CACHE_DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
-        raise ValueError("shard_size and batch_size must be positive")
+        raise UsageError("shard_size and batch_size must be positive")
     hooks = normalise_hooks(model, hook_names, positions)
     if len(dataset) == 0:
-        raise ValueError("the data set is empty: nothing to cache")
+        raise UsageError("the data set is empty: nothing to cache")
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise CacheError(f"cache folder {root} is a file; give a folder")
@@ -89,7 +90,7 @@ def cache_activations(
     from .sharded import run_sharded
 
     if distributed.active() and getattr(dataset, "skip_bad_images", False):
-        raise ValueError("--skip-bad-images is not supported by distributed caching (skipped images shift every "
+        raise UsageError("--skip-bad-images is not supported by distributed caching (skipped images shift every "
                          "later row, so the ranks cannot know where their shards start); cache with one process, "
                          "or remove the unreadable images")
     with ExitStack() as lock:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..core import distributed
-from ..core.errors import InputError
+from ..core.errors import InputError, UsageError
 from .prompt_tuning import DEFAULT_CTX_INIT, PromptContextEncoder, atfd
 
 Augment = Literal["auto", "crop", "augmix"]
@@ -245,7 +245,7 @@ def run_tpt(model: Any, data: Any, classnames: Sequence[str], cfg: TPTConfig = T
         sums = distributed.all_gather_object((sum(entropy_before), sum(atfd_before)))
         entropy_before, atfd_before = [sum(e for e, _ in sums)], [sum(a for _, a in sums)]
     if logits_NC is None:
-        raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
+        raise UsageError("no images were evaluated (the data set is empty or every image was unreadable)")
     n = len(labels_N)
     C = len(classnames)
     cost = {"n_images": n, "image_forwards": n * cfg.n_views, "image_forwards_per_image": cfg.n_views,

@@ -10,6 +10,8 @@ import importlib
 import pkgutil
 import sys
 
+from ..core.errors import UsageError
+
 # Listed first, in this order, in `--help`; any other subcommand module follows alphabetically.
 ORDER = ["run", "zeroshot", "cache", "train", "eval", "sweep", "reproduce", "features", "publish"]
 
@@ -90,7 +92,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
     from ..core import distributed
 
     if args.command not in DISTRIBUTED_COMMANDS:
-        raise ValueError(f"vision-steer {args.command} runs in one process; under torchrun / accelerate launch "
+        raise UsageError(f"vision-steer {args.command} runs in one process; under torchrun / accelerate launch "
                          f"only {', '.join(DISTRIBUTED_COMMANDS)} are supported")
     args.device = distributed.init(getattr(args, "device", "cpu"))
     if not distributed.is_main():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..core.errors import UsageError
 from .common import (
     add_data_args,
     add_model_args,
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..activation_cache import METADATA_FILE, cache_activations
 
     if args.overwrite and args.repair:
-        raise ValueError("give --repair or --overwrite, not both")
+        raise UsageError("give --repair or --overwrite, not both")
     t0 = time.perf_counter()
     resolve_model_args(args)
     model = load_model(args)

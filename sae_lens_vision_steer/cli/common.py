@@ -47,8 +47,7 @@ DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "openai"
 
 def error_exit_code(e: BaseException) -> int | None:
     """The exit code for a user error, or None for an unexpected one (a bug: shown with its traceback)."""
-    from ..core.errors import ConflictError, DeviceError, InputError, OutputError
-    from ..data.base import BadImageError
+    from ..core.errors import ConflictError, DeviceError, InputError, OutputError, VisionSteerError
 
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -58,13 +57,16 @@ def error_exit_code(e: BaseException) -> int | None:
         return EXIT_CONFLICT
     if isinstance(e, OutputError):
         return EXIT_OUTPUT
-    if isinstance(e, (InputError, BadImageError, FileNotFoundError, NotADirectoryError)):
+    if isinstance(e, InputError):
+        return EXIT_INPUT
+    if isinstance(e, VisionSteerError):  # our other user errors carry their code (UsageError: 2)
+        return e.exit_code
+    # The operating system's file errors are the environment's, not bugs: a missing input, a full disk.
+    if isinstance(e, (FileNotFoundError, NotADirectoryError)):
         return EXIT_INPUT
     if isinstance(e, OSError):  # disk full, permission denied, ... while writing
         return EXIT_OUTPUT
-    if isinstance(e, (ValueError, KeyError, TypeError)):
-        return EXIT_USAGE
-    return None
+    return None  # anything else (a ValueError, KeyError or TypeError included) is a bug
 
 
 def error_message(e: BaseException) -> str:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import MissingInputError, UsageError
 from .common import (
     abspath,
     add_data_args,
@@ -130,7 +131,7 @@ def retrieval_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
     if opts["retrieval_backbone"] is None:
         extra = [f"--{k.replace('_', '-')}" for k in RETRIEVAL_BACKBONE_KEYS[1:] if opts[k]]
         if extra:
-            raise ValueError(f"{', '.join(extra)} only apply with --retrieval-backbone")
+            raise UsageError(f"{', '.join(extra)} only apply with --retrieval-backbone")
         return {}
     return {**opts, "seed": args.seed}
 
@@ -140,30 +141,30 @@ def split_list(text: str | None, cast: Any = str) -> list[Any]:
     try:
         return [cast(t) for t in items]
     except ValueError as e:
-        raise ValueError(f"cannot parse {text!r} as a comma-separated list of {cast.__name__}: {e}") from None
+        raise UsageError(f"cannot parse {text!r} as a comma-separated list of {cast.__name__}: {e}") from None
 
 
 def check_steering_values(args: argparse.Namespace) -> None:
     """lam, gamma and the gate settings, before anything is loaded."""
     if args.fvu_threshold is not None and args.fvu_quantile is not None:
-        raise ValueError("give --fvu-threshold or --fvu-quantile, not both")
+        raise UsageError("give --fvu-threshold or --fvu-quantile, not both")
     if args.fvu_quantile is not None and not 0 <= args.fvu_quantile <= 1:
-        raise ValueError(f"--fvu-quantile must be in [0, 1], got {args.fvu_quantile}")
+        raise UsageError(f"--fvu-quantile must be in [0, 1], got {args.fvu_quantile}")
     if args.fvu_threshold is not None and args.fvu_threshold < 0:
-        raise ValueError(f"--fvu-threshold must be >= 0 (an FVU), got {args.fvu_threshold}")
+        raise UsageError(f"--fvu-threshold must be >= 0 (an FVU), got {args.fvu_threshold}")
     if args.reference_cache and args.fvu_quantile is None:
-        raise ValueError("--reference-cache is only used with --fvu-quantile")
+        raise UsageError("--reference-cache is only used with --fvu-quantile")
     if args.fvu_quantile is not None and not getattr(args, "reference_cache", None) and args.command != "run":
-        raise ValueError("--fvu-quantile needs --reference-cache (unlabeled training activations)")
+        raise UsageError("--fvu-quantile needs --reference-cache (unlabeled training activations)")
     for ref in split_list(args.reference_cache):  # one cache, or several (a union for the gate)
         if not Path(ref).is_dir():
-            raise FileNotFoundError(f"--reference-cache {ref} does not exist")
+            raise MissingInputError(f"--reference-cache {ref} does not exist")
     if getattr(args, "gate_datasets", None) and args.fvu_quantile is None:
-        raise ValueError("--gate-datasets is only used with --fvu-quantile")
+        raise UsageError("--gate-datasets is only used with --fvu-quantile")
     if getattr(args, "pool_cache", None) and not Path(args.pool_cache).is_dir():
-        raise FileNotFoundError(f"--pool-cache {args.pool_cache} does not exist")
+        raise MissingInputError(f"--pool-cache {args.pool_cache} does not exist")
     if getattr(args, "rag_alpha", None) is not None and not 0 <= args.rag_alpha <= 1:
-        raise ValueError(f"--rag-alpha must be in [0, 1], got {args.rag_alpha}")
+        raise UsageError(f"--rag-alpha must be in [0, 1], got {args.rag_alpha}")
 
 
 def gate_methods(args: argparse.Namespace) -> list[str]:
@@ -192,7 +193,7 @@ def load_layer_saes(text: str | None, device: str) -> list[Any] | None:
     if len(paths) == 1 and paths[0].is_dir() and not (paths[0] / "cfg.json").is_file():
         paths = sorted(p.parent for p in paths[0].glob("*/cfg.json"))
         if not paths:
-            raise FileNotFoundError(f"{text} holds no SAE folders (no */cfg.json)")
+            raise MissingInputError(f"{text} holds no SAE folders (no */cfg.json)")
     return [load_sae(p, device) for p in paths]
 
 
@@ -202,7 +203,7 @@ def resolve_fvu_threshold(args: argparse.Namespace, sae, model=None) -> tuple[fl
     if args.fvu_quantile is None:
         return args.fvu_threshold, ({"fvu_threshold_source": "given"} if args.fvu_threshold is not None else {})
     if sae is None:
-        raise ValueError("--fvu-quantile needs --sae")
+        raise UsageError("--fvu-quantile needs --sae")
     if "," in str(args.reference_cache) or getattr(args, "gate_datasets", None):  # a union of references
         from ..training.gate import union_fvu_threshold
 
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = split_list(args.methods)
     if not methods:
-        raise ValueError("--methods is empty")
+        raise UsageError("--methods is empty")
     check_steering_values(args)
     retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
     gated = gate_methods(args)

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..core.errors import UsageError
 from .common import (
     EXIT_INPUT,
     add_device_arg,
@@ -76,7 +77,7 @@ def _grid_and_sizes(args: argparse.Namespace):
                   sae_epochs=args.sae_epochs, sae_samples=args.sae_samples, batch_size=args.batch_size,
                   train_batch_size=args.train_batch_size, sae_buffer=args.sae_buffer)
     if args.sae_epochs is not None and args.sae_samples is not None:
-        raise ValueError("give --sae-epochs or --sae-samples, not both")
+        raise UsageError("give --sae-epochs or --sae-samples, not both")
     return grid, sizes
 
 

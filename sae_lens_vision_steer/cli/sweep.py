@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..core.errors import UsageError
 from .common import (
     add_data_args,
     add_model_args,
@@ -93,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     lams, gammas = split_list(args.lams, finite_float), split_list(args.gammas, finite_float)
     if not lams or not gammas:
-        raise ValueError("--lams and --gammas need at least one value each")
+        raise UsageError("--lams and --gammas need at least one value each")
     if args.select_on == "train-holdout" and not 0 < args.holdout_fraction <= 1:
-        raise ValueError(f"--holdout-fraction must be in (0, 1], got {args.holdout_fraction}")
+        raise UsageError(f"--holdout-fraction must be in (0, 1], got {args.holdout_fraction}")
     check_steering_values(args)
     retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
     gated = gate_methods(args)
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"selecting on {len(select_data)} held-out images of {full.dataset_id}/{args.train_split} "
               f"({args.holdout_fraction:g} of {len(full)})")
         if list(select_data.classnames) != list(data.classnames):
-            raise ValueError("the training split's classes differ from the evaluation split's")
+            raise UsageError("the training split's classes differ from the evaluation split's")
 
     ev = Evaluator(model, select_data, sae, classifier, args.hook, args.batch_size, args.num_workers, show,
                    options=retrieval_options(args), fvu_threshold=tau, gate_methods=gated, prepare=[method])

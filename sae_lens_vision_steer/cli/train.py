@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..core.errors import UsageError
 from .common import (
     add_device_arg,
     add_progress_arg,
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     cache = ActivationStore.open(args.cache)
     if args.objective == "pass" and cache.metadata.get("request", {}).get("members"):
-        raise ValueError(f"--objective pass needs one class space, but {args.cache} is a union of data sets "
+        raise UsageError(f"--objective pass needs one class space, but {args.cache} is a union of data sets "
                          f"({cache.metadata['dataset']}) whose labels are per data set; train topk on the union, "
                          "or PASS on one data set's cache")
     k, expansion, source = sae_size(cache.metadata.get("model_name"), args.k, args.expansion, args.preset)

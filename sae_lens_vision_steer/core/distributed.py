@@ -29,11 +29,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_TIMEOUT_S = 3 * 3600
 
 
-class RankMismatchError(ValueError):
+class RankMismatchError(UsageError):
     """The ranks of one launch were given different requests (model, hooks, data set, ...)."""
 
 
@@ -71,20 +73,20 @@ def init(device: str = "cpu") -> str:
         return device
     missing = [v for v in ENV_VARS if v not in os.environ]
     if missing:
-        raise ValueError(f"WORLD_SIZE is set but {', '.join(missing)} are not: launch with torchrun or accelerate launch")
+        raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} are not: launch with torchrun or accelerate launch")
     local_rank = int(os.environ["LOCAL_RANK"])
     timeout = datetime.timedelta(seconds=float(os.environ.get("VISION_STEER_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
     dev = torch.device(device)
     if dev.type == "cuda":
         if dev.index is not None:
-            raise ValueError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; give --device cuda")
+            raise UsageError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; give --device cuda")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device))
     elif dev.type == "cpu":
         dist.init_process_group("gloo", timeout=timeout)
     else:
-        raise ValueError(f"--device {device}: distributed runs use cpu (gloo) or cuda (nccl)")
+        raise UsageError(f"--device {device}: distributed runs use cpu (gloo) or cuda (nccl)")
     return device
 
 

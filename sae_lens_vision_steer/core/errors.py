@@ -1,22 +1,64 @@
-"""Error kinds that tell the user what to fix; the CLI maps each to its own exit code (cli/common.py).
+"""The project's user errors. Each carries the CLI's exit code (docs/cli.md); `vision-steer` maps only these
+(and the operating system's file errors) to exit codes. Any other exception is a bug: the CLI prints its
+traceback and exits 1.
 
-All subclass `ValueError`, so code that caught `ValueError` before keeps working.
+They subclass the builtin a caller would expect (`ValueError`, `KeyError`, `TypeError`), so code that caught
+those before keeps working. Messages name the library argument (`k`); the CLI adds its flag (`--k`).
 """
 
 from __future__ import annotations
 
 
-class InputError(ValueError):
-    """An input file or folder cannot be used (missing parts, corrupt, not what it claims to be)."""
+class VisionSteerError(Exception):
+    """Base of every user error: something the user can fix. `exit_code` is the CLI's exit status."""
+
+    exit_code = 2
 
 
-class ConflictError(ValueError):
-    """The output folder holds something made differently, or another process is writing it."""
+class UsageError(VisionSteerError, ValueError):
+    """A bad argument or value (exit 2)."""
 
 
-class OutputError(ValueError):
-    """The output cannot be written (a file where a folder should be, read-only, disk full)."""
+class UnknownNameError(UsageError, KeyError):
+    """A name that is not known: a method, a hook, a template set, a grid entry (exit 2)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
-class DeviceError(ValueError):
-    """The requested torch device is not available."""
+class UnsupportedError(UsageError, TypeError):
+    """A model or object of a kind this package does not adapt (exit 2)."""
+
+
+class InputError(VisionSteerError, ValueError):
+    """An input file or folder cannot be used (missing parts, corrupt, not what it claims to be) (exit 3)."""
+
+    exit_code = 3
+
+
+class MissingInputError(VisionSteerError, FileNotFoundError):
+    """An input file or folder does not exist (exit 3)."""
+
+    exit_code = 3
+
+
+class ConflictError(VisionSteerError, ValueError):
+    """The output folder holds something made differently, or another process is writing it (exit 4)."""
+
+    exit_code = 4
+
+
+class OutputError(VisionSteerError, ValueError):
+    """The output cannot be written (a file where a folder should be, read-only, disk full) (exit 5)."""
+
+    exit_code = 5
+
+
+class DeviceError(VisionSteerError, ValueError):
+    """The requested torch device is not available (exit 6)."""
+
+    exit_code = 6
+
+
+__all__ = ["ConflictError", "DeviceError", "InputError", "MissingInputError", "OutputError", "UnknownNameError",
+           "UnsupportedError", "UsageError", "VisionSteerError"]

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConflictError, OutputError
+from .errors import ConflictError, MissingInputError, OutputError, UsageError
 
 LOCK_FILE = ".lock"
 
@@ -64,11 +64,11 @@ def read_json_file(path: str | Path, what: str) -> Any:
     """A user-given JSON file, or a clear error naming it as `what` (e.g. "--costs", "grid file")."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingInputError(f"{what} {path} does not exist")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+        raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
 
 
 def remove_temp_files(root: Path) -> list[Path]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import UsageError
+
 POSITION_NAMES = ("cls", "patches", "all")
 POOLED_HOOKS = ("hook_ln_post", "hook_pooled", "hook_image_embed")  # [B, width]: no position dimension
 
@@ -24,7 +26,7 @@ def position_index(cfg: Any, positions: str, hook_name: str | None = None) -> sl
     if positions == "cls":
         if not getattr(cfg, "has_cls_token", True):
             where = f" at {hook_name!r}" if hook_name else ""
-            raise ValueError(f"{cfg.model_name} has no CLS token{where} (it pools with {cfg.pooling!r}); "
+            raise UsageError(f"{cfg.model_name} has no CLS token{where} (it pools with {cfg.pooling!r}); "
                              "use its pooled token, hook 'hook_pooled', with positions='cls'")
         return slice(0, 1)
-    raise ValueError(f"positions must be one of {POSITION_NAMES}, got {positions!r}")
+    raise UsageError(f"positions must be one of {POSITION_NAMES}, got {positions!r}")

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..core.errors import UsageError
 from .base import (
     DATASET_ALIASES,
     ImageBatch,
@@ -48,7 +49,7 @@ def load_image_dataset(
     member, see `union.member_data_dirs`).
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of images, got {limit}")
+        raise UsageError(f"limit must be a positive number of images, got {limit}")
     if not isinstance(dataset, str) or "," in dataset:
         return load_union_dataset(dataset, split, data_dir, transform, limit, skip_bad_images)
     return load_single_dataset(dataset, split, data_dir, transform, limit, skip_bad_images, stream)

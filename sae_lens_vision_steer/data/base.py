@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..core import distributed
+from ..core.errors import MissingInputError, UsageError, VisionSteerError
 from .resources import classnames_for
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -35,8 +36,10 @@ DATASET_ALIASES = {"cifar-100": "cifar100", "tinyimagenet": "tiny-imagenet", "ti
                    "cub": "cub200", "cub-200": "cub200", "cub-200-2011": "cub200"}
 
 
-class BadImageError(RuntimeError):
-    pass
+class BadImageError(VisionSteerError, RuntimeError):
+    """An image that cannot be read or decoded (exit 3; `skip_bad_images=True` skips and counts them)."""
+
+    exit_code = 3
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -191,7 +194,7 @@ class TinyImageNetFolder(ImageDataset):
         self.data_dir = root
         wnids_file = root / "wnids.txt"
         if not wnids_file.is_file():
-            raise FileNotFoundError(f"{root} is not a Tiny-ImageNet-200 folder: {wnids_file} is missing")
+            raise MissingInputError(f"{root} is not a Tiny-ImageNet-200 folder: {wnids_file} is missing")
         self.wnids = wnids_file.read_text().split()
         index = {w: i for i, w in enumerate(self.wnids)}
         names = classnames_for("tiny-imagenet")
@@ -200,7 +203,7 @@ class TinyImageNetFolder(ImageDataset):
         if split == "val":
             ann = root / "val" / "val_annotations.txt"
             if not ann.is_file():
-                raise FileNotFoundError(f"split 'val' not found: {ann} is missing")
+                raise MissingInputError(f"split 'val' not found: {ann} is missing")
             rows = [line.split("\t")[:2] for line in ann.read_text().splitlines() if line.strip()]
             rows.sort(key=lambda r: int(Path(r[0]).stem.split("_")[-1]))
             self.paths = [root / "val" / "images" / r[0] for r in rows]
@@ -212,9 +215,9 @@ class TinyImageNetFolder(ImageDataset):
                 self.paths += files
                 labels += [index[w]] * len(files)
         else:
-            raise ValueError(f"Tiny-ImageNet split must be 'train' or 'val', got {split!r}")
+            raise UsageError(f"Tiny-ImageNet split must be 'train' or 'val', got {split!r}")
         if not self.paths:
-            raise FileNotFoundError(f"no images found for split {split!r} under {root}")
+            raise MissingInputError(f"no images found for split {split!r} under {root}")
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def load_image(self, i: int) -> Image.Image:
@@ -237,12 +240,12 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(transform, skip_bad_images)
         root = Path(root).resolve()
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
+            raise MissingInputError(f"image folder {root} does not exist")
         self.data_dir = top = root
         if split not in (None, "all"):
             if not (root / split).is_dir():
                 subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
-                raise ValueError(
+                raise UsageError(
                     f"image folder {root} has no {split}/ subfolder (it holds {subdirs[:5]}"
                     f"{' ...' if len(subdirs) > 5 else ''}); split it into {root}/train/ and {root}/val/, or pass "
                     "split='all' (--split all) to use the whole folder as one split")
@@ -254,7 +257,7 @@ class ImageFolderDataset(ImageDataset):
             self.paths += files
             labels += [ci] * len(files)
         if not self.paths:
-            raise FileNotFoundError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
+            raise MissingInputError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
         self.classnames = [d.name.replace("_", " ") for d in class_dirs]
         self.labels = np.asarray(labels, dtype=np.int64)
         self.dataset_id, self.split = f"imagefolder:{top.name}", split or "all"
@@ -278,7 +281,7 @@ class Cifar100Pickle(ImageDataset):
         split = {"val": "test"}.get(split, split)
         f = root / split
         if split not in ("train", "test") or not f.is_file():
-            raise FileNotFoundError(f"CIFAR-100 split {split!r} not found: expected {f} ('train' or 'test')")
+            raise MissingInputError(f"CIFAR-100 split {split!r} not found: expected {f} ('train' or 'test')")
         with open(f, "rb") as fh:
             d = pickle.load(fh, encoding="latin1")
         self.images_NHWC = d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -309,12 +312,12 @@ class HubImageDataset(ImageDataset):
         if classnames is None:
             names = getattr(features[self.label_column], "names", None)
             if names is None:
-                raise ValueError(f"{dataset_id}: label column {self.label_column!r} has no class names; pass classnames=")
+                raise UsageError(f"{dataset_id}: label column {self.label_column!r} has no class names; pass classnames=")
             classnames = [n.replace("_", " ") for n in names]
         self.classnames = classnames
         self.dataset_id, self.split = dataset_id, split
         if len(self.labels) == 0:
-            raise ValueError(f"{dataset_id} split {split!r} is empty")
+            raise UsageError(f"{dataset_id} split {split!r} is empty")
 
     def load_image(self, i: int) -> Image.Image:
         try:
@@ -328,7 +331,7 @@ def _find_column(features: Any, kind: str, dataset_id: str) -> str:
     for name, feat in features.items():
         if type(feat).__name__ == kind:
             return name
-    raise ValueError(f"{dataset_id}: no {kind} column among {list(features)}; name it explicitly")
+    raise UsageError(f"{dataset_id}: no {kind} column among {list(features)}; name it explicitly")
 
 
 def load_hub_dataset(name: str, split: str, transform=None, skip_bad_images: bool = False, **load_kwargs: Any) -> HubImageDataset:
@@ -341,7 +344,7 @@ def load_hub_dataset(name: str, split: str, transform=None, skip_bad_images: boo
     try:
         ds = datasets.load_dataset(repo, split=hub_split, **load_kwargs)
     except ValueError as e:  # datasets raises ValueError for an unknown split
-        raise ValueError(f"{repo}: cannot load split {hub_split!r}: {e}") from e
+        raise UsageError(f"{repo}: cannot load split {hub_split!r}: {e}") from e
     out = HubImageDataset(
         ds, dataset_id=name if spec else repo, split=split,
         image_column=spec["image"] if spec else None, label_column=spec["label"] if spec else None,

@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import MissingInputError, UsageError
+
 OOD_DATASETS: dict[str, str] = {  # our id -> Hub repo (clip_benchmark's name, `wds_` + name with / -> -)
     "aircraft": "clip-benchmark/wds_fgvc_aircraft",
     "food101": "clip-benchmark/wds_food101",
@@ -40,7 +42,7 @@ def clip_benchmark_templates(lines: list[str]) -> list[str]:
     out = []
     for t in lines:
         if "{c}" not in t:
-            raise ValueError(f"template {t!r} has no {{c}} placeholder")
+            raise UsageError(f"template {t!r} has no {{c}} placeholder")
         out.append(t.replace("{", "{{").replace("}", "}}").replace("{{c}}", "{}"))
     return out
 
@@ -57,7 +59,7 @@ def _snapshot(repo: str, patterns: list[str]) -> Path:
 
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path.name} is missing from {path.parent} (not a CLIP-benchmark WebDataset repo?)")
+        raise MissingInputError(f"{path.name} is missing from {path.parent} (not a CLIP-benchmark WebDataset repo?)")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -73,7 +75,7 @@ def load_ood_dataset(name: str, split: str, transform=None, skip_bad_images: boo
     root = _snapshot(repo, [*META_FILES, "*/nshards.txt"])
     available = sorted(p.parent.name for p in root.glob("*/nshards.txt"))
     if hub_split not in available:
-        raise ValueError(f"{name} ({repo}) has no split {split!r}; it has {available}"
+        raise UsageError(f"{name} ({repo}) has no split {split!r}; it has {available}"
                          + (" (val = test)" if "test" in available else ""))
     classnames = _read_lines(root / META_FILES[0])
     templates = clip_benchmark_templates(_read_lines(root / META_FILES[1]))
@@ -82,16 +84,16 @@ def load_ood_dataset(name: str, split: str, transform=None, skip_bad_images: boo
     shards = [root / hub_split / f"{i}.tar" for i in range(n_shards)]
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{repo}: shards {missing[:3]} of split {hub_split!r} are not in the HF cache; "
+        raise MissingInputError(f"{repo}: shards {missing[:3]} of split {hub_split!r} are not in the HF cache; "
                                 "run once with network access")
     ds = datasets.load_dataset("webdataset", data_files={hub_split: [str(p) for p in shards]}, split=hub_split)
     image = next((c for c in IMAGE_COLUMNS if c in ds.column_names), None)
     if image is None or "cls" not in ds.column_names:
-        raise ValueError(f"{repo}: expected columns 'cls' and one of {IMAGE_COLUMNS}, found {ds.column_names}")
+        raise UsageError(f"{repo}: expected columns 'cls' and one of {IMAGE_COLUMNS}, found {ds.column_names}")
     labels = ds["cls"]
     bad = sorted({int(v) for v in labels if not 0 <= int(v) < len(classnames)})
     if bad:
-        raise ValueError(f"{repo}: labels {bad[:5]} are outside classnames.txt's {len(classnames)} classes")
+        raise UsageError(f"{repo}: labels {bad[:5]} are outside classnames.txt's {len(classnames)} classes")
     out = HubImageDataset(ds, dataset_id=name, split=split, image_column=image, label_column="cls",
                           classnames=classnames, transform=transform, skip_bad_images=skip_bad_images)
     out.hub_repo = repo

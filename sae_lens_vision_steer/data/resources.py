@@ -11,6 +11,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from ..core.errors import UnknownNameError
+
 # data set -> default template set, as in CLIP's evaluations
 DEFAULT_TEMPLATES = {"cifar100": "cifar", "tiny-imagenet": "imagenet", "cub200": "cub"}
 
@@ -24,7 +26,7 @@ def classnames_for(dataset: str) -> Any:
     """CIFAR-100 and CUB-200 give a list in label order; Tiny-ImageNet gives a {wnid: name} dict."""
     key = {"cifar100": "cifar100", "cub200": "cub200", "tiny-imagenet": "tiny_imagenet"}.get(dataset)
     if key is None:
-        raise KeyError(f"no shipped class names for {dataset!r}; known: cifar100, cub200, tiny-imagenet")
+        raise UnknownNameError(f"no shipped class names for {dataset!r}; known: cifar100, cub200, tiny-imagenet")
     value = _table()["classnames"][key]
     return dict(value) if isinstance(value, dict) else list(value)
 
@@ -34,5 +36,5 @@ def templates_for(name: str) -> list[str]:
     name = DEFAULT_TEMPLATES.get(name, name)
     table = _table()["templates"]
     if name not in table:
-        raise KeyError(f"unknown template set {name!r}; choose from {sorted(table)}")
+        raise UnknownNameError(f"unknown template set {name!r}; choose from {sorted(table)}")
     return list(table[name])

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..core.errors import MissingInputError, UsageError
 from .base import (
     DATASET_ALIASES,
     HUB_DATASETS,
@@ -44,14 +45,14 @@ def load_single_dataset(
     (`"cifar100,cub200"` or a list) give a `union.UnionImageDataset` (`limit` per member; `data_dir` per member, see `union.member_data_dirs`).
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of images, got {limit}")
+        raise UsageError(f"limit must be a positive number of images, got {limit}")
     name = DATASET_ALIASES.get(dataset.lower(), dataset.lower()) if "/" not in dataset else dataset
     if stream:  # read in order from tar shards or a `datasets` stream, nothing downloaded first (streaming.py)
         return load_streamed_dataset(name, split or "val", data_dir, transform, limit, skip_bad_images)
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.exists():
-            raise FileNotFoundError(f"data directory {data_dir} does not exist")
+            raise MissingInputError(f"data directory {data_dir} does not exist")
         if name == "tiny-imagenet":
             ds: ImageDataset = TinyImageNetFolder(data_dir, split or "val", transform, skip_bad_images)
         elif name == "cifar100":
@@ -59,14 +60,14 @@ def load_single_dataset(
         elif name == "imagefolder":
             ds = ImageFolderDataset(data_dir, split, transform, skip_bad_images)
         else:
-            raise ValueError(f"no local loader for dataset {dataset!r}; use tiny-imagenet, cifar100 or imagefolder")
+            raise UsageError(f"no local loader for dataset {dataset!r}; use tiny-imagenet, cifar100 or imagefolder")
     else:
         if name == "imagefolder":
-            raise ValueError("dataset 'imagefolder' needs data_dir")
+            raise UsageError("dataset 'imagefolder' needs data_dir")
         if resolve_ood_name(name):
             ds = load_ood_dataset(resolve_ood_name(name), split or "val", transform, skip_bad_images)
         elif "/" not in name and name not in HUB_DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; supported: {', '.join([*HUB_DATASETS, *OOD_DATASETS])}, "
+            raise UsageError(f"unknown dataset {dataset!r}; supported: {', '.join([*HUB_DATASETS, *OOD_DATASETS])}, "
                              "imagefolder (with a data folder), or a Hub repo id owner/name")
         else:
             ds = load_hub_dataset(name, split or "val", transform, skip_bad_images)

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
-from ..core.errors import InputError
+from ..core.errors import InputError, MissingInputError, UsageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
@@ -136,11 +136,11 @@ def local_shards(folder: Path) -> list[Path]:
         shards = [folder / f"{i}.tar" for i in range(int(n_file.read_text().strip()))]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder}: shards {missing[:3]} listed by nshards.txt are missing")
+            raise MissingInputError(f"{folder}: shards {missing[:3]} listed by nshards.txt are missing")
         return shards
     shards = sorted(folder.glob("*.tar"), key=lambda p: _natural_key(p.name))
     if not shards:
-        raise FileNotFoundError(f"no .tar shards in {folder}")
+        raise MissingInputError(f"no .tar shards in {folder}")
     return shards
 
 
@@ -155,7 +155,7 @@ class HubStreamSource:
         try:
             ds = datasets.load_dataset(path, split=split, streaming=True, **load_kwargs)
         except ValueError as e:  # an unknown split
-            raise ValueError(f"{path}: cannot stream split {split!r}: {e}") from e
+            raise UsageError(f"{path}: cannot stream split {split!r}: {e}") from e
         features = ds.features or {}
         self.image_column = image_column or _find(features, "Image", path)
         self.label_column = label_column or _find(features, "ClassLabel", path)
@@ -189,7 +189,7 @@ def _find(features: Any, kind: str, path: str) -> str:
     for name, feat in features.items():
         if type(feat).__name__ == kind:
             return name
-    raise ValueError(f"{path}: no {kind} column among {list(features)}; name it explicitly")
+    raise UsageError(f"{path}: no {kind} column among {list(features)}; name it explicitly")
 
 
 __all__ = ["HubStreamSource", "RawSample", "StreamError", "WebDatasetSource", "local_shards"]

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from ..core.errors import MissingInputError, UsageError
 from .base import HUB_DATASETS, BadImageError, ImageDataset, to_rgb
 from .resources import classnames_for
 from .stream_sources import (
@@ -213,7 +214,7 @@ def load_streamed_dataset(name: str, split: str, data_dir: str | Path | None = N
     templates = None
     if data_dir is not None:
         if name != "webdataset":
-            raise ValueError(f"--stream with --data-dir reads local WebDataset tar shards: use --dataset webdataset "
+            raise UsageError(f"--stream with --data-dir reads local WebDataset tar shards: use --dataset webdataset "
                              f"(got {name!r})")
         root = Path(data_dir).resolve()
         folder = next((d for d in (root / split, root / SPLITS.get(split, split)) if d.is_dir()), root)
@@ -269,7 +270,7 @@ def _hub_text(repo: str, filename: str) -> str:
     try:
         return Path(hf_hub_download(repo, filename, repo_type="dataset")).read_text()
     except Exception as e:  # offline without a cache, network errors, a missing file
-        raise FileNotFoundError(f"cannot get {filename} of {repo} from the Hugging Face Hub or the HF cache "
+        raise MissingInputError(f"cannot get {filename} of {repo} from the Hugging Face Hub or the HF cache "
                                 f"({type(e).__name__})") from None
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.errors import InputError
+from ..core.errors import InputError, UsageError
 from ..core.identity import dataset_fingerprint, stable_repr
 from .base import ImageDataset
 from .sources import load_single_dataset
@@ -46,12 +46,12 @@ def parse_dataset_list(datasets: str | Sequence[str]) -> list[str]:
     items = datasets.split(",") if isinstance(datasets, str) else list(datasets)
     names = [str(t).strip() for t in items]
     if any(not n for n in names):
-        raise ValueError(f"empty data set name in {datasets!r}")
+        raise UsageError(f"empty data set name in {datasets!r}")
     seen: dict[str, str] = {}
     for n in names:
         key = n if "/" in n else DATASET_ALIASES.get(n.lower(), n.lower())
         if key in seen and key != "imagefolder":  # imagefolder members differ by their folder (checked later)
-            raise ValueError(f"data set {n!r} is given twice in {datasets!r} (as {seen[key]!r} and {n!r})")
+            raise UsageError(f"data set {n!r} is given twice in {datasets!r} (as {seen[key]!r} and {n!r})")
         seen[key] = n
     return names
 
@@ -76,16 +76,16 @@ def member_data_dirs(names: Sequence[str], data_dir: Any) -> list[str | None]:
         elif len(parts) == len(names):
             data_dir = parts
         else:
-            raise ValueError(f"--data-dir {text!r} for the union {','.join(names)}: give one folder per member, "
+            raise UsageError(f"--data-dir {text!r} for the union {','.join(names)}: give one folder per member, "
                              "comma-separated in member order (empty = from the Hub), or member=folder pairs")
     if isinstance(data_dir, Mapping):
         unknown = [k for k in data_dir if k not in names]
         if unknown:
-            raise ValueError(f"data folder given for {unknown}, which is not a member of {list(names)}")
+            raise UsageError(f"data folder given for {unknown}, which is not a member of {list(names)}")
         return [str(data_dir[n]) if data_dir.get(n) else None for n in names]
     dirs = [str(d) if d else None for d in data_dir]
     if len(dirs) != len(names):
-        raise ValueError(f"{len(dirs)} data folders for {len(names)} members ({list(names)})")
+        raise UsageError(f"{len(dirs)} data folders for {len(names)} members ({list(names)})")
     return dirs
 
 
@@ -100,11 +100,11 @@ class UnionImageDataset(ImageDataset):
     def __init__(self, members: Sequence[ImageDataset]):
         members = list(members)
         if len(members) < 2:
-            raise ValueError(f"a union needs at least two data sets, got {len(members)}")
+            raise UsageError(f"a union needs at least two data sets, got {len(members)}")
         keys = [(m.dataset_id, m.split) for m in members]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
-            raise ValueError(f"data set {dup[0][0]!r} split {dup[0][1]!r} appears twice in the union")
+            raise UsageError(f"data set {dup[0][0]!r} split {dup[0][1]!r} appears twice in the union")
         forms = {stable_repr(m.transform) for m in members}
         if len(forms) > 1:
             raise UnionMismatchError("the union's members are preprocessed differently (" + "; ".join(
@@ -129,7 +129,7 @@ class UnionImageDataset(ImageDataset):
 
     @property
     def classnames(self) -> list[str]:  # type: ignore[override]
-        raise ValueError(f"{self.dataset_id} is a union of data sets with their own classes; evaluate each member "
+        raise UsageError(f"{self.dataset_id} is a union of data sets with their own classes; evaluate each member "
                          "(union.members[i].classnames; vision-steer eval --dataset a,b evaluates per data set)")
 
     def _locate(self, i: int) -> tuple[int, int]:

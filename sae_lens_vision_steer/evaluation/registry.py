@@ -9,6 +9,7 @@ from typing import Any, Callable, Literal
 import torch
 from sae_lens import SAE
 
+from ..core.errors import UnknownNameError, UsageError
 from ..data.base import ImageDataset
 from ..sae.splice import HookedCLIP
 from ..zeroshot.classifier import ZeroShotClassifier
@@ -51,7 +52,7 @@ class MethodContext:
 
     def require_sae(self, method: str) -> SAE:
         if self.sae is None:
-            raise ValueError(f"method {method!r} needs an SAE (--sae)")
+            raise UsageError(f"method {method!r} needs an SAE (--sae)")
         return self.sae
 
 
@@ -75,7 +76,7 @@ def register_method(name: str, *, kind: Literal["tokens", "pass"] = "tokens", ne
                     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: add `fn` to `METHODS` under `name` (replacing an older entry of that name)."""
     if kind not in ("tokens", "pass"):
-        raise ValueError(f"method kind must be 'tokens' or 'pass', got {kind!r}")
+        raise UsageError(f"method kind must be 'tokens' or 'pass', got {kind!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         METHODS[name] = Method(name, fn, kind, needs_sae, uses_eval_labels,
@@ -89,5 +90,5 @@ def get_method(name: str) -> Method:
     """A registered method (the built-in ones are registered by `evaluation.methods`, imported with the
     `evaluation` package)."""
     if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+        raise UnknownNameError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
     return METHODS[name]

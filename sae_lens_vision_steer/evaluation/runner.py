@@ -14,6 +14,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from ..core import distributed
+from ..core.errors import UsageError
 from ..core.identity import (
     dataset_fingerprint,
     model_fingerprint,
@@ -62,7 +63,7 @@ def _as_specs(methods: Iterable[str | MethodSpec]) -> list[MethodSpec]:
     specs = [m if isinstance(m, MethodSpec) else MethodSpec(m, m) for m in methods]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"duplicate method labels: {labels}")
+        raise UsageError(f"duplicate method labels: {labels}")
     for s in specs:
         get_method(s.method)  # unknown names fail before the backbone runs
     return specs
@@ -192,7 +193,7 @@ class Evaluator:
                                                    torch.cat(labels) if labels else None])
         weighted = distributed.all_gather_object((n_mine, cov))
         if logits_ is None:
-            raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
+            raise UsageError("no images were evaluated (the data set is empty or every image was unreadable)")
         total = sum(n for n, _ in weighted)
         coverage = sum(n * c for n, c in weighted if n) / total
         return accuracy_metrics(logits_, labels_, distributed.sum_int(n_skipped)), lambda: coverage
@@ -239,7 +240,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     specs = _as_specs(methods)
     for spec in specs:  # fail before the backbone runs
         if sae is None and get_method(spec.method).needs_sae:
-            raise ValueError(f"method {spec.method!r} needs an SAE (--sae)")
+            raise UsageError(f"method {spec.method!r} needs an SAE (--sae)")
     if "zeroshot" not in [s.label for s in specs]:
         specs.insert(0, MethodSpec("zeroshot", "zeroshot"))
     t_start = time.perf_counter()
@@ -291,7 +292,7 @@ def sweep_vs2(evaluator: Evaluator, lams: Sequence[float], gammas: Sequence[floa
     """VS2 (or another lam/gamma method, e.g. `vs2pp`) top-1 over a lam x gamma grid on the evaluator's
     cached tokens (no extra backbone pass)."""
     if not lams or not gammas:
-        raise ValueError("the sweep needs at least one lam and one gamma")
+        raise UsageError("the sweep needs at least one lam and one gamma")
     t0 = time.perf_counter()
     top1 = np.zeros((len(gammas), len(lams)))
     cov = np.zeros_like(top1)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core import distributed
+from ..core.errors import UsageError
 from ..data import shard_loader
 from ..data.base import ImageDataset
 from ..sae.splice import HookedCLIP
@@ -41,7 +42,7 @@ def hook_cut(model: HookedCLIP, hook_name: str) -> tuple[int, int]:
         return model.cfg.n_layers, model.cfg.n_layers
     m = RESID_HOOK.match(hook_name)
     if not m:
-        raise ValueError(f"the evaluation runner caches residual-stream hooks (blocks.i.hook_resid_pre/post); "
+        raise UsageError(f"the evaluation runner caches residual-stream hooks (blocks.i.hook_resid_pre/post); "
                          f"got {hook_name!r}")
     i = int(m.group(1))
     cut = i + 1 if m.group(2) == "post" else i
@@ -85,7 +86,7 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
         cls = [c.to(model.device) for c in cls]
         n_skipped = distributed.sum_int(n_skipped)
     if not cls:
-        raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
+        raise UsageError("no images were evaluated (the data set is empty or every image was unreadable)")
     return HookTokens(hook_name, torch.cat(cls), torch.cat(labels), n_skipped, time.perf_counter() - t0,
                       torch.cat(resid) if keep_all else None, start)
 
@@ -96,7 +97,7 @@ def make_tower_tail(model: HookedCLIP, cached: HookTokens, batch_size: int = 256
     @torch.no_grad()
     def tail(cls_ND: torch.Tensor) -> torch.Tensor:
         if len(cls_ND) != len(cached.cls_ND):
-            raise ValueError(f"expected {len(cached.cls_ND)} tokens (one per cached image), got {len(cls_ND)}")
+            raise UsageError(f"expected {len(cached.cls_ND)} tokens (one per cached image), got {len(cls_ND)}")
         out = []
         # Blocks after the hook are backbone work: under torchrun each rank runs its block of the batch grid.
         split = cached.resid_NTD is not None and distributed.active()

@@ -19,6 +19,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from ..core.errors import UsageError
 from ..core.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..data.base import ImageDataset
 from .results import EvaluationResult, json_default
@@ -133,10 +134,10 @@ def evaluate_members(model: Any, members: Sequence[ImageDataset], sae: Any, meth
     from . import evaluate
 
     if not members:
-        raise ValueError("no data sets to evaluate")
+        raise UsageError("no data sets to evaluate")
     names = [m.dataset_id for m in members]
     if len(set(names)) < len(names):
-        raise ValueError(f"a data set appears twice among {names}")
+        raise UsageError(f"a data set appears twice among {names}")
     _check_pool(methods, (evaluate_kwargs.get("options") or {}).get("pool_cache"))
     results = {}
     for i, data in enumerate(members):
@@ -164,6 +165,6 @@ def _check_pool(methods: Sequence[Any], pool_cache: Any) -> None:
     # The pool methods are the ones registered by evaluation/methods/vs2pp.py (they all read options["pool_cache"]).
     readers = [n for n in names if get_method(n).fn.__module__.endswith("methods.vs2pp")]
     if readers:
-        raise ValueError(f"{', '.join(readers)} retrieve from the pool cache {pool_cache}, a union of data sets "
+        raise UsageError(f"{', '.join(readers)} retrieve from the pool cache {pool_cache}, a union of data sets "
                          f"({req.get('dataset')}) whose images and labels belong to different data sets; evaluate "
                          "them per data set with --pool-cache of that data set's own training cache")

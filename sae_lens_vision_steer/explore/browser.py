@@ -28,7 +28,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationStore, model_fingerprint
-from ..core.errors import ConflictError, InputError, OutputError
+from ..core.errors import ConflictError, InputError, OutputError, UsageError
 from ..core.fileio import file_mode, write_json_atomic
 from ..core.identity import portable_model_name
 from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
@@ -128,9 +128,9 @@ def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, ou
     from ..zeroshot.classifier import ZeroShotClassifier
 
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+        raise UsageError(f"top_k must be at least 1, got {top_k}")
     if heatmap not in ("auto", "none", *hm.METHODS):
-        raise ValueError(f"heatmap must be auto, none, {', '.join(hm.METHODS)}; got {heatmap!r}")
+        raise UsageError(f"heatmap must be auto, none, {', '.join(hm.METHODS)}; got {heatmap!r}")
     out = Path(out_dir)
     check_destination(out)
     timing: dict[str, float] = {}
@@ -140,7 +140,7 @@ def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, ou
     if heatmap == "auto":
         heatmap = "sae" if cache.positions != "cls" else "attention"
     if heatmap == "sae" and cache.positions == "cls":
-        raise ValueError("heatmap 'sae' needs a cache of patch or all tokens; this cache holds CLS rows only")
+        raise UsageError("heatmap 'sae' needs a cache of patch or all tokens; this cache holds CLS rows only")
     notes: list[str] = []
     ds, why = open_cache_dataset(cache, model, data_dir)
     classnames = list(ds.classnames) if ds is not None and getattr(ds, "classnames", None) else None

@@ -18,6 +18,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationStore
+from ..core.errors import UsageError
 
 HIST_BINS = 24
 
@@ -84,7 +85,7 @@ def latent_stats(cache: ActivationStore, sae: SAE, hook_name: str, top_k: int = 
     bar = tqdm(total=cache.n_rows, desc="SAE codes over the cache", unit="row", disable=not show_progress)
     for shard, (first, n) in zip(cache.iter_shards(hook_name), cache.shard_offsets):
         if first % P or n % P:
-            raise ValueError(f"shard starting at row {first} splits an image's {P} rows; the cache is not image-aligned")
+            raise UsageError(f"shard starting at row {first} splits an image's {P} rows; the cache is not image-aligned")
         for i in range(0, n, step):
             x = shard[i:i + step].to(device, sae.W_enc.dtype)
             codes = sae.encode(x)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..core.errors import UsageError
 from ..core.identity import stock_config_differences, weights_from_name
 from ..steering.vs2 import PAPER_GAMMA, PAPER_LAM
 
@@ -81,19 +82,19 @@ def load_eval_results(path: str | Path) -> dict[str, Any]:
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
     methods = results.get("methods") if isinstance(results, dict) else None
     if not isinstance(methods, dict) or not methods:
-        raise ValueError(f"{path} is not a `vision-steer eval` results file: it has no 'methods' mapping")
+        raise UsageError(f"{path} is not a `vision-steer eval` results file: it has no 'methods' mapping")
     for name, metrics in methods.items():
         if not isinstance(metrics, dict):
-            raise ValueError(f"{path}: methods[{name!r}] should be a mapping of metrics, got {type(metrics).__name__}")
+            raise UsageError(f"{path}: methods[{name!r}] should be a mapping of metrics, got {type(metrics).__name__}")
         for key, _, _ in _EVAL_COLUMNS:
             value = metrics.get(key)
             if value is not None and not isinstance(value, (int, float)):
-                raise ValueError(f"{path}: methods[{name!r}][{key!r}] should be a number, got {value!r}")
+                raise UsageError(f"{path}: methods[{name!r}][{key!r}] should be a number, got {value!r}")
     if not isinstance(results.get("config", {}), dict):
-        raise ValueError(f"{path}: 'config' should be a mapping")
+        raise UsageError(f"{path}: 'config' should be a mapping")
     return results
 
 

@@ -34,6 +34,7 @@ from sae_lens.constants import (
 )
 from safetensors import safe_open
 
+from ..core.errors import MissingInputError, UsageError
 from ..sae.loading import check_sae_id, load_vision_sae
 from ..sae.metadata import portable_metadata, vision_metadata
 from .model_card import (
@@ -68,31 +69,31 @@ def check_repo_id(repo_id: str) -> None:
 
     # SAE.from_pretrained treats an unknown release with a "/" as a repo id; a release name would win.
     if repo_id.count("/") != 1:
-        raise ValueError(f"repo id {repo_id!r} should look like ORG/NAME")
+        raise UsageError(f"repo id {repo_id!r} should look like ORG/NAME")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ValueError(f"invalid repo id {repo_id!r}: {e}") from None
+        raise UsageError(f"invalid repo id {repo_id!r}: {e}") from None
     if repo_id in get_pretrained_saes_directory():
-        raise ValueError(f"{repo_id!r} is a SAELens release name; SAE.from_pretrained would not read the repo")
+        raise UsageError(f"{repo_id!r} is a SAELens release name; SAE.from_pretrained would not read the repo")
 
 
 def _load_checked_sae(sae_dir: Path) -> SAE:
     """Load the folder the way the Hub loader will, and check what the card and the steering code need."""
     if not (sae_dir / SAE_CFG_FILENAME).is_file() or not (sae_dir / SAE_WEIGHTS_FILENAME).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{sae_dir} is not a SAELens SAE folder: it needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
         )
     sae, _ = load_vision_sae(sae_dir)
     missing = [k for k in ("hook_name", "model_name") if not sae.cfg.metadata.get(k)]
     if missing:
-        raise ValueError(f"{sae_dir}: the SAE's cfg.metadata lacks {missing}; it does not say which CLIP hook it is for")
+        raise UsageError(f"{sae_dir}: the SAE's cfg.metadata lacks {missing}; it does not say which CLIP hook it is for")
     sparsity = sae_dir / SPARSITY_FILENAME
     if sparsity.is_file():
         with safe_open(sparsity, framework="pt") as f:
             # SAELens' Hub loader reads the tensor named "sparsity"; a wrong one would pass upload and fail later.
             if "sparsity" not in f.keys() or list(f.get_slice("sparsity").get_shape()) != [sae.cfg.d_sae]:
-                raise ValueError(f"{sparsity} should hold a tensor 'sparsity' of shape [{sae.cfg.d_sae}]")
+                raise UsageError(f"{sparsity} should hold a tensor 'sparsity' of shape [{sae.cfg.d_sae}]")
     return sae
 
 
@@ -106,7 +107,7 @@ def find_eval_results(sae_dir: Path, eval_results: str | Path | None | bool) -> 
     if eval_results not in (None, True):
         path = Path(eval_results)  # type: ignore[arg-type]
         if not path.is_file():
-            raise FileNotFoundError(f"eval results file {path} not found")
+            raise MissingInputError(f"eval results file {path} not found")
         return path
     for candidate in (sae_dir / EVAL_RESULTS_FILENAME, sae_dir.parent / EVAL_RESULTS_FILENAME):
         if candidate.is_file():
@@ -124,7 +125,7 @@ def _check_results_match(results: dict[str, Any], sae: SAE, path: Path) -> None:
     meta = sae.cfg.metadata
     hint = "; pass the right --eval-results (or --no-eval-results)"
     if config.get("random_weights"):
-        raise ValueError(f"{path} was made with a randomly initialised CLIP, not {meta.get('pretrained')!r}" + hint)
+        raise UsageError(f"{path} was made with a randomly initialised CLIP, not {meta.get('pretrained')!r}" + hint)
     summary = config.get("sae") if isinstance(config.get("sae"), dict) else {}
     ours = {"model": meta.get("model_name"), "pretrained": meta.get("pretrained"), "hook_name": meta.get("hook_name"),
             "sae.d_in": sae.cfg.d_in, "sae.d_sae": sae.cfg.d_sae, "sae.k": getattr(sae.cfg, "k", None),
@@ -132,7 +133,7 @@ def _check_results_match(results: dict[str, Any], sae: SAE, path: Path) -> None:
     for key, mine in ours.items():
         theirs = summary.get(key[4:]) if key.startswith("sae.") else config.get(key)
         if theirs is not None and mine is not None and theirs != mine:
-            raise ValueError(f"{path} records {key}={theirs!r} but the SAE has {mine!r}" + hint)
+            raise UsageError(f"{path} records {key}={theirs!r} but the SAE has {mine!r}" + hint)
 
 
 # --------------------------------------------------------------------------------------------- publish
@@ -189,7 +190,7 @@ def publish_sae(
     check_repo_id(repo_id)
     check_sae_id(sae_id)
     if not revision or revision != revision.strip():
-        raise ValueError(f"invalid revision {revision!r}")
+        raise UsageError(f"invalid revision {revision!r}")
     sae = _load_checked_sae(sae_dir)
     eval_path = find_eval_results(sae_dir, eval_results)
     section = _card_section(repo_id, sae_id, sae, eval_path, revision)
@@ -203,7 +204,7 @@ def publish_sae(
 
 def _write_dry_run(out: Path, sae_dir: Path, sae_id: str, card: str) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"dry-run folder {out} exists and is not empty; give a new or empty folder")
+        raise UsageError(f"dry-run folder {out} exists and is not empty; give a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -228,14 +229,14 @@ def _upload(sae_dir: Path, repo_id: str, sae_id: str, section: str, private: boo
 
     # HfApi finds the token itself (HF_TOKEN, then the stored login); we only check there is one.
     if get_token() is None:
-        raise ValueError("no Hugging Face token: run `hf auth login` or set the HF_TOKEN environment variable")
+        raise UsageError("no Hugging Face token: run `hf auth login` or set the HF_TOKEN environment variable")
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     info = api.repo_info(repo_id, revision=revision)
     if private and not info.private:
-        raise ValueError(f"{repo_id} already exists and is public; refusing to upload with --private")
+        raise UsageError(f"{repo_id} already exists and is public; refusing to upload with --private")
     remote = api.list_repo_files(repo_id, revision=info.sha)
     existing_card = None
     if README in remote:

@@ -32,6 +32,7 @@ import torch.nn as nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from ..core.errors import UnknownNameError, UsageError
 from ..core.positions import POOLED_HOOKS
 from . import registry
 from .components import MLP, Attention, LayerNorm, TransformerBlock
@@ -122,7 +123,7 @@ class HookedViT(HookedRootModule):
         if name not in self.hook_dict:
             close = difflib.get_close_matches(name, self.hook_names, n=3)
             hint = f" Did you mean {close}?" if close else ""
-            raise KeyError(f"unknown hook name {name!r}.{hint} Valid hook names: {self.hook_names}")
+            raise UnknownNameError(f"unknown hook name {name!r}.{hint} Valid hook names: {self.hook_names}")
 
     def hook_width(self, name: str) -> int:
         """Last-dimension size of the activations at a hook."""
@@ -199,7 +200,7 @@ class HookedViT(HookedRootModule):
             if incl_bwd:
                 loss = backward_fn(out) if backward_fn is not None else out
                 if loss.numel() != 1:
-                    raise ValueError(f"incl_bwd=True needs a scalar to back-propagate; the output has shape "
+                    raise UsageError(f"incl_bwd=True needs a scalar to back-propagate; the output has shape "
                                      f"{tuple(loss.shape)}: pass backward_fn=lambda embed: <scalar>")
                 loss.backward()
         if not return_cache_object:
@@ -290,7 +291,7 @@ class HookedViT(HookedRootModule):
 
     def _text(self):
         if not self._tower.has_text:
-            raise ValueError(f"{self.cfg.model_name} ({self._tower.family}) is an image-only backbone: it has no text "
+            raise UsageError(f"{self.cfg.model_name} ({self._tower.family}) is an image-only backbone: it has no text "
                              "tower, so zero-shot classification and text prompts are not available")
         return self._tower
 
@@ -335,4 +336,4 @@ def _as_filter(names_filter: Any) -> Callable[[str], bool]:
         return lambda name: name in allowed
     if callable(names_filter):
         return names_filter
-    raise ValueError("names_filter must be a string, a list of strings, or a function")
+    raise UsageError("names_filter must be a string, a list of strings, or a function")

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import UsageError
 from ..core.fileio import read_json_file
 
 
@@ -106,7 +107,7 @@ class Costs:
         rate = obj.get("flops_per_second")
         if not isinstance(image, dict) or not all(_positive(v) for v in image.values()) or (
                 rate is not None and not _positive(rate)) or (not image and rate is None):
-            raise ValueError(f"--costs {path}: expected 'image_seconds_per_image' {{backbone: seconds > 0}} and/or "
+            raise UsageError(f"--costs {path}: expected 'image_seconds_per_image' {{backbone: seconds > 0}} and/or "
                              "'flops_per_second' > 0 (optional 'sae_seconds_per_sample', 'label')")
         return cls(f"measured: {obj.get('label') or path}", f"as measured in {path.name}", dict(image), rate,
                    dict(obj.get("sae_seconds_per_sample") or {}))

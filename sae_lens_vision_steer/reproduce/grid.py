@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..core.errors import UnknownNameError, UsageError
 from ..core.fileio import read_json_file
 
 MAIN_DATASETS = ("cifar100", "cub200", "tiny-imagenet")
@@ -137,13 +138,13 @@ class Grid:
         for b in self.backbones:
             if b.name == name:
                 return b
-        raise KeyError(f"backbone {name!r} is not declared; the grid has {[b.name for b in self.backbones]}")
+        raise UnknownNameError(f"backbone {name!r} is not declared; the grid has {[b.name for b in self.backbones]}")
 
     def data(self, name: str) -> DataSource:
         for d in self.datasets:
             if d.name == name:
                 return d
-        raise KeyError(f"data set {name!r} is not declared; the grid has {[d.name for d in self.datasets]}")
+        raise UnknownNameError(f"data set {name!r} is not declared; the grid has {[d.name for d in self.datasets]}")
 
     @property
     def cells(self) -> list[Cell]:
@@ -175,10 +176,10 @@ class Grid:
             wanted = list(wanted)
             unknown = [w for w in wanted if w not in have]
             if unknown:
-                raise ValueError(f"unknown {what}(s) {unknown}; the grid declares {have}")
+                raise UsageError(f"unknown {what}(s) {unknown}; the grid declares {have}")
             entries = [e for e in entries if get(e) in wanted]
         if not entries:
-            raise ValueError("the selection leaves no cell to run")
+            raise UsageError("the selection leaves no cell to run")
         return replace(self, entries=tuple(entries))
 
     # ------------------------------------------------------------------ files
@@ -196,7 +197,7 @@ class Grid:
             entries = tuple(_entry(e) for e in obj["entries"])
         except (KeyError, TypeError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-            raise ValueError(f"grid file: {what} (expected backbones, datasets and entries with the fields of "
+            raise UsageError(f"grid file: {what} (expected backbones, datasets and entries with the fields of "
                              "reproduce/grid.py)") from None
         grid = cls(backbones, datasets, entries)
         for c in grid.cells:  # every name must resolve

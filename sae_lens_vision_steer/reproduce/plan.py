@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..core.errors import UsageError
 from .grid import Cell, Grid, SAESpec, Sizes, digest
 
 TPT_LIKE = ("tpt", "ctpt")
@@ -112,7 +113,7 @@ def sae_job(grid: Grid, sizes: Sizes, cell: Cell) -> SAEJob | None:
     data = cell.sae.train_on or cell.dataset
     source = grid.data(data)
     if source.train_split is None and not source.is_union:
-        raise ValueError(f"data set {data!r} has no training split to train an SAE on")
+        raise UsageError(f"data set {data!r} has no training split to train an SAE on")
     cache = CacheJob(cell.backbone, data, source.train_split or "train", cell.sae.layer_from_end, sizes.train_limit)
     sz = (("epochs", sizes.sae_epochs), ("samples", sizes.sae_samples), ("batch", sizes.train_batch_size),
           ("buffer", sizes.sae_buffer))
@@ -144,7 +145,7 @@ def pool_cache(plan: Plan, group: EvalGroup, cell: Cell) -> CacheJob | None:
         return None
     src = plan.grid.data(cell.dataset)
     if src.train_split is None:
-        raise ValueError(f"{cell.method} retrieves from the training split; {cell.dataset!r} has none")
+        raise UsageError(f"{cell.method} retrieves from the training split; {cell.dataset!r} has none")
     return CacheJob(cell.backbone, cell.dataset, src.train_split, 0, plan.sizes.train_limit)
 
 

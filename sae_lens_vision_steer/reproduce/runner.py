@@ -168,56 +168,40 @@ class GridRunner:
         return f"blocks.{model.cfg.n_layers - 1 - layer_from_end}.hook_resid_post"
 
     def cache(self, job: CacheJob):
-        from ..activation_cache import ActivationStore, cache_activations
-        from .dryrun import cell_complete
+        from ..data import load_image_dataset
+        from ..pipeline import cache_stage
 
         if job.key in self._caches:
             return self._caches[job.key]
-        folder = self.ws.root / job.folder
         model = self.model(job.backbone)
         src = self.grid.data(job.data)
-        if src.is_union:
-            from ..data.union import load_union_dataset  # the union helper's API
-
-            data = load_union_dataset(src.members, job.split, src.data_dir, model.preprocess, job.limit)
-        else:
-            from ..data import load_image_dataset
-
-            data = load_image_dataset(src.dataset, job.split, src.data_dir, model.preprocess, job.limit)
-        reused = cell_complete(folder)
-        cache = cache_activations(model, data, self.hook(model, job.layer_from_end), folder, positions="cls",
-                                  batch_size=self.sizes.batch_size, num_workers=self.num_workers,
-                                  show_progress=self.show)
+        data = load_image_dataset(list(src.members) if src.is_union else src.dataset, job.split, src.data_dir,
+                                  model.preprocess, job.limit)
+        store, reused = cache_stage(model, data, self.hook(model, job.layer_from_end), self.ws.root / job.folder,
+                                    batch_size=self.sizes.batch_size, num_workers=self.num_workers,
+                                    show_progress=self.show)
         (self.report.reused if reused else self.report.computed)["caches"] += 1
-        self._caches[job.key] = cache if isinstance(cache, ActivationStore) else ActivationStore.open(folder)
-        return self._caches[job.key]
+        self._caches[job.key] = store
+        return store
 
     def sae(self, job: SAEJob):
         if job.key in self._saes:
             return self._saes[job.key]
-        from ..training.trainer import sae_size, train_sae
+        from ..pipeline import train_stage
+        from ..training.trainer import TrainConfig, sae_size
 
         cache = self.cache(job.cache)
-        folder = self.ws.root / job.folder
-        run_file = folder / "training_run.json"
-        reused = run_file.is_file() and json.loads(run_file.read_text()).get("status") == "complete"
         b = self.grid.backbone(job.backbone)
         k, x, _ = sae_size(b.model, job.spec.k, job.spec.expansion)
         sizes = dict(job.sizes)
-        kw = dict(k=k, expansion_factor=x, batch_size=sizes["batch"], epochs=sizes["epochs"],
-                  total_training_samples=sizes["samples"], buffer_size=sizes.get("buffer"), seed=b.seed, device=self.device, out_dir=folder,
-                  resume=True, show_progress=self.show)
-        if kw["epochs"] is None and kw["total_training_samples"] is None:
-            kw["epochs"] = 10  # as `vision-steer run`
+        epochs = 10 if sizes["epochs"] is None and sizes["samples"] is None else sizes["epochs"]  # as `run`
+        config = TrainConfig(k=k, expansion_factor=x, batch_size=sizes["batch"], epochs=epochs,
+                             total_training_samples=sizes["samples"], buffer_size=sizes.get("buffer"), seed=b.seed,
+                             device=self.device)
         hook = self.hook(self.model(job.backbone), job.spec.layer_from_end)
-        if job.spec.objective == "pass":
-            from ..training.pass_sae import train_pass_sae
-
-            trained = train_pass_sae(cache.root, hook, w_aux=job.spec.w_aux, **kw)
-        elif job.spec.objective == "topk":
-            trained = train_sae(cache, hook, **kw)
-        else:
-            raise ValueError(f"unknown SAE objective {job.spec.objective!r} (topk or pass)")
+        trained, reused = train_stage(cache, hook, config, self.ws.root / job.folder, objective=job.spec.objective,
+                                      w_aux=job.spec.w_aux if job.spec.objective == "pass" else None,
+                                      show_progress=self.show)
         (self.report.reused if reused else self.report.computed)["saes"] += 1
         self._saes[job.key] = (trained.sae, trained.metrics, cache)
         return self._saes[job.key]
@@ -226,7 +210,8 @@ class GridRunner:
         import torch
 
         from ..data import load_image_dataset
-        from ..evaluation import MethodSpec, evaluate
+        from ..evaluation import MethodSpec
+        from ..pipeline import evaluate_stage
 
         model = self.model(group.backbone)
         sae = metrics = None
@@ -247,7 +232,7 @@ class GridRunner:
         src = self.grid.data(group.data)
         data = load_image_dataset(src.dataset, src.eval_split, src.data_dir, model.preprocess, self.sizes.eval_limit)
         with torch.no_grad():
-            result = evaluate(model, data, sae, specs, batch_size=self.sizes.batch_size, num_workers=self.num_workers,
+            result = evaluate_stage(model, data, sae, specs, batch_size=self.sizes.batch_size, num_workers=self.num_workers,
                               show_progress=self.show, options=options, gate_methods=(), text_cache=self.text_cache,
                               config={"reproduce_group": group.key})
         result.save(self.ws.root / "groups" / group.key, plots=False)
@@ -269,20 +254,19 @@ class GridRunner:
         return out
 
     def _tau(self, plan: Plan, group: EvalGroup, cell: Cell, sae, model) -> float:
+        from ..pipeline import gate_stage
+
+        chosen = None
         if gate_in_union(self.grid, group, cell):
             from ..activation_cache.union import cache_dataset_names
-            from ..training.gate import gate_threshold
 
-            cache = self.sae(group.sae)[2]  # the union's cache: its members in the union's order
+            store = self.sae(group.sae)[2]  # the union's cache: its members in the union's order
             union = self.grid.data(group.sae.cache.data).members
-            names = cache_dataset_names(cache)
+            names = cache_dataset_names(store)
             chosen = [names[union.index(m)] for m in self.grid.data(cell.gate_on).members]
-            tau, _ = gate_threshold(sae, cache, cell.fvu_quantile, datasets=chosen, model=model)
-            return tau
-        from ..training.gate import gate_threshold
-
-        ref = self.cache(gate_cache(plan, group, cell))
-        return gate_threshold(sae, ref.root, cell.fvu_quantile, model=model)[0]
+        else:
+            store = self.cache(gate_cache(plan, group, cell))
+        return gate_stage(sae, store, cell.fvu_quantile, datasets=chosen, model=model)[0]
 
     def _fvu_on(self, plan: Plan, group: EvalGroup, cell: Cell, sae, metrics) -> float | None:
         """The SAE's FVU on the cell's data set: its held-out FVU when trained on that data set, else the

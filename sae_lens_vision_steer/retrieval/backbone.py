@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from ..core.errors import ConflictError, InputError
+from ..core.errors import ConflictError, InputError, UsageError
 from ..core.fileio import (
     check_writable_dir,
     exclusive_writer,
@@ -88,17 +88,17 @@ def load_retrieval_backbone(name: str, pretrained: str | None = None, device: st
     kwargs = dict(model_kwargs or {})
     if random_weights:
         if pretrained:
-            raise ValueError("give --retrieval-pretrained or --retrieval-random-weights, not both")
+            raise UsageError("give --retrieval-pretrained or --retrieval-random-weights, not both")
         torch.manual_seed(seed)
         if resolved.startswith("hf:"):
-            raise ValueError(f"--retrieval-random-weights is not available for transformers names ({resolved})")
+            raise UsageError(f"--retrieval-random-weights is not available for transformers names ({resolved})")
         if weights_from_name(resolved):
             kwargs["load_weights"] = False
         pretrained = None
     elif pretrained is None and resolved.startswith("timm:"):
         pretrained = "timm"  # timm's own pretrained weights (any tag means pretrained=True)
     elif pretrained is None and not (resolved.startswith("hf:") or weights_from_name(resolved)):
-        raise ValueError(f"retrieval backbone {resolved}: give its weights with --retrieval-pretrained (an open_clip "
+        raise UsageError(f"retrieval backbone {resolved}: give its weights with --retrieval-pretrained (an open_clip "
                          "tag or checkpoint), or --retrieval-random-weights for a smoke run")
     return HookedCLIP.from_pretrained(resolved, pretrained=pretrained, device=device, **kwargs).eval()
 
@@ -147,7 +147,7 @@ def embed_images(model, dataset, positions: Sequence[int] | None = None, batch_s
         out.append(model.encode_image(batch.images.to(model.device)).float().cpu())
         kept.append(batch.indices)
     if not out:
-        raise ValueError(f"no readable images to embed in {dataset.dataset_id}/{dataset.split}")
+        raise UsageError(f"no readable images to embed in {dataset.dataset_id}/{dataset.split}")
     return torch.cat(out).numpy(), torch.cat(kept).numpy().astype(np.int64)
 
 
@@ -298,7 +298,7 @@ def pool_retrieval_embeddings(model, pool_cache: str | Path, cache_dir: str | Pa
 
     cache = ActivationStore.open(pool_cache)
     if cache.positions != "cls":
-        raise ValueError(f"the pool cache {pool_cache} holds positions={cache.positions!r}; VS2++ needs one row per image")
+        raise UsageError(f"the pool cache {pool_cache} holds positions={cache.positions!r}; VS2++ needs one row per image")
     folder = folder or open_retrieval_cache(model, pool_cache, cache_dir)
     positions = np.asarray(cache.image_index, dtype=np.int64)
     return folder.get("pool", _pool_identity(cache), lambda: _embed_exact(model, reload_pool_dataset(cache), positions,

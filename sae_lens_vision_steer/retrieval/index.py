@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.errors import UsageError
+
 DEFAULT_N_NEIGHBOURS = 50  # the paper's N; it reports diminishing returns beyond 50
 
 
@@ -45,7 +47,7 @@ class CosineIndex(Protocol):
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.ndim != 2:
-        raise ValueError(f"expected a 2-D [items, dim] embedding array, got shape {tuple(t.shape)}")
+        raise UsageError(f"expected a 2-D [items, dim] embedding array, got shape {tuple(t.shape)}")
     return t if t.is_floating_point() else t.float()
 
 
@@ -103,10 +105,10 @@ class ExactCosineIndex:
     def __init__(self, pool_PE: torch.Tensor | np.ndarray, pool_chunk_size: int = 16384,
                  query_batch_size: int = 1024, device: str | torch.device = "cpu", show_progress: bool = False):
         if pool_chunk_size < 1 or query_batch_size < 1:
-            raise ValueError("pool_chunk_size and query_batch_size must be positive")
+            raise UsageError("pool_chunk_size and query_batch_size must be positive")
         pool = _as_tensor(pool_PE)
         if pool.shape[0] == 0:
-            raise ValueError("the retrieval pool is empty")
+            raise UsageError("the retrieval pool is empty")
         self.device = torch.device(device)
         # Normalised once, chunk by chunk, so the pool is not held twice at full precision.
         self.pool_PE = torch.cat([F.normalize(pool[i:i + pool_chunk_size].to(self.device), dim=-1)
@@ -120,9 +122,9 @@ class ExactCosineIndex:
     def search(self, queries_QE: torch.Tensor | np.ndarray, n: int = DEFAULT_N_NEIGHBOURS) -> Neighbours:
         queries = _as_tensor(queries_QE)
         if queries.shape[1] != self.dim:
-            raise ValueError(f"query dim {queries.shape[1]} != pool dim {self.dim}")
+            raise UsageError(f"query dim {queries.shape[1]} != pool dim {self.dim}")
         if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+            raise UsageError(f"n must be >= 1, got {n}")
         n = min(n, self.n_items)
         out_scores, out_ids = [], []
         starts = range(0, queries.shape[0], self.query_batch_size)
@@ -160,7 +162,7 @@ class FaissCosineIndex:
                               "(or `pip install sae-lens-vision-steer[faiss]`)") from e
         pool = _np_unit(pool_PE)
         if pool.shape[0] == 0:
-            raise ValueError("the retrieval pool is empty")
+            raise UsageError("the retrieval pool is empty")
         self.n_items, self.dim = pool.shape
         self.kind = kind
         self.query_batch_size = query_batch_size
@@ -176,14 +178,14 @@ class FaissCosineIndex:
             index.train(pool)
             index.nprobe = n_probe
         else:
-            raise ValueError(f"unknown FAISS index kind {kind!r}; use 'flat', 'hnsw' or 'ivf'")
+            raise UsageError(f"unknown FAISS index kind {kind!r}; use 'flat', 'hnsw' or 'ivf'")
         index.add(pool)
         self.index = index
 
     def search(self, queries_QE: torch.Tensor | np.ndarray, n: int = DEFAULT_N_NEIGHBOURS) -> Neighbours:
         q = _np_unit(queries_QE)
         if q.shape[1] != self.dim:
-            raise ValueError(f"query dim {q.shape[1]} != pool dim {self.dim}")
+            raise UsageError(f"query dim {q.shape[1]} != pool dim {self.dim}")
         n = min(n, self.n_items)
         scores, ids = [], []
         for q0 in range(0, q.shape[0], self.query_batch_size):
@@ -208,4 +210,4 @@ def build_index(pool_PE: torch.Tensor | np.ndarray, backend: str = "exact", **kw
         return ExactCosineIndex(pool_PE, **kwargs)
     if backend.startswith("faiss-"):
         return FaissCosineIndex(pool_PE, kind=backend.removeprefix("faiss-"), **kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown retrieval backend {backend!r}; use exact, faiss-flat, faiss-hnsw or faiss-ivf")
+    raise UsageError(f"unknown retrieval backend {backend!r}; use exact, faiss-flat, faiss-hnsw or faiss-ivf")

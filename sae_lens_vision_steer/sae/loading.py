@@ -14,7 +14,8 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SPARSITY_FILENAME
 from safetensors import safe_open
 
-from .metadata import vision_metadata
+from ..core.errors import MissingInputError, UsageError
+from .metadata import no_language_model_advice, vision_metadata
 
 README = "README.md"
 SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*(/[A-Za-z0-9][A-Za-z0-9._+=-]*)*$")
@@ -49,12 +50,12 @@ class VisionSAEInfo:
 
 def check_sae_id(sae_id: str) -> None:
     if not SAE_ID_RE.match(sae_id) or ".." in sae_id:
-        raise ValueError(
+        raise UsageError(
             f"invalid sae id {sae_id!r}: use letters, digits and . _ - + = in '/'-separated parts "
             "(it becomes a folder in the repository)"
         )
     if sae_id == README:
-        raise ValueError(f"sae id {sae_id!r} would clash with the model card")
+        raise UsageError(f"sae id {sae_id!r} would clash with the model card")
 
 
 def sae_folders(root: Path) -> list[str]:
@@ -67,7 +68,7 @@ def resolve_sae_folder(root: Path, sae_id: str | None, source: str) -> Path:
         folder = root / sae_id
         if not (folder / SAE_CFG_FILENAME).is_file():
             found = sae_folders(root)
-            raise FileNotFoundError(f"no SAE {sae_id!r} in {source}" + (f"; it has {found}" if found else ""))
+            raise MissingInputError(f"no SAE {sae_id!r} in {source}" + (f"; it has {found}" if found else ""))
         return folder
     if (root / SAE_CFG_FILENAME).is_file():
         return root
@@ -75,8 +76,8 @@ def resolve_sae_folder(root: Path, sae_id: str | None, source: str) -> Path:
     if len(found) == 1:
         return root / found[0]
     if not found:
-        raise FileNotFoundError(f"{source} is not a SAELens SAE folder and holds none ({SAE_CFG_FILENAME} not found)")
-    raise ValueError(f"{source} holds several SAEs {found}; pass sae_id")
+        raise MissingInputError(f"{source} is not a SAELens SAE folder and holds none ({SAE_CFG_FILENAME} not found)")
+    raise UsageError(f"{source} holds several SAEs {found}; pass sae_id")
 
 
 def load_vision_sae(
@@ -97,20 +98,21 @@ def load_vision_sae(
     root = Path(repo_id_or_path).expanduser()
     if root.exists():
         if not root.is_dir():
-            raise ValueError(f"{root} is a file; give the SAE folder")
+            raise UsageError(f"{root} is a file; give the SAE folder")
     elif isinstance(repo_id_or_path, str) and repo_id_or_path.count("/") == 1 and not repo_id_or_path.startswith(
             (".", "/", "~")):
         if sae_id is None:
-            raise ValueError(f"loading from the Hub repo {source!r} needs sae_id (the SAE's folder in the repo)")
+            raise UsageError(f"loading from the Hub repo {source!r} needs sae_id (the SAE's folder in the repo)")
         check_sae_id(sae_id)
         from huggingface_hub import snapshot_download
 
         root = Path(snapshot_download(repo_id_or_path, revision=revision, allow_patterns=[f"{sae_id}/*"]))
         source = f"Hub repo {repo_id_or_path}" + (f"@{revision}" if revision else "")
     else:
-        raise FileNotFoundError(f"{source} is neither an existing folder nor a Hub repo id (ORG/NAME)")
+        raise MissingInputError(f"{source} is neither an existing folder nor a Hub repo id (ORG/NAME)")
     folder = resolve_sae_folder(root, sae_id, source)
-    sae = SAE.load_from_disk(folder, device=device, dtype=dtype)
+    with no_language_model_advice():
+        sae = SAE.load_from_disk(folder, device=device, dtype=dtype)
     resolved_id = sae_id if sae_id is not None else (None if folder == root else folder.relative_to(root).as_posix())
     info = VisionSAEInfo(source=str(repo_id_or_path), sae_id=resolved_id, folder=folder, revision=revision,
                          metadata=vision_metadata(sae))
@@ -130,5 +132,5 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """The SAE of a local folder (a SAELens SAE folder, or a folder holding exactly one): `load_vision_sae`."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"SAE folder {path} does not exist")
+        raise MissingInputError(f"SAE folder {path} does not exist")
     return load_vision_sae(path, device=str(device))[0]

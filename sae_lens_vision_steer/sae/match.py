@@ -7,6 +7,7 @@ from typing import Any
 
 from sae_lens import SAE
 
+from ..core.errors import UsageError
 from ..models.families.open_clip_vit import tag_wants_quick_gelu
 
 
@@ -39,7 +40,7 @@ def check_sae_matches_model(sae: SAE, model: Any) -> None:
     if act and act != cfg.act_fn:
         diffs.append(f"activation {act!r} (this model: {cfg.act_fn!r})")
     if diffs:
-        raise ValueError("this SAE was trained on a different model: " + "; ".join(diffs)
+        raise UsageError("this SAE was trained on a different model: " + "; ".join(diffs)
                          + ". Load the model it names, or pass check_model=False to use it anyway.")
     if not act and name and meta.get("pretrained"):
         try:

@@ -15,14 +15,16 @@ SAELens' own metadata fields are filled where they mean something for images: `m
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from sae_lens import SAE
 
 if TYPE_CHECKING:  # the models package imports this module's callers; import HookedCLIP for types only
-    from ..models import HookedCLIP
+    from ..models.hooked import HookedViT as HookedCLIP
+from ..core.errors import UsageError
 from ..core.identity import model_fingerprint, portable_model_name
 
 VISION_METADATA_KEYS = (
@@ -34,9 +36,16 @@ SEQPOS_SLICES = {"cls": [0, 1], "patches": [1, None], "all": [None]}
 # The cache request's model fields copied into the SAE metadata (see identity.model_identity).
 MODEL_FIELDS = ("model_name", "pretrained", "act_fn", "model_kwargs", "model_config", "model_fingerprint")
 
-# SAELens warns on every SAE built with non-empty `model_from_pretrained_kwargs`, with advice for
-# HookedSAETransformer language models that does not apply to CLIP towers.
-warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
+
+
+@contextlib.contextmanager
+def no_language_model_advice() -> Iterator[None]:
+    """Silence, inside the block only, SAELens' warning on every SAE built with non-empty
+    `model_from_pretrained_kwargs`: its advice is for HookedSAETransformer language models, not image towers.
+    (No filter is installed on import: a user's own SAELens calls keep their warnings.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
+        yield
 
 
 def vision_metadata(sae: SAE) -> dict[str, Any]:
@@ -81,11 +90,11 @@ def sae_hook_name(sae: SAE, hook_name: str | None = None) -> str:
     (an SAE applied where it was not trained gives silently wrong results)."""
     recorded = sae.cfg.metadata.get("hook_name")
     if hook_name and recorded and hook_name != recorded:
-        raise ValueError(f"the SAE was trained on hook {recorded!r}, not {hook_name!r} (--hook); leave --hook out "
+        raise UsageError(f"the SAE was trained on hook {recorded!r}, not {hook_name!r} (--hook); leave --hook out "
                          "to use the SAE's hook, or use an SAE trained on that hook")
     name = hook_name or recorded
     if not name:
-        raise ValueError("the SAE's metadata records no hook_name; pass hook_name= explicitly")
+        raise UsageError("the SAE's metadata records no hook_name; pass hook_name= explicitly")
     return name
 
 
@@ -104,7 +113,7 @@ def check_sae_positions(sae: SAE, positions: Any, where: str = "here") -> None:
     used = positions_label(positions)
     if trained is None or trained == "all" or trained == used:
         return
-    raise ValueError(f"the SAE was trained on positions={trained!r} but is applied to {used!r} tokens {where}; "
+    raise UsageError(f"the SAE was trained on positions={trained!r} but is applied to {used!r} tokens {where}; "
                      f"use an SAE trained on {used!r} tokens (vision-steer cache --positions {used})")
 
 
@@ -126,7 +135,7 @@ def check_sae_fits_hook(sae: SAE, model: HookedCLIP, hook_name: str) -> None:
     check_sae_matches_model(sae, model)  # another model, other weights, or another activation: refused
     width = model.hook_width(hook_name)
     if sae.cfg.d_in != width:
-        raise ValueError(
+        raise UsageError(
             f"SAE d_in={sae.cfg.d_in} does not match hook {hook_name!r} of {model.cfg.model_name}, "
             f"whose width is {width}"
         )
@@ -154,4 +163,4 @@ def check_activation_cache_for_sae(cache: Any, sae: SAE, hook_name: str, what: s
         problems.append(f"it was made with other model weights than the model loaded "
                         f"({req.get('model_name')}/{req.get('pretrained')})")
     if problems:
-        raise ValueError(f"{what} {cache.root} does not fit this SAE and model: " + "; ".join(problems))
+        raise UsageError(f"{what} {cache.root} does not fit this SAE and model: " + "; ".join(problems))

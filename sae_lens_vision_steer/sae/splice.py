@@ -30,6 +30,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens.hook_points import HookPoint
 
+from ..core.errors import UnknownNameError, UsageError
 from ..core.positions import POOLED_HOOKS, position_index
 from ..models.hooked import HookedViT
 from .match import check_sae_matches_model
@@ -67,14 +68,14 @@ def resolve_positions(sae: SAE, positions: str | Sequence[int] | None, n_tokens:
         return trained
     if isinstance(positions, str):
         if positions not in ("cls", "patches", "all"):
-            raise ValueError(f"positions must be 'cls', 'patches', 'all' or a list of token indices, got {positions!r}")
+            raise UsageError(f"positions must be 'cls', 'patches', 'all' or a list of token indices, got {positions!r}")
         wanted = {"cls": {0}, "patches": set(range(n_prefix, n_tokens)), "all": set(range(n_tokens))}[positions]
     else:
         positions = tuple(int(p) for p in positions)
         wanted = {p % n_tokens for p in positions}
     allowed = {"cls": {0}, "patches": set(range(n_prefix, n_tokens)), "all": set(range(n_tokens))}.get(trained)
     if allowed is not None and not wanted <= allowed:
-        raise ValueError(f"this SAE was trained on {trained!r} tokens; it cannot run on positions {positions!r} "
+        raise UsageError(f"this SAE was trained on {trained!r} tokens; it cannot run on positions {positions!r} "
                          f"(token indices {sorted(wanted - allowed)[:8]} are outside what it was trained on)")
     return positions
 
@@ -112,23 +113,23 @@ class SAESpliceMixin:
         meta = sae.cfg.metadata
         input_hook = meta.get("hook_name")
         if not input_hook:
-            raise ValueError("the SAE's metadata records no hook_name; set sae.cfg.metadata.hook_name first")
+            raise UsageError("the SAE's metadata records no hook_name; set sae.cfg.metadata.hook_name first")
         output_hook = meta.get("hook_name_out") or input_hook
         self.check_hook_name(input_hook)
         if output_hook != input_hook and output_hook not in self.hook_dict:
-            raise KeyError(f"the transcoder's output hook {output_hook!r} does not exist on this model "
+            raise UnknownNameError(f"the transcoder's output hook {output_hook!r} does not exist on this model "
                            f"(input hook {input_hook!r})")
         if input_hook in self._splices and not replace:
-            raise ValueError(f"an SAE is already spliced at {input_hook!r}; pass replace=True to replace it, "
+            raise UsageError(f"an SAE is already spliced at {input_hook!r}; pass replace=True to replace it, "
                              "or reset_saes() first")
         if any(s.output_hook == output_hook for n, s in self._splices.items() if n != input_hook):
-            raise ValueError(f"another transcoder already writes {output_hook!r}")
+            raise UsageError(f"another transcoder already writes {output_hook!r}")
         width_in = self.hook_width(input_hook)
         if sae.cfg.d_in != width_in:
-            raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match hook {input_hook!r}, whose width is {width_in}")
+            raise UsageError(f"SAE d_in={sae.cfg.d_in} does not match hook {input_hook!r}, whose width is {width_in}")
         d_out = getattr(sae.cfg, "d_out", sae.cfg.d_in)
         if output_hook != input_hook and d_out != self.hook_width(output_hook):
-            raise ValueError(f"transcoder d_out={d_out} does not match hook {output_hook!r}, "
+            raise UsageError(f"transcoder d_out={d_out} does not match hook {output_hook!r}, "
                              f"whose width is {self.hook_width(output_hook)}")
         if check_model:
             check_sae_matches_model(sae, self)
@@ -180,7 +181,7 @@ class SAESpliceMixin:
         names = [act_names] if isinstance(act_names, str) else list(act_names or self._splices)
         for name in names:
             if name not in self._splices:
-                raise KeyError(f"no SAE is spliced at {name!r}; spliced: {list(self._splices)}")
+                raise UnknownNameError(f"no SAE is spliced at {name!r}; spliced: {list(self._splices)}")
         for name in names:
             self._detach(name)
 
@@ -230,7 +231,7 @@ class SAESpliceMixin:
                 if leaf == "hook_sae_input":
                     return site.sae.cfg.d_in
                 return getattr(site.sae.cfg, "d_out", site.sae.cfg.d_in)
-        raise KeyError(f"no spliced SAE owns hook {name!r}")
+        raise UnknownNameError(f"no spliced SAE owns hook {name!r}")
 
     # ------------------------------------------------------------------ the splice itself
     def _splice(self, act: torch.Tensor, site: SpliceSite) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence, Union
 import torch
 from sae_lens import SAE
 
+from ..core.errors import UsageError
 from ..core.positions import POOLED_HOOKS, position_index
 from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 from ..sae.splice import HookedCLIP
@@ -30,11 +31,11 @@ _RUNTIME_NORMALISATIONS = ("layer_norm", "constant_norm_rescale")
 def check_positions(positions: Positions) -> Positions:
     if isinstance(positions, str):
         if positions not in ("cls", "all", "patches"):
-            raise ValueError(f"positions must be 'cls', 'all', 'patches' or a list of token indices, got {positions!r}")
+            raise UsageError(f"positions must be 'cls', 'all', 'patches' or a list of token indices, got {positions!r}")
         return positions
     idx = list(positions)
     if not idx or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-        raise ValueError(f"positions must be a non-empty list of token indices, got {positions!r}")
+        raise UsageError(f"positions must be a non-empty list of token indices, got {positions!r}")
     return tuple(idx)
 
 
@@ -42,18 +43,18 @@ def check_affine_decoder(sae: SAE) -> None:
     """VS2 and the reconstruction baselines use `decode(c) = lin(c) + b_dec`; refuse SAEs where that fails."""
     norm = getattr(sae.cfg, "normalize_activations", "none")
     if norm in _RUNTIME_NORMALISATIONS:
-        raise ValueError(
+        raise UsageError(
             f"SAE uses run-time normalize_activations={norm!r}, so its decoder is not affine in the code; "
             "steering needs an SAE with normalize_activations='none' (fold the normalisation first)"
         )
     if getattr(sae.cfg, "reshape_activations", "none") != "none":
-        raise ValueError("SAE reshapes its activations (hook_z); vision steering expects [..., d_in] residual tokens")
+        raise UsageError("SAE reshapes its activations (hook_z); vision steering expects [..., d_in] residual tokens")
 
 
 def check_finite(**values: float) -> None:
     for name, v in values.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
+            raise UsageError(f"{name} must be a finite number, got {v!r}")
 
 
 @dataclass
@@ -77,20 +78,20 @@ class TokenIntervention:
                  positions: Positions = "cls"):
         sae_list = [saes] if isinstance(saes, SAE) else list(saes)
         if not sae_list:
-            raise ValueError("need at least one SAE")
+            raise UsageError("need at least one SAE")
         if hook_names is None or isinstance(hook_names, str):
             names: list[str | None] = [hook_names] * len(sae_list)
             if isinstance(hook_names, str) and len(sae_list) > 1:
-                raise ValueError("one hook_name given for several SAEs; pass one hook name per SAE")
+                raise UsageError("one hook_name given for several SAEs; pass one hook name per SAE")
         else:
             names = list(hook_names)
             if len(names) != len(sae_list):
-                raise ValueError(f"{len(sae_list)} SAEs but {len(names)} hook names")
+                raise UsageError(f"{len(sae_list)} SAEs but {len(names)} hook names")
         for sae in sae_list:
             check_affine_decoder(sae)
         self.sites = [Site(sae, sae_hook_name(sae, name)) for sae, name in zip(sae_list, names)]
         if len({s.hook_name for s in self.sites}) != len(self.sites):
-            raise ValueError(f"two SAEs on the same hook: {[s.hook_name for s in self.sites]}")
+            raise UsageError(f"two SAEs on the same hook: {[s.hook_name for s in self.sites]}")
         self.positions = check_positions(positions)
         for site in self.sites:  # an SAE applied at positions it was not trained on is refused
             check_sae_positions(site.sae, self.positions, f"at {site.hook_name} by {type(self).__name__}")

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from sae_lens import SAE
 
+from ..core.errors import UsageError
 from ..sae.metadata import activation_mean
 from ..training.fvu import fvu_of_reconstruction
 from .hooks import (
@@ -70,7 +71,7 @@ def vs2_from_reconstruction(x: torch.Tensor, rec: torch.Tensor, sae: SAE, lam: f
     lam, gamma or the gate: a sweep computes it once and calls this per setting."""
     check_finite(lam=lam, gamma=gamma)
     if fvu_threshold is not None and (fvu_threshold != fvu_threshold):  # NaN
-        raise ValueError("fvu_threshold is NaN")
+        raise UsageError("fvu_threshold is NaN")
     x_sae = x.to(sae.dtype)
     steered = _steer_from_linear(x_sae, rec - sae.b_dec, lam, gamma, preserve_norm)
     if fvu_threshold is None:
@@ -113,11 +114,11 @@ class VS2Steering(TokenIntervention):
         thresholds = (list(fvu_threshold) if isinstance(fvu_threshold, (list, tuple))
                       else [fvu_threshold] * len(self.sites))
         if len(thresholds) != len(self.sites):
-            raise ValueError(f"{len(self.sites)} SAEs but {len(thresholds)} FVU thresholds")
+            raise UsageError(f"{len(self.sites)} SAEs but {len(thresholds)} FVU thresholds")
         for site, tau in zip(self.sites, thresholds):
             if tau is not None:
                 if tau != tau:
-                    raise ValueError("fvu_threshold is NaN")
+                    raise UsageError("fvu_threshold is NaN")
                 site.fvu_threshold = float(tau)
                 site.mean_D = activation_mean(site.sae)  # once, not per call
 
@@ -133,12 +134,12 @@ class VS2Steering(TokenIntervention):
             return cls(saes, **kwargs)
         n_layers = model.cfg.n_layers
         if len(saes) > n_layers:
-            raise ValueError(f"{len(saes)} SAEs for a model with {n_layers} blocks")
+            raise UsageError(f"{len(saes)} SAEs for a model with {n_layers} blocks")
         expected = [f"blocks.{n_layers - len(saes) + i}.hook_resid_post" for i in range(len(saes))]
         for sae, name in zip(saes, expected):
             recorded = sae.cfg.metadata.get("hook_name")
             if recorded and recorded != name:
-                raise ValueError(f"last_n expects SAEs for {expected} in order; got one recorded for {recorded!r}")
+                raise UsageError(f"last_n expects SAEs for {expected} in order; got one recorded for {recorded!r}")
         steer = cls(saes, hook_name=expected, **kwargs)
         steer.validate(model)
         return steer

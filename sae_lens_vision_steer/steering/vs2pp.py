@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from sae_lens import SAE
 
+from ..core.errors import UsageError
 from ..retrieval.index import DEFAULT_N_NEIGHBOURS, CosineIndex, Neighbours, build_index
 from .hooks import Site, TokenIntervention, check_affine_decoder, check_finite
 from .vs2 import PAPER_GAMMA, PAPER_LAM
@@ -55,7 +56,7 @@ DEFAULT_RAG_ALPHA = 0.5
 
 def check_rule(rule: str) -> str:
     if rule not in RULES:
-        raise ValueError(f"unknown S+ rule {rule!r}; use one of {RULES}")
+        raise UsageError(f"unknown S+ rule {rule!r}; use one of {RULES}")
     return rule
 
 
@@ -77,7 +78,7 @@ def vs2pp_steering_vector(sae: SAE, positive_acts: torch.Tensor, negative_acts: 
     check_finite(gamma=gamma)
     check_affine_decoder(sae)
     if len(positive_acts) == 0 or len(negative_acts) == 0:
-        raise ValueError("vs2pp_steering_vector needs at least one positive and one negative activation")
+        raise UsageError("vs2pp_steering_vector needs at least one positive and one negative activation")
     pos = sae.encode(positive_acts.to(sae.dtype)).mean(0)
     neg = sae.encode(negative_acts.to(sae.dtype)).mean(0)
     return (gamma - 1.0) * (sae.decode((pos - neg)[None]) - sae.b_dec)[0]
@@ -109,14 +110,14 @@ def positive_mask(rule: str, neighbour_pseudo_QN: torch.Tensor, query_pseudo_Q: 
     check_rule(rule)
     if rule == "query":
         if query_pseudo_Q is None:
-            raise ValueError("rule 'query' needs the queries' pseudo-labels")
+            raise UsageError("rule 'query' needs the queries' pseudo-labels")
         return neighbour_pseudo_QN == query_pseudo_Q.to(neighbour_pseudo_QN.device)[:, None]
     if rule == "majority":
         return neighbour_pseudo_QN == majority_labels(neighbour_pseudo_QN)[:, None]
     if neighbour_labels_QN is None or query_labels_Q is None:
-        raise ValueError("rule 'oracle' needs true labels for the pool and the queries")
+        raise UsageError("rule 'oracle' needs true labels for the pool and the queries")
     if bool((query_labels_Q < 0).any()):
-        raise ValueError("rule 'oracle' needs a true label for every query; some are -1 (unknown)")
+        raise UsageError("rule 'oracle' needs a true label for every query; some are -1 (unknown)")
     return neighbour_labels_QN == query_labels_Q.to(neighbour_labels_QN.device)[:, None]
 
 
@@ -149,7 +150,7 @@ def pool_code_directions(sae: SAE, acts_PD: torch.Tensor | np.ndarray, batch_siz
     check_affine_decoder(sae)
     acts = torch.as_tensor(acts_PD)
     if acts.ndim != 2 or acts.shape[1] != sae.cfg.d_in:
-        raise ValueError(f"pool activations must be [P, {sae.cfg.d_in}], got {list(acts.shape)}")
+        raise UsageError(f"pool activations must be [P, {sae.cfg.d_in}], got {list(acts.shape)}")
     return torch.cat([code_direction(sae, acts[i:i + batch_size].to(sae.device)).float().cpu()
                       for i in range(0, len(acts), batch_size)])
 
@@ -166,22 +167,22 @@ def build_retrieval_pool(classifier, clip_embeds_PE: torch.Tensor | np.ndarray, 
     """
     clip = torch.as_tensor(clip_embeds_PE).float()
     if clip.ndim != 2 or len(clip) == 0:
-        raise ValueError(f"pool CLIP embeddings must be a non-empty [P, E] array, got {list(clip.shape)}")
+        raise UsageError(f"pool CLIP embeddings must be a non-empty [P, E] array, got {list(clip.shape)}")
     n = len(clip)
     pseudo = torch.cat([classifier.predict(clip[i:i + batch_size]).cpu() for i in range(0, n, batch_size)])
     code_dirs = None
     if sae is not None or acts_PD is not None:
         if sae is None or acts_PD is None:
-            raise ValueError("VS2++ needs both the SAE and the pool's activations")
+            raise UsageError("VS2++ needs both the SAE and the pool's activations")
         code_dirs = pool_code_directions(sae, acts_PD, batch_size)
         if len(code_dirs) != n:
-            raise ValueError(f"pool activations have {len(code_dirs)} rows but the CLIP embeddings have {n}")
+            raise UsageError(f"pool activations have {len(code_dirs)} rows but the CLIP embeddings have {n}")
     labels = None if labels_P is None else torch.as_tensor(np.asarray(labels_P), dtype=torch.long)
     if labels is not None and len(labels) != n:
-        raise ValueError(f"pool labels have {len(labels)} rows but the pool has {n}")
+        raise UsageError(f"pool labels have {len(labels)} rows but the pool has {n}")
     retrieval = clip if retrieval_embeds_PE is None else torch.as_tensor(retrieval_embeds_PE)
     if len(retrieval) != n:
-        raise ValueError(f"retrieval embeddings have {len(retrieval)} rows but the pool has {n}")
+        raise UsageError(f"retrieval embeddings have {len(retrieval)} rows but the pool has {n}")
     return RetrievalPool(
         index=build_index(retrieval, backend=backend, **index_kwargs),
         clip_embeds_PE=F.normalize(clip, dim=-1), pseudo_labels_P=pseudo, code_dirs_PD=code_dirs,
@@ -218,7 +219,7 @@ def split_neighbours(pool: RetrievalPool, neighbours: Neighbours, rule: str,
                      query_labels_Q: torch.Tensor | None = None) -> NeighbourSplit:
     idx = neighbours.indices_QN
     if rule in ORACLE_RULES and pool.labels_P is None:
-        raise ValueError(f"rule {rule!r} needs the pool's true labels")
+        raise UsageError(f"rule {rule!r} needs the pool's true labels")
     pos = positive_mask(
         rule, pool.pseudo_labels_P[idx], query_pseudo_Q,
         None if pool.labels_P is None else pool.labels_P[idx],
@@ -262,9 +263,9 @@ class VS2PPConfig:
         check_rule(self.rule)
         check_finite(lam=self.lam, gamma=self.gamma)
         if self.n_neighbours < 1:
-            raise ValueError(f"n_neighbours must be >= 1, got {self.n_neighbours}")
+            raise UsageError(f"n_neighbours must be >= 1, got {self.n_neighbours}")
         if self.fallback not in ("vs2", "none"):
-            raise ValueError(f"fallback must be 'vs2' or 'none', got {self.fallback!r}")
+            raise UsageError(f"fallback must be 'vs2' or 'none', got {self.fallback!r}")
 
 
 @dataclass
@@ -285,9 +286,9 @@ class VS2PP:
     def __init__(self, sae: SAE, pool: RetrievalPool, classifier, cfg: VS2PPConfig = VS2PPConfig()):
         check_affine_decoder(sae)
         if pool.code_dirs_PD is None:
-            raise ValueError("the pool has no SAE code directions; build it with sae= and acts_PD=")
+            raise UsageError("the pool has no SAE code directions; build it with sae= and acts_PD=")
         if pool.code_dirs_PD.shape[1] != sae.cfg.d_in:
-            raise ValueError(f"pool code directions have width {pool.code_dirs_PD.shape[1]}, SAE d_in is {sae.cfg.d_in}")
+            raise UsageError(f"pool code directions have width {pool.code_dirs_PD.shape[1]}, SAE d_in is {sae.cfg.d_in}")
         self.sae, self.pool, self.classifier, self.cfg = sae, pool, classifier, cfg
         self.counter = SplitCounter()
 
@@ -305,14 +306,14 @@ class VS2PP:
         else:
             expected = (len(query_clip_QE), min(self.cfg.n_neighbours, self.pool.n_items))
             if tuple(neighbours.indices_QN.shape) != expected:
-                raise ValueError(f"neighbours have shape {tuple(neighbours.indices_QN.shape)}, expected {expected}")
+                raise UsageError(f"neighbours have shape {tuple(neighbours.indices_QN.shape)}, expected {expected}")
         return split_neighbours(self.pool, neighbours, self.cfg.rule, query_pseudo, query_labels_Q)
 
     @torch.no_grad()
     def steer(self, x_QD: torch.Tensor, query_clip_QE: torch.Tensor, query_retrieval_QE: torch.Tensor | None = None,
               query_labels_Q: torch.Tensor | None = None, neighbours: Neighbours | None = None) -> VS2PPOutput:
         if len(x_QD) != len(query_clip_QE):
-            raise ValueError(f"{len(x_QD)} activations but {len(query_clip_QE)} query embeddings")
+            raise UsageError(f"{len(x_QD)} activations but {len(query_clip_QE)} query embeddings")
         split = self.split(query_clip_QE, query_retrieval_QE, query_labels_Q, neighbours)
         self.counter.add(split)
         dirs_QND = self.pool.code_dirs_PD[split.neighbours.indices_QN]
@@ -385,9 +386,9 @@ class VS2PPSteering(TokenIntervention):
         check_finite(lam=lam)
         super().__init__(sae, hook_name, "cls")
         if (engine is None) != (embed_fn is None):
-            raise ValueError("online VS2++ needs both engine= and embed_fn= (or neither, for precomputed vectors)")
+            raise UsageError("online VS2++ needs both engine= and embed_fn= (or neither, for precomputed vectors)")
         if engine is not None and engine.sae is not sae:
-            raise ValueError("engine was built for a different SAE")
+            raise UsageError("engine was built for a different SAE")
         self.lam, self.preserve_norm = float(engine.cfg.lam if engine else lam), preserve_norm
         self.engine, self.embed_fn = engine, embed_fn
         self._vectors_BD: torch.Tensor | None = None
@@ -397,14 +398,14 @@ class VS2PPSteering(TokenIntervention):
         super().validate(model)
         final = model.steer_hook
         if getattr(self.embed_fn, "expects_final_cls", False) and self.hook_names[0] != final:
-            raise ValueError(f"clip_head_fn maps the final block's CLS to the CLIP embedding, but this SAE sits on "
+            raise UsageError(f"clip_head_fn maps the final block's CLS to the CLIP embedding, but this SAE sits on "
                              f"{self.hook_names[0]!r}; give another embed_fn or precomputed vectors")
 
     @contextlib.contextmanager
     def using_vectors(self, vectors_BD: torch.Tensor) -> Iterator["VS2PPSteering"]:
         """Steer the next forward passes' batch with these per-sample vectors `[B, d_in]`."""
         if vectors_BD.ndim != 2 or vectors_BD.shape[1] != self.sites[0].sae.cfg.d_in:
-            raise ValueError(f"vectors must be [B, {self.sites[0].sae.cfg.d_in}], got {list(vectors_BD.shape)}")
+            raise UsageError(f"vectors must be [B, {self.sites[0].sae.cfg.d_in}], got {list(vectors_BD.shape)}")
         self._vectors_BD = vectors_BD
         try:
             yield self
@@ -422,11 +423,11 @@ class VS2PPSteering(TokenIntervention):
 
     def transform(self, x_PD: torch.Tensor, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
         if x_PD.ndim != 2:
-            raise ValueError("VS2PPSteering steers one token per image (positions='cls')")
+            raise UsageError("VS2PPSteering steers one token per image (positions='cls')")
         changed = torch.ones(x_PD.shape[0], dtype=torch.bool, device=x_PD.device)
         if self._vectors_BD is not None:
             if len(self._vectors_BD) != len(x_PD):
-                raise ValueError(f"batch of {len(x_PD)} images but {len(self._vectors_BD)} steering vectors")
+                raise UsageError(f"batch of {len(x_PD)} images but {len(self._vectors_BD)} steering vectors")
             return steer_with_vectors(x_PD, self._vectors_BD.to(x_PD.device), self.lam, self.preserve_norm), changed
         if self.engine is None:
             raise RuntimeError("no steering vectors: wrap the forward pass in `with steer.using_vectors(vbar_BD):`")

@@ -26,6 +26,7 @@ from sae_lens.training.mixing_buffer import mixing_buffer
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..activation_cache import ActivationStore
+from ..core.errors import UsageError
 
 
 def open_store(cache: str | Path | ActivationStore) -> ActivationStore:
@@ -38,7 +39,7 @@ def holdout_split(cache: str | Path | ActivationStore, fraction: float = 0.1,
     by `seed` only (not the training seed, so SAEs trained with different seeds share a held-out set)."""
     cache = open_store(cache)
     if not 0 <= fraction < 1:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+        raise UsageError(f"holdout fraction must be in [0, 1), got {fraction}")
     images = np.unique(cache.image_index)
     n_held = int(round(len(images) * fraction))
     if fraction > 0:
@@ -54,7 +55,7 @@ def rows_mask(cache: ActivationStore, rows: np.ndarray | Sequence[int] | None) -
     rows = np.asarray(rows)
     if rows.dtype == bool:
         if rows.shape != (cache.n_rows,):
-            raise ValueError(f"a boolean row mask must have shape ({cache.n_rows},), got {rows.shape}")
+            raise UsageError(f"a boolean row mask must have shape ({cache.n_rows},), got {rows.shape}")
         return rows
     mask = np.zeros(cache.n_rows, dtype=bool)
     mask[rows.astype(np.int64)] = True
@@ -206,9 +207,9 @@ def activation_batches(
     hook = cache.resolve_hook(hook_name)
     mask = rows_mask(cache, rows)
     if not mask.any():
-        raise ValueError("no rows selected: nothing to train on")
+        raise UsageError("no rows selected: nothing to train on")
     if with_labels and np.abs(cache.labels).max(initial=0) >= 2**24:
-        raise ValueError("labels must be below 2**24 to travel through the float32 mixing buffer")
+        raise UsageError("labels must be below 2**24 to travel through the float32 mixing buffer")
     if buffer_size is None:
         # Never more than the selected rows (a tiny cache would be re-read many times just to fill it).
         default = max(4 * batch_size, 2 * cache.metadata["request"]["shard_size"], 32768)

@@ -17,6 +17,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationStore
+from ..core.errors import UsageError
 from ..sae.metadata import activation_mean, check_sae_positions, sae_hook_name
 from .batches import open_store, rows_mask
 
@@ -27,7 +28,7 @@ def _resolve_sae_hook(sae: SAE, cache: ActivationStore, hook_name: str | None) -
     recorded = sae.cfg.metadata.get("hook_name")
     hook = cache.resolve_hook(sae_hook_name(sae, hook_name) if (recorded or hook_name) else None)
     if sae.cfg.d_in != cache.d_in(hook):
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match hook {hook!r} of the cache at {cache.root}, "
+        raise UsageError(f"SAE d_in={sae.cfg.d_in} does not match hook {hook!r} of the cache at {cache.root}, "
                          f"whose width is {cache.d_in(hook)}")
     check_sae_positions(sae, cache.positions, f"in the cache at {cache.root}")
     return hook
@@ -110,7 +111,7 @@ def fvu_distribution(
     hook = _resolve_sae_hook(sae, cache, hook_name)
     fvu = per_sample_fvu_on_cache(sae, cache, hook, rows=rows, mean=mean)
     if fvu.size == 0:
-        raise ValueError("no rows selected")
+        raise UsageError("no rows selected")
     return {
         "hook_name": hook,
         "n_rows": int(fvu.size),

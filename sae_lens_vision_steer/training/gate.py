@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationStore
 from ..activation_cache.union import cache_dataset_names, check_caches_agree
+from ..core.errors import UsageError
 from ..data import DATASET_ALIASES
 from ..data.union import parse_dataset_list
 from ..sae.metadata import (
@@ -36,15 +37,15 @@ def gate_threshold(sae: SAE, reference: Any, quantile: float, datasets: Sequence
     `reference`, a tensor `[N, d_in]`, a store (folder or `ActivationStore`), a list of stores, or
     comma-separated folders. `datasets` chooses the member data sets of union stores (default all)."""
     if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"FVU quantile must be in [0, 1], got {quantile}")
+        raise UsageError(f"FVU quantile must be in [0, 1], got {quantile}")
     mu = activation_mean(sae).float()  # the same mean the gate uses at test time
     if isinstance(reference, torch.Tensor):
         if datasets is not None:
-            raise ValueError("datasets chooses members of reference stores; a tensor reference has none")
+            raise UsageError("datasets chooses members of reference stores; a tensor reference has none")
         if reference.ndim != 2 or reference.shape[1] != sae.cfg.d_in:
-            raise ValueError(f"reference activations must be [N, {sae.cfg.d_in}], got {list(reference.shape)}")
+            raise UsageError(f"reference activations must be [N, {sae.cfg.d_in}], got {list(reference.shape)}")
         if len(reference) == 0:
-            raise ValueError("reference activations are empty")
+            raise UsageError("reference activations are empty")
         fvus = [per_sample_fvu(reference[i:i + batch_size].to(sae.device), sae, mu).double().cpu()
                 for i in tqdm(range(0, len(reference), batch_size), desc="reference FVU", disable=not show_progress)]
         fvu = torch.cat(fvus).numpy()
@@ -56,7 +57,7 @@ def gate_threshold(sae: SAE, reference: Any, quantile: float, datasets: Sequence
         reference = [reference]
     opened = [c if isinstance(c, ActivationStore) else ActivationStore.open(c) for c in reference]
     if not opened:
-        raise ValueError("no reference cache given")
+        raise UsageError("no reference cache given")
     hook = sae_hook_name(sae, hook_name)
     for c in opened:
         check_activation_cache_for_sae(c, sae, hook, "the reference cache", model)
@@ -66,7 +67,7 @@ def gate_threshold(sae: SAE, reference: Any, quantile: float, datasets: Sequence
     wanted = [n if n in available else DATASET_ALIASES.get(n.lower(), n) for n in wanted]
     missing = [n for n in wanted if n not in available]
     if missing:
-        raise ValueError(f"gate data set(s) {missing} are not in the reference cache(s); they hold {available}")
+        raise UsageError(f"gate data set(s) {missing} are not in the reference cache(s); they hold {available}")
     fvus, per_dataset = [], {}
     for c in opened:
         names = cache_dataset_names(c)
@@ -99,7 +100,7 @@ def union_fvu_threshold(sae: SAE, caches: Any, quantile: float, datasets: Sequen
 def _finite_quantile(fvu: np.ndarray, quantile: float) -> float:
     fvu = fvu[np.isfinite(fvu)]
     if fvu.size == 0:
-        raise ValueError("no reference activation has a finite FVU")
+        raise UsageError("no reference activation has a finite FVU")
     return float(np.quantile(fvu.astype(np.float64), quantile))
 
 

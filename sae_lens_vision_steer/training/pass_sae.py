@@ -53,6 +53,8 @@ from sae_lens import (
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
+from ..core.errors import UsageError
+
 PASS_ARCHITECTURE = "pass"
 DEFAULT_W_AUX = 0.8
 DEFAULT_PROTOTYPE_MOMENTUM = 0.9
@@ -69,11 +71,11 @@ class PassTrainingSAEConfig(TopKTrainingSAEConfig):
 
     def __post_init__(self) -> None:
         if self.n_classes < 1:
-            raise ValueError(f"PASS needs n_classes >= 1, got {self.n_classes}")
+            raise UsageError(f"PASS needs n_classes >= 1, got {self.n_classes}")
         if not (self.w_aux >= 0 and np.isfinite(self.w_aux)):
-            raise ValueError(f"w_aux must be a finite number >= 0, got {self.w_aux}")
+            raise UsageError(f"w_aux must be a finite number >= 0, got {self.w_aux}")
         if not 0.0 <= self.prototype_momentum < 1.0:
-            raise ValueError(f"prototype_momentum must be in [0, 1), got {self.prototype_momentum}")
+            raise UsageError(f"prototype_momentum must be in [0, 1), got {self.prototype_momentum}")
         super().__post_init__()
         self.metadata.objective = "pass"
         self.metadata.w_aux = float(self.w_aux)
@@ -122,7 +124,7 @@ class PassTrainingSAE(TopKTrainingSAE):
         if labels.shape != (batch_size,):
             raise RuntimeError(f"PASS got {tuple(labels.shape)} labels for a batch of {batch_size} activations")
         if bool((labels < 0).any()) or bool((labels >= self.cfg.n_classes).any()):
-            raise ValueError(f"PASS labels must lie in [0, {self.cfg.n_classes}); got min {int(labels.min())}, "
+            raise UsageError(f"PASS labels must lie in [0, {self.cfg.n_classes}); got min {int(labels.min())}, "
                              f"max {int(labels.max())} (-1 marks an image without a label)")
         return labels
 
@@ -205,7 +207,7 @@ class LabelRoutingProvider:
                             "use the data provider's labels mode")
         acts, labels = batch
         if len(acts) != len(labels):
-            raise ValueError(f"batch of {len(acts)} activations but {len(labels)} labels")
+            raise UsageError(f"batch of {len(acts)} activations but {len(labels)} labels")
         self.sae.set_step_labels(labels)
         return acts
 
@@ -229,15 +231,15 @@ def check_pass_labels(labels: np.ndarray | torch.Tensor, n_classes: int | None =
     """
     y = np.asarray(labels, dtype=np.int64)
     if y.ndim != 1 or y.size == 0:
-        raise ValueError("PASS needs a non-empty 1-D array of class labels")
+        raise UsageError("PASS needs a non-empty 1-D array of class labels")
     missing = np.flatnonzero(y < 0)
     if missing.size:
-        raise ValueError(f"PASS trains with class labels, but {missing.size} of {y.size} cached rows have no label "
+        raise UsageError(f"PASS trains with class labels, but {missing.size} of {y.size} cached rows have no label "
                          f"(label -1; first at row {int(missing[0])}). Cache a labelled split, or train with "
                          "objective='topk'.")
     found = int(y.max()) + 1
     if n_classes is not None and found > n_classes:
-        raise ValueError(f"labels go up to {found - 1} but n_classes={n_classes}")
+        raise UsageError(f"labels go up to {found - 1} but n_classes={n_classes}")
     return n_classes or found
 
 
@@ -276,7 +278,7 @@ def train_pass_sae(cache_dir: str | Path, hook_name: str | None = None, *, w_aux
     n_classes = check_pass_labels(cache.labels, n_classes)
     for reserved in ("architecture", "trainer_cls", "with_labels"):
         if reserved in train_kwargs:
-            raise ValueError(f"train_pass_sae sets {reserved} itself")
+            raise UsageError(f"train_pass_sae sets {reserved} itself")
     sae_cfg_kwargs = {**train_kwargs.pop("sae_cfg_kwargs", {}), "w_aux": float(w_aux), "n_classes": n_classes,
                       "prototype_momentum": float(prototype_momentum)}
     return train_sae(cache, hook_name, architecture=PASS_ARCHITECTURE, sae_cfg_kwargs=sae_cfg_kwargs,

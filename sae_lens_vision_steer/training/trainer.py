@@ -42,21 +42,21 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..activation_cache import ActivationStore
-from ..core.errors import ConflictError
+from ..core.errors import ConflictError, UsageError
 from ..core.fileio import (
     check_writable_dir,
     exclusive_writer,
     file_mode,
     write_json_atomic,
 )
-from ..sae.metadata import training_metadata
+from ..sae.metadata import no_language_model_advice, training_metadata
 from .batches import (  # noqa: F401
     LoaderStats,
-    open_store,
-    rows_mask,
     activation_batches,
     holdout_split,
     mean_of_rows,
+    open_store,
+    rows_mask,
 )
 from .fvu import evaluate_sae_on_cache, fvu_distribution, per_sample_fvu_on_cache  # noqa: F401 (re-exported)
 
@@ -93,7 +93,7 @@ def sae_size(model_name: str | None, k: int | None = None, expansion_factor: int
     """`(k, expansion_factor, source)`: explicit values win, then the named `preset`, then the paper's
     preset for `model_name`, then 64 and 4 (`vision-steer train` and `run` both use this)."""
     if preset is not None and preset not in PAPER_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PAPER_PRESETS)}")
+        raise UsageError(f"unknown preset {preset!r}; choose one of {sorted(PAPER_PRESETS)}")
     p = PAPER_PRESETS.get(preset or model_name or "")
     source = f"the paper's preset for {preset or model_name}" if p else "the defaults (no paper preset for this model)"
     return (k if k is not None else (p.k if p else 64),
@@ -107,7 +107,7 @@ def check_training_args(*, k: int, expansion_factor: int, lr: float, batch_size:
     """Refuse out-of-range settings before any work (the CLI names the flags)."""
     def positive_int(name: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+            raise UsageError(f"{name} must be a positive whole number, got {v!r}")
 
     positive_int("k (--k)", k)
     positive_int("expansion_factor (--expansion)", expansion_factor)
@@ -115,17 +115,17 @@ def check_training_args(*, k: int, expansion_factor: int, lr: float, batch_size:
     if total_training_samples is not None:
         positive_int("total_training_samples (--samples)", total_training_samples)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr (--lr) must be a positive number, got {lr!r}")
+        raise UsageError(f"lr (--lr) must be a positive number, got {lr!r}")
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
-        raise ValueError(f"epochs (--epochs) must be a positive number, got {epochs!r}")
+        raise UsageError(f"epochs (--epochs) must be a positive number, got {epochs!r}")
     for name, v in (("lr_warm_up_steps (--warmup-steps)", lr_warm_up_steps), ("lr_decay_steps", lr_decay_steps),
                     ("n_checkpoints (--n-checkpoints)", n_checkpoints)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
+            raise UsageError(f"{name} must be a whole number >= 0, got {v!r}")
     if not 0 <= holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction (--holdout-fraction) must be in [0, 1), got {holdout_fraction}")
+        raise UsageError(f"holdout_fraction (--holdout-fraction) must be in [0, 1), got {holdout_fraction}")
     if d_in is not None and k > d_in * expansion_factor:
-        raise ValueError(f"k={k} (--k) is larger than d_sae = d_in x expansion = {d_in} x {expansion_factor} = "
+        raise UsageError(f"k={k} (--k) is larger than d_sae = d_in x expansion = {d_in} x {expansion_factor} = "
                          f"{d_in * expansion_factor}; use a smaller --k or a larger --expansion")
 
 
@@ -263,7 +263,7 @@ def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingS
         kwargs["rescale_acts_by_decoder_norm"] = True  # top-k on unit-norm decoder rows (sparsify)
     unknown = set(cfg.sae_cfg_kwargs) - valid
     if unknown:
-        raise ValueError(f"{cfg_cls.__name__} has no fields {sorted(unknown)}; valid fields: {sorted(valid)}")
+        raise UsageError(f"{cfg_cls.__name__} has no fields {sorted(unknown)}; valid fields: {sorted(valid)}")
     kwargs.update(cfg.sae_cfg_kwargs)
     return sae_cls(cfg_cls(**kwargs))
 
@@ -306,7 +306,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.total_training_samples is not None and self.epochs is not None:
-            raise ValueError("give total_training_samples or epochs, not both")
+            raise UsageError("give total_training_samples or epochs, not both")
         check_training_args(**self.checked())
 
     def checked(self) -> dict[str, Any]:
@@ -346,14 +346,14 @@ def train_sae(
                         f"{[f.name for f in dataclasses.fields(TrainConfig)]}")
     c = dataclasses.replace(config, **fields) if config is not None else TrainConfig(**fields)
     if c.with_labels and trainer_cls is SAETrainer:
-        raise ValueError("SAETrainer trains on activation tensors; with_labels=True needs a trainer_cls that "
+        raise UsageError("SAETrainer trains on activation tensors; with_labels=True needs a trainer_cls that "
                          "takes (acts, labels) batches")
     cache = open_store(cache_dir)
     hook = cache.resolve_hook(hook_name)
     check_training_args(**c.checked(), d_in=cache.d_in(hook))
     train_rows, held_rows = holdout_split(cache, c.holdout_fraction, c.holdout_seed)
     if c.holdout_fraction > 0 and len(held_rows) < 2:
-        raise ValueError(f"the held-out set has {len(held_rows)} row(s) ({len(np.unique(cache.image_index[held_rows]))} "
+        raise UsageError(f"the held-out set has {len(held_rows)} row(s) ({len(np.unique(cache.image_index[held_rows]))} "
                          f"image(s)): its FVU needs at least 2 rows. Cache more images, raise --holdout-fraction, "
                          "or use --holdout-fraction 0")
     total_training_samples = c.total_training_samples
@@ -361,12 +361,12 @@ def train_sae(
         total_training_samples = int((10 if c.epochs is None else c.epochs) * len(train_rows))
     n_steps = total_training_samples // c.batch_size
     if n_steps < 1:
-        raise ValueError(f"{total_training_samples} training samples make no batch of {c.batch_size}")
+        raise UsageError(f"{total_training_samples} training samples make no batch of {c.batch_size}")
     total_training_samples = n_steps * c.batch_size
     warm = max(1, n_steps // 20) if c.lr_warm_up_steps is None else c.lr_warm_up_steps
     decay = (n_steps - warm) if c.lr_decay_steps is None else c.lr_decay_steps
     if warm + decay > n_steps:
-        raise ValueError(f"lr_warm_up_steps + lr_decay_steps = {warm + decay} exceeds the {n_steps} training steps")
+        raise UsageError(f"lr_warm_up_steps + lr_decay_steps = {warm + decay} exceeds the {n_steps} training steps")
     req = cache.metadata["request"]
     cfg = TrainRunConfig(
         cache_dir=str(cache.root),
@@ -383,7 +383,7 @@ def train_sae(
     run = RunControl(resume=resume, overwrite=overwrite, log_to_wandb=c.log_to_wandb, trainer_cls=trainer_cls,
                      show_progress=show_progress, t_start=t_start, n_checkpoints=c.n_checkpoints)
     out = check_writable_dir(out_dir, "SAE folder")
-    with exclusive_writer(out, "SAE training run", ConflictError):
+    with exclusive_writer(out, "SAE training run", ConflictError), no_language_model_advice():
         return _train_locked(cache, hook, cfg, req, out, train_rows, held_rows, run)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..core.errors import UsageError
 from ..data.base import ImageDataset, make_loader
 from ..data.resources import DEFAULT_TEMPLATES, templates_for
 from ..sae.splice import HookedCLIP
@@ -119,5 +120,5 @@ class ZeroShotClassifier:
                 all_logits.append(self.logits(embeds).cpu())
                 all_labels.append(batch.labels)
         if not all_logits:
-            raise ValueError("no images were evaluated (the data set is empty or every image was unreadable)")
+            raise UsageError("no images were evaluated (the data set is empty or every image was unreadable)")
         return accuracy_metrics(torch.cat(all_logits), torch.cat(all_labels), n_skipped)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from sae_lens import SAE
 
+from ...core.errors import UsageError
 from ...sae.metadata import (
     activation_mean,
     check_sae_fits_hook,
@@ -68,19 +69,19 @@ def _check_rec_all(ctx: MethodContext) -> None:
     """`rec_all` means every block: refuse layer SAEs that leave blocks out (before the backbone pass)."""
     saes = ctx.options.get("layer_saes")
     if not saes:
-        raise ValueError("method 'rec_all' needs one SAE per layer (layer_saes=[...], CLI --layer-saes)")
+        raise UsageError("method 'rec_all' needs one SAE per layer (layer_saes=[...], CLI --layer-saes)")
     blocks = []
     for sae in saes:
         hook = sae_hook_name(sae)
         m = RESID_HOOK.match(hook)
         if not m:
-            raise ValueError(f"rec_all takes SAEs on blocks.i.hook_resid_post/pre; got one for {hook!r}")
+            raise UsageError(f"rec_all takes SAEs on blocks.i.hook_resid_post/pre; got one for {hook!r}")
         check_sae_fits_hook(sae, ctx.model, hook)
         check_sae_positions(sae, "cls", "by rec_all (CLS tokens)")
         blocks.append(int(m.group(1)))
     missing = sorted(set(range(ctx.model.cfg.n_layers)) - set(blocks))
     if missing:
-        raise ValueError(f"rec_all replaces the CLS token at every block, but --layer-saes covers blocks {sorted(blocks)} "
+        raise UsageError(f"rec_all replaces the CLS token at every block, but --layer-saes covers blocks {sorted(blocks)} "
                          f"only (missing {missing}); give one SAE per block (it would not be SAE-rec all)")
 
 
@@ -95,7 +96,7 @@ def _rec_all(ctx: MethodContext, **_: Any) -> TokenIntervention:
 def _check_vs2_last_n(ctx: MethodContext) -> None:
     saes = ctx.options.get("last_n_saes")
     if not saes:
-        raise ValueError("method 'vs2_last_n' needs options['last_n_saes'] (one SAE per steered block, in order)")
+        raise UsageError("method 'vs2_last_n' needs options['last_n_saes'] (one SAE per steered block, in order)")
     VS2Steering.last_n(list(saes), model=ctx.model)  # wrong hooks or order fail here, before the pass
 
 

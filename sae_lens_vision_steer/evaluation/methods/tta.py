@@ -22,6 +22,7 @@ import torch
 
 from ...baselines.prompt_tuning import text_backend
 from ...baselines.tta import CTPT_LAMBDA, TPTConfig, run_tpt
+from ...core.errors import UsageError
 from ...data.resources import DEFAULT_TEMPLATES, templates_for
 from ...zeroshot.classifier import ZeroShotClassifier
 from ..registry import MethodContext, MethodOutput, register_method
@@ -70,7 +71,7 @@ def dataset_ensemble(data: Any) -> tuple[list[str], str | None]:
                  description="zero-shot with the data set's prompt-template ensemble (CLIP's prompt ensembling)")
 def _prompt_ensemble(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     if ctx.data is None:
-        raise ValueError("prompt_ensemble needs the evaluation data set (its template ensemble)")
+        raise UsageError("prompt_ensemble needs the evaluation data set (its template ensemble)")
     templates, name = dataset_ensemble(ctx.data)
     return _prompt_output(ctx, templates, name)
 
@@ -78,7 +79,7 @@ def _prompt_ensemble(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> M
 def _check_text(ctx: MethodContext) -> None:
     text_backend(ctx.model)  # a text-less or unsupported text tower fails before the backbone pass
     if ctx.data is None:
-        raise ValueError("TPT needs the evaluation images (ctx.data) to augment them")
+        raise UsageError("TPT needs the evaluation images (ctx.data) to augment them")
 
 
 def _tpt_output(tokens_ND: torch.Tensor, ctx: MethodContext, cfg: TPTConfig, images_per_step: int | None,
@@ -88,7 +89,7 @@ def _tpt_output(tokens_ND: torch.Tensor, ctx: MethodContext, cfg: TPTConfig, ima
                   num_workers=ctx.num_workers, images_per_step=images_per_step, show_progress=ctx.show_progress,
                   desc=desc)
     if len(run.logits_NC) != len(tokens_ND):
-        raise ValueError(f"TPT classified {len(run.logits_NC)} images but the backbone pass has {len(tokens_ND)}")
+        raise UsageError(f"TPT classified {len(run.logits_NC)} images but the backbone pass has {len(tokens_ND)}")
     return MethodOutput(logits=run.logits_NC, coverage=1.0, image_forwards=run.cost["image_forwards"],
                         info={"cost": run.cost})
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...core.errors import MissingInputError, UnknownNameError, UsageError
 from ...retrieval.index import DEFAULT_N_NEIGHBOURS, Neighbours
 from ...sae.metadata import activation_mean
 from ...steering.vs2 import PAPER_GAMMA, PAPER_LAM
@@ -79,10 +80,10 @@ def load_pool_from_cache(cache_dir: str | Path, model, classifier, hook_name: st
         clip = torch.cat([model.head(cls[i:i + batch_size].to(model.device)).float().cpu()
                           for i in range(0, len(cls), batch_size)])
     else:
-        raise ValueError(f"the pool cache {cache_dir} has neither hook_image_embed nor {final}: cannot compute the "
+        raise UsageError(f"the pool cache {cache_dir} has neither hook_image_embed nor {final}: cannot compute the "
                          "pool's CLIP embeddings for pseudo-labels")
     if retrieval_embeds is not None and len(retrieval_embeds) != len(acts):
-        raise ValueError(f"pool retrieval embeddings have {len(retrieval_embeds)} rows, the pool cache {len(acts)}")
+        raise UsageError(f"pool retrieval embeddings have {len(retrieval_embeds)} rows, the pool cache {len(acts)}")
     return build_retrieval_pool(classifier, clip, sae=sae, acts_PD=acts if sae is not None else None,
                                 labels_P=cache.labels, retrieval_embeds_PE=retrieval_embeds, backend=backend,
                                 batch_size=batch_size, **index_kwargs)
@@ -96,21 +97,21 @@ def check_pool_cache(cache_dir: str | Path, model, hook_name: str, sae=None, eva
 
     cache = ActivationStore.open(cache_dir)
     if cache.positions != "cls":
-        raise ValueError(f"the pool cache {cache_dir} holds positions={cache.positions!r}; VS2++ needs one CLS row "
+        raise UsageError(f"the pool cache {cache_dir} holds positions={cache.positions!r}; VS2++ needs one CLS row "
                          "per image (cache with positions='cls')")
     req = cache.metadata.get("request", {})
     wanted = req.get("model_fingerprint")
     if wanted and wanted != model_fingerprint(model):
-        raise ValueError(f"the pool cache {cache_dir} was made with other model weights than the model loaded "
+        raise UsageError(f"the pool cache {cache_dir} was made with other model weights than the model loaded "
                          f"({cache.metadata.get('model_name')}/{cache.metadata.get('pretrained')}); pseudo-labels "
                          "and embeddings would not match")
     if hook_name not in cache.hook_names:
-        raise KeyError(f"the pool cache {cache_dir} holds {cache.hook_names}, not the SAE's hook {hook_name!r}")
+        raise UnknownNameError(f"the pool cache {cache_dir} holds {cache.hook_names}, not the SAE's hook {hook_name!r}")
     if sae is not None and cache.d_in(hook_name) != sae.cfg.d_in:
-        raise ValueError(f"the pool cache {cache_dir} has width {cache.d_in(hook_name)} at {hook_name!r}, the SAE's "
+        raise UsageError(f"the pool cache {cache_dir} has width {cache.d_in(hook_name)} at {hook_name!r}, the SAE's "
                          f"d_in is {sae.cfg.d_in}")
     if eval_data is not None and (req.get("dataset"), req.get("split")) == (eval_data.dataset_id, eval_data.split):
-        raise ValueError(f"the pool cache {cache_dir} was made from the evaluation split itself "
+        raise UsageError(f"the pool cache {cache_dir} was made from the evaluation split itself "
                          f"({eval_data.dataset_id}/{eval_data.split}): each image would retrieve itself. Cache the "
                          "training split for --pool-cache")
     return cache
@@ -120,13 +121,13 @@ def _check_pool_options(ctx: MethodContext) -> None:
     """Before the backbone pass: the pool cache exists and fits, and the retrieval embeddings are paired."""
     pool_dir = ctx.options.get("pool_cache")
     if not pool_dir:
-        raise ValueError("VS2++ and the retrieval baselines retrieve neighbours from a pool: give the training "
+        raise UsageError("VS2++ and the retrieval baselines retrieve neighbours from a pool: give the training "
                          "split's activation cache (--pool-cache DIR)")
     if (ctx.options.get("query_retrieval_embeds") is None) != (ctx.options.get("pool_retrieval_embeds") is None):
-        raise ValueError("a custom retrieval embedding needs both the pool's and the queries' arrays "
+        raise UsageError("a custom retrieval embedding needs both the pool's and the queries' arrays "
                          "(--pool-retrieval-embeds and --query-retrieval-embeds)")
     if ctx.options.get("retrieval_backbone") is not None and ctx.options.get("pool_retrieval_embeds") is not None:
-        raise ValueError("give --retrieval-backbone or precomputed embeddings (--pool-retrieval-embeds and "
+        raise UsageError("give --retrieval-backbone or precomputed embeddings (--pool-retrieval-embeds and "
                          "--query-retrieval-embeds), not both")
     for key, what in (("pool_retrieval_embeds", "pool retrieval embeddings"),
                       ("query_retrieval_embeds", "query retrieval embeddings")):
@@ -134,7 +135,7 @@ def _check_pool_options(ctx: MethodContext) -> None:
             _load_npy(ctx.options[key], what)
     n = ctx.options.get("n_neighbours")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n_neighbours (--n-neighbours) must be a positive whole number, got {n!r}")
+        raise UsageError(f"n_neighbours (--n-neighbours) must be a positive whole number, got {n!r}")
     hook = ctx.hook_name or ctx.model.steer_hook
     check_pool_cache(pool_dir, ctx.model, hook, ctx.sae, ctx.data)
     if ctx.options.get("retrieval_backbone") is not None:
@@ -171,7 +172,7 @@ def _backbone_embeds(ctx: MethodContext, role: str, n_rows: int) -> np.ndarray:
     r = (pool_retrieval_embeddings(backbone, ctx.options["pool_cache"], folder=folder, **kw) if role == "pool"
          else query_retrieval_embeddings(backbone, ctx.data, folder, **kw))
     if len(r.embeds) != n_rows:
-        raise ValueError(f"the retrieval backbone embedded {len(r.embeds)} {role} images, expected {n_rows}")
+        raise UsageError(f"the retrieval backbone embedded {len(r.embeds)} {role} images, expected {n_rows}")
     ctx.scratch["retrieval_features"].update({f"{role}_feature_s": r.seconds, f"{role}_features_cached": r.cached})
     return r.embeds
 
@@ -179,10 +180,10 @@ def _backbone_embeds(ctx: MethodContext, role: str, n_rows: int) -> np.ndarray:
 def _load_npy(path: str | Path, what: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} file {p} does not exist")
+        raise MissingInputError(f"{what} file {p} does not exist")
     arr = np.load(p, allow_pickle=False)
     if arr.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D [rows, dim] array, {p} has shape {arr.shape}")
+        raise UsageError(f"{what} must be a 2-D [rows, dim] array, {p} has shape {arr.shape}")
     return arr
 
 
@@ -192,7 +193,7 @@ def _pool(ctx: MethodContext, method: str, with_sae: bool) -> RetrievalPool:
     if "vs2pp_pool" not in ctx.scratch:
         pool_dir = ctx.options.get("pool_cache")
         if not pool_dir:
-            raise ValueError(f"method {method!r} retrieves neighbours from a pool: give the training split's "
+            raise UsageError(f"method {method!r} retrieves neighbours from a pool: give the training split's "
                              "activation cache (--pool-cache DIR)")
         embeds = ctx.options.get("pool_retrieval_embeds")
         t0 = time.perf_counter()
@@ -223,7 +224,7 @@ def _query_embeds(ctx: MethodContext, n_queries: int) -> tuple[torch.Tensor, tor
         raise RuntimeError("the evaluation runner did not provide the evaluation set's CLIP embeddings")
     path = ctx.options.get("query_retrieval_embeds")
     if (path is None) != (ctx.options.get("pool_retrieval_embeds") is None):
-        raise ValueError("a custom retrieval embedding needs both the pool's and the queries' arrays "
+        raise UsageError("a custom retrieval embedding needs both the pool's and the queries' arrays "
                          "(--pool-retrieval-embeds and --query-retrieval-embeds)")
     if ctx.options.get("retrieval_backbone") is not None:
         if "vs2pp_query_retrieval" not in ctx.scratch:
@@ -234,7 +235,7 @@ def _query_embeds(ctx: MethodContext, n_queries: int) -> tuple[torch.Tensor, tor
     if "vs2pp_query_retrieval" not in ctx.scratch:
         arr = _load_npy(path, "query retrieval embeddings")
         if len(arr) != n_queries:
-            raise ValueError(f"query retrieval embeddings have {len(arr)} rows but {n_queries} images were evaluated "
+            raise UsageError(f"query retrieval embeddings have {len(arr)} rows but {n_queries} images were evaluated "
                              "(rows must align with the evaluation set, no image skipped)")
         ctx.scratch["vs2pp_query_retrieval"] = torch.as_tensor(arr).float()
     return clip, ctx.scratch["vs2pp_query_retrieval"]

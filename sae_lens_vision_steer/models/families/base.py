@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ...core.errors import UnsupportedError, UsageError
 from ..tower import Tower
 
 
@@ -24,7 +25,7 @@ FAMILIES: list[Family] = []
 
 def register(family: Family) -> Family:
     if any(f.name == family.name for f in FAMILIES):
-        raise ValueError(f"model family {family.name!r} is already registered")
+        raise UsageError(f"model family {family.name!r} is already registered")
     FAMILIES.append(family)
     return family
 
@@ -33,5 +34,5 @@ def describe() -> str:
     return "; ".join(f"{f.name} ({f.description})" for f in FAMILIES)
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(UnsupportedError):
     """A model or name no registered family can adapt (raised before any weights are downloaded)."""

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...core.errors import UnsupportedError
 from ..tower import BlockParts, Tower, act_fn_name
 
 TEXT_MODEL_TYPES = {"clip", "siglip"}
@@ -32,7 +33,7 @@ def _block_parts(layer: nn.Module, attn: nn.Module, ln1, ln2, ls1=None, ls2=None
                  out=getattr(attn, out_name), scale=scale)
     mlp = layer.mlp
     if not hasattr(mlp, "fc1"):
-        raise TypeError(f"unsupported MLP {type(mlp).__name__} (gated MLPs such as SwiGLU are not supported)")
+        raise UnsupportedError(f"unsupported MLP {type(mlp).__name__} (gated MLPs such as SwiGLU are not supported)")
     return BlockParts(ln1=ln1, attn=parts, ln2=ln2, fc1=mlp.fc1, act=mlp.activation_fn, fc2=mlp.fc2, ls1=ls1, ls2=ls2)
 
 
@@ -61,7 +62,7 @@ def clip_tower(model: nn.Module, model_name: str = "custom", preprocess=None, to
     emb = vm.embeddings
     has_head = siglip and getattr(vm, "use_head", True) and hasattr(vm, "head")
     if siglip and not has_head:
-        raise TypeError("a SigLIP vision model without its pooling head is not supported")
+        raise UnsupportedError("a SigLIP vision model without its pooling head is not supported")
 
     def patch_embed(images: torch.Tensor) -> torch.Tensor:
         return emb.patch_embedding(images.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from ...core.errors import UnsupportedError
 from ..components import LinearView, fused_thirds
 from ..tower import BlockParts, Tower, act_fn_name
 
@@ -18,7 +19,7 @@ def check_standard_vit(visual: nn.Module) -> None:
     """Raise a clear error for towers this wrapper does not reproduce exactly."""
     kind = type(visual).__name__
     if kind != "VisionTransformer":
-        raise TypeError(
+        raise UnsupportedError(
             f"HookedCLIP supports open_clip models with a standard ViT image tower "
             f"(ViT-B-32, ViT-B-16, ViT-L-14 and their -quickgelu variants); this model's image "
             f"tower is a {kind} (e.g. a ResNet, ConvNeXt or timm tower)."
@@ -36,7 +37,7 @@ def check_standard_vit(visual: nn.Module) -> None:
     if blocks and type(blocks[0]).__name__ != "ResidualAttentionBlock":
         problems.append(f"block type {type(blocks[0]).__name__}")
     if problems:
-        raise TypeError("HookedCLIP needs a standard CLIP ViT tower; unsupported: " + ", ".join(problems))
+        raise UnsupportedError("HookedCLIP needs a standard CLIP ViT tower; unsupported: " + ", ".join(problems))
 
 
 def tag_wants_quick_gelu(model_name: str, pretrained: str | None) -> bool:
@@ -68,7 +69,7 @@ def handles(model: nn.Module) -> bool:
 def _block_parts(block: nn.Module) -> BlockParts:
     mha = block.attn
     if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-        raise TypeError("unsupported nn.MultiheadAttention (separate q/k/v projections, bias_k or add_zero_attn)")
+        raise UnsupportedError("unsupported nn.MultiheadAttention (separate q/k/v projections, bias_k or add_zero_attn)")
     d = mha.embed_dim
     q, k, v = fused_thirds(mha, d, "in_proj_weight", "in_proj_bias")
     fused = LinearView(mha, "in_proj_weight", "in_proj_bias")

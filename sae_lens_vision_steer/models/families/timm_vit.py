@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...core.errors import UnsupportedError
 from ..components import LinearView, fused_thirds
 from ..tower import BlockParts, Tower, act_fn_name
 
@@ -86,7 +87,7 @@ def _trunk_tower(trunk: nn.Module, library_model: nn.Module, family: str, projec
                  preprocess, library_forward, **text: Any) -> Tower:
     problems = trunk_problems(trunk)
     if problems:
-        raise TypeError(f"unsupported timm tower: {', '.join(problems)}")
+        raise UnsupportedError(f"unsupported timm tower: {', '.join(problems)}")
     n_prefix = trunk.num_prefix_tokens
     pooling = POOLS["map" if trunk.attn_pool is not None else trunk.global_pool]
 

@@ -250,7 +250,7 @@ def test_hub_webdataset_shards_from_the_hf_cache(tmp_path, monkeypatch):
     """An OOD data set's CLIP-benchmark shards (clip-benchmark/wds_food101 replica, offline): the stream
     reads the shards the HF cache holds, with the repo's class names and templates; length from the headers."""
     import huggingface_hub.constants as hf_constants
-    from test_ood_datasets import write_replica
+    from data.test_ood_datasets import write_replica
 
     cache = tmp_path / "hub"
     names = [f"food {c}" for c in range(4)]

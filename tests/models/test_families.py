@@ -154,6 +154,7 @@ def test_image_only_backbones_refuse_text():
         model.tokenize(["a photo of a dog."])
 
 
+@pytest.mark.slow  # an offline-Hub load or an accuracy check on real images (the slow tier)
 def test_unsupported_models_are_refused_before_download(monkeypatch):
     import huggingface_hub
 
@@ -180,6 +181,7 @@ torch.save(out, sys.argv[2])
 """
 
 
+@pytest.mark.slow  # an offline-Hub load or an accuracy check on real images (the slow tier)
 def test_transformers_repos_load_offline_from_the_hf_cache(tmp_path):
     """Replicas of `openai/clip-vit-base-patch32` and `facebook/dinov2-base` (their file names and config
     schema, tiny random values) in a temporary HF cache, loaded with HF_HUB_OFFLINE=1."""
@@ -210,7 +212,7 @@ def test_support_table_is_current():
 
     from sae_lens_vision_steer.models.support import markdown, open_clip_rows
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "support.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "support.md"
     assert doc.read_text() == markdown(), "docs/support.md is stale: run python scripts/build_support_table.py"
     rows = {(m, t): s for m, t, s in open_clip_rows()}
     assert rows[("ViT-B-32", "openai")] == "yes" and rows[("ViT-B-16-SigLIP", "webli")] == "yes"
@@ -231,6 +233,7 @@ torch.save(out, sys.argv[3])
 """
 
 
+@pytest.mark.slow  # an offline-Hub load or an accuracy check on real images (the slow tier)
 def test_open_clip_timm_tag_and_timm_pretrained_load_offline(tmp_path):
     """The real tag paths of `ViT-B-16-SigLIP` + `webli` (open_clip: `timm/ViT-B-16-SigLIP`,
     `open_clip_model.safetensors`) and `timm:vit_small_patch14_dinov2` (timm:

@@ -71,6 +71,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # an offline-Hub load or an accuracy check on real images (the slow tier)
 def test_six_loaders_offline_on_replicas(tmp_path):
     cache = tmp_path / "hub"
     expected = {}

@@ -52,7 +52,7 @@ def test_cli_reference_doc_is_current():
     """docs/cli.md is generated from the parser; regenerate with `python scripts/build_cli_docs.py`."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     rc = subprocess.run([sys.executable, str(root / "scripts" / "build_cli_docs.py"), "--check"],
                         capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr

@@ -37,7 +37,7 @@ from sae_lens_vision_steer.training.pass_sae import (
     train_pass_sae,
 )
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip-tinyimagenet"
+ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny-clip-tinyimagenet"
 MODEL = f"local-dir:{ASSET}"
 HOOK = "blocks.3.hook_resid_post"
 N_TRAIN, N_VAL, K, EXPANSION = 4000, 1000, 16, 4
@@ -94,6 +94,7 @@ def test_cli_loads_local_dir(tiny_imagenet_dir, tmp_path):
     assert json.loads(out.read_text())["top1"] > 2.0  # 400 images; chance 0.5
 
 
+@pytest.mark.slow  # an offline-Hub load or an accuracy check on real images (the slow tier)
 def test_zero_shot_far_above_chance(science):
     zs = science["res"].zeroshot.top1
     print("zero-shot top-1", zs)

@@ -26,7 +26,9 @@ pytest.importorskip("ipykernel")
 
 from conftest import TINY_IMAGENET  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each notebook runs for minutes in its own kernel: the slow tier
+
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ["01_train_vision_sae.ipynb", "02_vs2_steering.ipynb", "03_vs2pp_and_pass.ipynb",
              "04_interpret_like_hooked_transformer.ipynb"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP_KWARGS, make_tiny_clip
 from PIL import Image
-from test_vs2 import make_topk_sae
+from saes import make_topk_sae
 
 from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 from sae_lens_vision_steer.data import load_image_dataset

@@ -560,6 +560,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow  # an offline-Hub load or an accuracy check on real images (the slow tier)
 def test_offline_load_from_the_hf_cache(dry_run, sae_dir, tmp_path):
     """With HF_HUB_OFFLINE=1 both `load_vision_sae(repo_id, sae_id)` and plain
     `SAE.from_pretrained(repo_id, sae_id)` read a populated HF cache (no mocks, real huggingface_hub)."""

@@ -26,7 +26,7 @@ from sae_lens_vision_steer.reproduce import (
 )
 from sae_lens_vision_steer.reproduce.tables import paper_numbers
 
-NOTES = Path(__file__).resolve().parents[1].parent / "shared" / "paper-notes.md"
+NOTES = Path(__file__).resolve().parents[2].parent / "shared" / "paper-notes.md"
 VS2 = (("gamma", 1.5), ("lam", 2.1))
 
 

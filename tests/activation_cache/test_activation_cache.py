@@ -315,7 +315,7 @@ def test_peak_memory_does_not_grow_with_images(tmp_path):
     """All tokens of 1,000 vs 8,000 images at 3 hooks (17,000 vs 136,000 rows of 3 x 64 float32): peak RSS
     stays flat, where holding the activations would add ~90 MiB."""
     script = tmp_path / "mem.py"
-    script.write_text(MEMORY_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(MEMORY_SCRIPT.format(tests=str(Path(__file__).parents[1])))
     peaks = {}
     for n in (1000, 8000):
         res = subprocess.run([sys.executable, str(script), str(n), str(tmp_path / f"c{n}")], capture_output=True,

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLIP_KWARGS, write_image_folder
 from dist_worker import launch_forked
-from test_vs2 import make_topk_sae
+from saes import make_topk_sae
 
 from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_USAGE
 from sae_lens_vision_steer.core.fileio import exclusive_writer
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where dist_worker.py is
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 

@@ -46,7 +46,7 @@ def _cache_args(imgs: Path, out: Path, *extra: str) -> list[str]:
 
 def test_exit_codes_are_distinct_and_documented():
     assert len(set(EXIT_CODES)) == len(EXIT_CODES) == 8
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
     for code, meaning in EXIT_CODES.items():
         assert f"| {code} | {meaning} |" in doc
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import open_clip
+import pytest
 import torch
 from conftest import TINY_CLIP_KWARGS
 from safetensors.torch import save_file
@@ -37,6 +38,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow  # an offline-Hub load or an accuracy check on real images (the slow tier)
 def test_openai_tag_builds_quick_gelu_offline(tmp_path):
     assert open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"] == REPO + "/"
     torch.manual_seed(0)

@@ -1,0 +1,24 @@
+"""Small random SAELens SAEs shared by several tests (the tiny CLIP of conftest.py has d_model 64, 2 blocks)."""
+
+from __future__ import annotations
+
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+
+D, S, K = 64, 256, 8
+FINAL = "blocks.1.hook_resid_post"  # the tiny CLIP has 2 blocks
+
+
+def make_topk_sae(hook: str | None = FINAL, seed: int = 0, d_in: int = D, mean: bool = True,
+                  rescale: bool = False) -> TopKSAE:
+    torch.manual_seed(seed)
+    cfg = TopKSAEConfig(d_in=d_in, d_sae=S, k=K, rescale_acts_by_decoder_norm=rescale)
+    if hook:
+        cfg.metadata.hook_name = hook
+    sae = TopKSAE(cfg)
+    with torch.no_grad():  # non-zero biases so that the bias handling is exercised
+        sae.b_dec.copy_(0.3 * torch.randn(d_in))
+        sae.b_enc.copy_(0.1 * torch.randn(S))
+    if mean:
+        sae.cfg.metadata.activation_mean = (0.2 * torch.randn(d_in)).tolist()
+    return sae.requires_grad_(False)
