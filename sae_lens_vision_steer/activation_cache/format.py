@@ -8,7 +8,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +21,12 @@ from ..core.identity import (
     model_identity,
     stable_repr,
 )
-from ..core.positions import POOLED_HOOKS, position_index
+from ..core.positions import POOLED_HOOKS, POSITION_NAMES, PositionName, position_index, select_positions  # noqa: F401 (re-exported)
 from ..data.base import ImageDataset
 from ..sae.splice import HookedCLIP
 
-Positions = Literal["cls", "patches", "all"]
-POSITIONS = ("cls", "patches", "all")
+Positions = PositionName  # the names a store takes (no index lists)
+POSITIONS = POSITION_NAMES
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -76,18 +76,6 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 def rows_per_image(model: HookedCLIP, positions: str) -> int:
     n_prefix = getattr(model.cfg, "n_prefix_tokens", 1)
     return {"cls": 1, "patches": model.cfg.n_tokens - n_prefix, "all": model.cfg.n_tokens}[positions]
-
-
-def select_positions(act: torch.Tensor, positions: str, n_prefix_tokens: int = 1) -> torch.Tensor:
-    """`[B, T, D]` (or `[B, D]` for head hooks) -> rows `[B * P, D]`, image-major. `patches` are the
-    tokens after the `n_prefix_tokens` CLS and register tokens (see `models.positions`)."""
-    if act.ndim == 2:
-        return act  # head hooks: one pooled vector per image
-    if positions == "cls":
-        return act[:, 0]
-    if positions == "patches":
-        return act[:, n_prefix_tokens:].reshape(-1, act.shape[-1])
-    return act.reshape(-1, act.shape[-1])
 
 
 def normalise_hooks(model: HookedCLIP, hook_names: str | Sequence[str], positions: str) -> list[str]:

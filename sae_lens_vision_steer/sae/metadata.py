@@ -26,13 +26,13 @@ if TYPE_CHECKING:  # the models package imports this module's callers; import Ho
     from ..models.hooked import HookedViT as HookedCLIP
 from ..core.errors import UsageError
 from ..core.identity import model_fingerprint, portable_model_name
+from ..core.positions import positions_label, seqpos_slice
 
 VISION_METADATA_KEYS = (
     "hook_name", "model_name", "pretrained", "model_kwargs", "model_config", "positions", "dataset",
     "dataset_path", "split", "dataset_members", "n_training_samples", "activation_mean", "heldout_fvu", "mean_l0", "dead_fraction",
     "objective", "w_aux",
 )
-SEQPOS_SLICES = {"cls": [0, 1], "patches": [1, None], "all": [None]}
 # The cache request's model fields copied into the SAE metadata (see identity.model_identity).
 MODEL_FIELDS = ("model_name", "pretrained", "act_fn", "model_kwargs", "model_config", "model_fingerprint")
 
@@ -73,7 +73,7 @@ def training_metadata(request: dict[str, Any], hook_name: str, objective: str,
         "model_class_name": "HookedCLIP",
         "model_from_pretrained_kwargs": dict(request.get("model_kwargs") or {}),
         "context_size": (request.get("model_config") or {}).get("n_tokens"),
-        "seqpos_slice": SEQPOS_SLICES.get(positions),
+        "seqpos_slice": seqpos_slice(positions, (request.get("model_config") or {}).get("n_prefix_tokens", 1)),
     }
 
 
@@ -96,14 +96,6 @@ def sae_hook_name(sae: SAE, hook_name: str | None = None) -> str:
     if not name:
         raise UsageError("the SAE's metadata records no hook_name; pass hook_name= explicitly")
     return name
-
-
-def positions_label(positions: Any) -> str:
-    """`"cls"`, `"patches"` or `"all"` for a positions argument (a name or a list of token indices)."""
-    if isinstance(positions, str):
-        return positions
-    idx = set(positions)
-    return "cls" if idx == {0} else ("patches" if 0 not in idx else "all")
 
 
 def check_sae_positions(sae: SAE, positions: Any, where: str = "here") -> None:

@@ -31,7 +31,7 @@ from sae_lens import SAE
 from transformer_lens.hook_points import HookPoint
 
 from ..core.errors import UnknownNameError, UsageError
-from ..core.positions import POOLED_HOOKS, position_index
+from ..core.positions import POOLED_HOOKS, POSITION_NAMES, position_index, token_set
 from ..models.hooked import HookedViT
 from .match import check_sae_matches_model
 
@@ -66,14 +66,10 @@ def resolve_positions(sae: SAE, positions: str | Sequence[int] | None, n_tokens:
     trained = trained_positions(sae)
     if positions is None:
         return trained
-    if isinstance(positions, str):
-        if positions not in ("cls", "patches", "all"):
-            raise UsageError(f"positions must be 'cls', 'patches', 'all' or a list of token indices, got {positions!r}")
-        wanted = {"cls": {0}, "patches": set(range(n_prefix, n_tokens)), "all": set(range(n_tokens))}[positions]
-    else:
+    if not isinstance(positions, str):
         positions = tuple(int(p) for p in positions)
-        wanted = {p % n_tokens for p in positions}
-    allowed = {"cls": {0}, "patches": set(range(n_prefix, n_tokens)), "all": set(range(n_tokens))}.get(trained)
+    wanted = token_set(positions, n_tokens, n_prefix)
+    allowed = token_set(trained, n_tokens, n_prefix) if trained in POSITION_NAMES else None
     if allowed is not None and not wanted <= allowed:
         raise UsageError(f"this SAE was trained on {trained!r} tokens; it cannot run on positions {positions!r} "
                          f"(token indices {sorted(wanted - allowed)[:8]} are outside what it was trained on)")

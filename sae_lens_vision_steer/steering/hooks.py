@@ -10,33 +10,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import torch
 from sae_lens import SAE
 
 from ..core.errors import UsageError
-from ..core.positions import POOLED_HOOKS, position_index
+from ..core.positions import POOLED_HOOKS, Positions, check_positions, position_index
 from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 from ..sae.splice import HookedCLIP
 
-Positions = Union[str, Sequence[int]]  # "cls" | "all" | "patches" | explicit token indices
 HookFn = Callable[..., torch.Tensor]
 
 # SAELens applies these normalisations at run time in encode/decode with per-call state, so the
 # decoder is not affine in the code and `decode(c) - b_dec` is not the code's contribution.
 _RUNTIME_NORMALISATIONS = ("layer_norm", "constant_norm_rescale")
-
-
-def check_positions(positions: Positions) -> Positions:
-    if isinstance(positions, str):
-        if positions not in ("cls", "all", "patches"):
-            raise UsageError(f"positions must be 'cls', 'all', 'patches' or a list of token indices, got {positions!r}")
-        return positions
-    idx = list(positions)
-    if not idx or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-        raise UsageError(f"positions must be a non-empty list of token indices, got {positions!r}")
-    return tuple(idx)
 
 
 def check_affine_decoder(sae: SAE) -> None:
