@@ -22,6 +22,7 @@ from ..core.identity import (
     stable_repr,
 )
 from ..core.positions import POOLED_HOOKS, POSITION_NAMES, PositionName, position_index, select_positions  # noqa: F401 (re-exported)
+from ..core.requests import describe_differences, request_differences
 from ..data.base import ImageDataset
 from ..sae.splice import HookedCLIP
 
@@ -125,14 +126,7 @@ def cache_request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], po
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    diffs = []
-    for key in IDENTITY_FIELDS:
-        if found.get(key) != wanted.get(key):
-            a, b = repr(found.get(key)), repr(wanted.get(key))
-            if len(a) + len(b) > 200:  # e.g. preprocessing reprs: say that, not the whole text
-                a, b = a[:90] + "...", b[:90] + "..."
-            diffs.append(f"{key}: cache has {a}, request has {b}")
-    return diffs
+    return describe_differences(request_differences(found, wanted, IDENTITY_FIELDS), "cache", max_len=200)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import ConflictError
 from .fileio import check_writable_dir, write_json_atomic
+from .requests import describe_differences, request_differences
 
 OUTPUTS_FILE = "outputs.json"
 # Files our commands write into an output folder; only these are ever removed.
@@ -24,11 +25,7 @@ _OWN_SUFFIXES = (".json", ".md", ".png")
 
 
 def _describe(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    diffs = []
-    for key in sorted(set(found) | set(wanted)):
-        if found.get(key) != wanted.get(key):
-            diffs.append(f"{key}: folder has {found.get(key)!r}, request has {wanted.get(key)!r}")
-    return diffs
+    return describe_differences(request_differences(found, wanted), "folder")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from ..core.fileio import (
     write_json_atomic,
 )
 from ..core.identity import dataset_fingerprint, model_fingerprint, stable_repr
+from ..core.requests import describe_differences, request_differences
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -260,14 +261,8 @@ class RetrievalEmbeddingCache:
 
 
 def _diffs(found: dict[str, Any], wanted: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    out = []
-    for k in keys:
-        if k in wanted and found.get(k) != wanted.get(k):
-            a, b = repr(found.get(k)), repr(wanted.get(k))
-            if len(a) + len(b) > 160:
-                a, b = a[:70] + "...", b[:70] + "..."
-            out.append(f"{k}: cache has {a}, request has {b}")
-    return out
+    return describe_differences(request_differences(found, wanted, keys, only_wanted=True), "cache",
+                                max_len=160, keep=70)
 
 
 # ---------------------------------------------------------------------------------- entry points

@@ -49,6 +49,7 @@ from ..core.fileio import (
     file_mode,
     write_json_atomic,
 )
+from ..core.requests import describe_differences, request_differences
 from ..sae.metadata import no_language_model_advice, training_metadata
 from .batches import (  # noqa: F401
     LoaderStats,
@@ -239,8 +240,8 @@ def _mark_checkpoint(ckpt_root: Path, trainer_ref: list[SAETrainer], checkpoint_
 
 
 def _run_config_diff(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    return [f"{k}: saved run has {found.get(k)!r}, request has {wanted.get(k)!r}"
-            for k in wanted if k not in ("device", "cache_dir") and found.get(k) != wanted.get(k)]
+    return describe_differences(request_differences(found, wanted, wanted, skip=("device", "cache_dir")),
+                                "saved run")
 
 
 def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingSAE:

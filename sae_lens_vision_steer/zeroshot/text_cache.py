@@ -34,6 +34,7 @@ import torch
 
 from ..core.fileio import write_bytes_atomic
 from ..core.identity import model_fingerprint, model_identity, text_fingerprint
+from ..core.requests import request_differences
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,9 @@ def slot_path(cache_dir: Path, key: dict[str, Any]) -> Path:
 
 def _describe(found: dict[str, Any], wanted: dict[str, Any]) -> str:
     diffs = []
-    for k in KEY_FIELDS:
-        if k in wanted and found.get(k) != wanted.get(k):
-            a, b = repr(found.get(k)), repr(wanted.get(k))
-            diffs.append(k if len(a) + len(b) > 80 else f"{k} {a} vs {b}")
+    for k, a, b in request_differences(found, wanted, KEY_FIELDS, only_wanted=True):  # one short line for a log
+        a, b = repr(a), repr(b)
+        diffs.append(k if len(a) + len(b) > 80 else f"{k} {a} vs {b}")
     return ", ".join(diffs) or "unknown difference"
 
 
