@@ -87,7 +87,7 @@ def _setup(writer: Any, overwrite: bool, repair: bool) -> tuple[dict[str, Any], 
         diffs = describe_mismatch(meta.get("request", {}), request)
         if diffs:
             raise CacheMismatchError(f"{root} holds a cache made differently from this request ({'; '.join(diffs)}). "
-                                     "Use another folder, or overwrite=True (--overwrite) to replace it.")
+                                     "Use another folder, or overwrite=True to replace it.", arguments=("overwrite",))
         if meta.get("complete"):
             writer.reuse(meta, repair)
             for p in progress_files(root):
@@ -98,7 +98,7 @@ def _setup(writer: Any, overwrite: bool, repair: bool) -> tuple[dict[str, Any], 
                           "activations may differ from an uninterrupted run in the last bit", stacklevel=4)
     elif any(SHARD_NAME_RE.match(p.name) for p in root.iterdir()) or progress_files(root):
         raise CacheError(f"{root} has shard or progress files but no {METADATA_FILE}; use overwrite=True "
-                         "(--overwrite) to start again")
+                         "to start again", arguments=("overwrite",))
     plan = shard_plan(request)
     done: dict[int, dict[str, Any]] = {}
     for k, rec in sorted(_recorded(root, meta).items()):

@@ -121,7 +121,7 @@ class _Writer:
             if diffs:
                 raise CacheMismatchError(
                     f"{root} holds a cache made differently from this request ({'; '.join(diffs)}). "
-                    "Use another folder, or overwrite=True (--overwrite) to replace it."
+                    "Use another folder, or overwrite=True to replace it.", arguments=("overwrite",)
                 )
             if meta.get("complete"):
                 return self.reuse(meta, repair)
@@ -129,8 +129,8 @@ class _Writer:
                 warnings.warn(f"resuming with batch_size={self.batch_size}, the run began with {meta.get('batch_size')}: "
                               "activations may differ from an uninterrupted run in the last bit", stacklevel=3)
         elif any(SHARD_NAME_RE.match(p.name) for p in root.iterdir()):
-            raise CacheError(f"{root} has shard files but no {METADATA_FILE}; use overwrite=True (--overwrite) "
-                             "to start again")
+            raise CacheError(f"{root} has shard files but no {METADATA_FILE}; use overwrite=True to start again",
+                             arguments=("overwrite",))
 
         records: list[dict[str, Any]] = list(meta["shards"]) if meta else []
         # Shards after the first damaged one are redone; each rewrite replaces its file atomically, so

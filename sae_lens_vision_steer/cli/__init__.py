@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=_HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run, _interrupted=getattr(mod, "interrupted", None))
+        p.set_defaults(_run=mod.run, _interrupted=getattr(mod, "interrupted", None),
+                       _flags=getattr(mod, "ARGUMENT_FLAGS", {}))
     return parser
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not a user error: keep the traceback
         if not getattr(e, "reported_by_main", False):  # rank 0's error, raised on every rank: printed once
             rank = f" (rank {distributed.rank()})" if distributed.active() else ""
-            print(f"vision-steer {args.command}{rank}: error: {error_message(e)}", file=sys.stderr)
+            print(f"vision-steer {args.command}{rank}: error: {error_message(e, args._flags)}", file=sys.stderr)
         return code
     finally:
         if started:

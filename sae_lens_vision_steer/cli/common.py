@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -69,12 +70,31 @@ def error_exit_code(e: BaseException) -> int | None:
     return None  # anything else (a ValueError, KeyError or TypeError included) is a bug
 
 
-def error_message(e: BaseException) -> str:
-    """One line naming the file or flag, with a hint."""
+# Library argument -> flag, where the flag is not `--` + the argument with dashes. A command module may
+# override entries with its own `ARGUMENT_FLAGS` (e.g. `run` trains with --train-batch-size).
+ARGUMENT_FLAGS = {"expansion_factor": "--expansion", "total_training_samples": "--samples",
+                  "lr_warm_up_steps": "--warmup-steps", "lr_decay_steps": None, "sae": "--sae"}
+
+
+def with_flags(text: str, arguments: Sequence[str], flags: Mapping[str, str | None] | None = None) -> str:
+    """`text` with each library argument it names followed by the CLI flag that sets it: `k=0 must ...` ->
+    `k=0 (--k) must ...` (the first mention of each; arguments with no flag are left as they are)."""
+    table = {**ARGUMENT_FLAGS, **(flags or {})}
+    for arg in arguments:
+        flag = table[arg] if arg in table else "--" + arg.replace("_", "-")
+        if flag:
+            text = re.sub(rf"(?<![\w-]){re.escape(arg)}(=[^\s,;:)]+)?(?![\w-])", lambda m: f"{m.group(0)} ({flag})",
+                          text, count=1)
+    return text
+
+
+def error_message(e: BaseException, flags: Mapping[str, str | None] | None = None) -> str:
+    """One line naming the file or flag, with a hint. `flags`: the command's own argument -> flag names."""
     from ..core.fileio import describe_os_error
     from ..data.base import BadImageError
 
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    text = with_flags(text, getattr(e, "arguments", ()), flags)
     if isinstance(e, BadImageError):
         return f"{text}; use --skip-bad-images to skip and count unreadable images"
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:

@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_arg(p)
 
 
+# The library arguments whose flags differ here (see common.ARGUMENT_FLAGS).
+ARGUMENT_FLAGS = {"batch_size": "--train-batch-size", "holdout_fraction": "--sae-holdout-fraction"}
+
 RUN_REQUEST_KEYS = ("model", "pretrained", "random_weights", "model_kwargs", "seed", "dataset", "data_dir",
                     "train_split", "eval_split", "train_limit", "eval_limit", "skip_bad_images", "k", "expansion",
                     "epochs", "lr", "train_batch_size", "sae_holdout_fraction", "cache_dtype", "hook", "lam",

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 
 class VisionSteerError(Exception):
-    """Base of every user error: something the user can fix. `exit_code` is the CLI's exit status."""
+    """Base of every user error: something the user can fix. `exit_code` is the CLI's exit status.
+    `arguments` names the library arguments the message is about (`k`, `overwrite`), so that the CLI can
+    add the flag that sets each one."""
 
     exit_code = 2
+
+    def __init__(self, *args: object, arguments: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.arguments = tuple(arguments)
 
 
 class UsageError(VisionSteerError, ValueError):

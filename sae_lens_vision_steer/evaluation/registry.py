@@ -52,7 +52,7 @@ class MethodContext:
 
     def require_sae(self, method: str) -> SAE:
         if self.sae is None:
-            raise UsageError(f"method {method!r} needs an SAE (--sae)")
+            raise UsageError(f"method {method!r} needs an SAE; give one as sae", arguments=("sae",))
         return self.sae
 
 

@@ -240,7 +240,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     specs = _as_specs(methods)
     for spec in specs:  # fail before the backbone runs
         if sae is None and get_method(spec.method).needs_sae:
-            raise UsageError(f"method {spec.method!r} needs an SAE (--sae)")
+            raise UsageError(f"method {spec.method!r} needs an SAE; give one as sae", arguments=("sae",))
     if "zeroshot" not in [s.label for s in specs]:
         specs.insert(0, MethodSpec("zeroshot", "zeroshot"))
     t_start = time.perf_counter()

@@ -105,29 +105,30 @@ def check_training_args(*, k: int, expansion_factor: int, lr: float, batch_size:
                         total_training_samples: int | None, lr_warm_up_steps: int | None,
                         lr_decay_steps: int | None, holdout_fraction: float, n_checkpoints: int,
                         d_in: int | None = None) -> None:
-    """Refuse out-of-range settings before any work (the CLI names the flags)."""
+    """Refuse out-of-range settings before any work (each error names its argument; the CLI adds the flag)."""
     def positive_int(name: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UsageError(f"{name} must be a positive whole number, got {v!r}")
+            raise UsageError(f"{name} must be a positive whole number, got {v!r}", arguments=(name,))
 
-    positive_int("k (--k)", k)
-    positive_int("expansion_factor (--expansion)", expansion_factor)
-    positive_int("batch_size (--batch-size)", batch_size)
+    positive_int("k", k)
+    positive_int("expansion_factor", expansion_factor)
+    positive_int("batch_size", batch_size)
     if total_training_samples is not None:
-        positive_int("total_training_samples (--samples)", total_training_samples)
+        positive_int("total_training_samples", total_training_samples)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise UsageError(f"lr (--lr) must be a positive number, got {lr!r}")
+        raise UsageError(f"lr must be a positive number, got {lr!r}", arguments=("lr",))
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
-        raise UsageError(f"epochs (--epochs) must be a positive number, got {epochs!r}")
-    for name, v in (("lr_warm_up_steps (--warmup-steps)", lr_warm_up_steps), ("lr_decay_steps", lr_decay_steps),
-                    ("n_checkpoints (--n-checkpoints)", n_checkpoints)):
+        raise UsageError(f"epochs must be a positive number, got {epochs!r}", arguments=("epochs",))
+    for name, v in (("lr_warm_up_steps", lr_warm_up_steps), ("lr_decay_steps", lr_decay_steps),
+                    ("n_checkpoints", n_checkpoints)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise UsageError(f"{name} must be a whole number >= 0, got {v!r}")
+            raise UsageError(f"{name} must be a whole number >= 0, got {v!r}", arguments=(name,))
     if not 0 <= holdout_fraction < 1:
-        raise UsageError(f"holdout_fraction (--holdout-fraction) must be in [0, 1), got {holdout_fraction}")
+        raise UsageError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}", arguments=("holdout_fraction",))
     if d_in is not None and k > d_in * expansion_factor:
-        raise UsageError(f"k={k} (--k) is larger than d_sae = d_in x expansion = {d_in} x {expansion_factor} = "
-                         f"{d_in * expansion_factor}; use a smaller --k or a larger --expansion")
+        raise UsageError(f"k={k} is larger than d_sae = d_in x expansion_factor = {d_in} x {expansion_factor} = "
+                         f"{d_in * expansion_factor}; use a smaller k or a larger expansion_factor",
+                         arguments=("k", "expansion_factor"))
 
 
 # ---------------------------------------------------------------------------------- training
@@ -418,14 +419,16 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
         saved = json.loads(run_path.read_text())
         if not resume:
             raise ConflictError(f"{out} already holds a training run ({saved.get('status')}); "
-                             "pass resume=True (--resume) to continue it or overwrite=True (--overwrite) to replace it")
+                             "pass resume=True to continue it or overwrite=True to replace it",
+                                 arguments=("resume", "overwrite"))
         diffs = _run_config_diff(saved["config"], json.loads(json.dumps(cfg.to_dict())))
         if diffs:
             raise ConflictError(f"cannot resume the run in {out}: it was started differently ({'; '.join(diffs)})")
         if saved.get("status") == "complete":
             return TrainResult(SAE.load_from_disk(out, device=device), out, saved["metrics"])
     elif (out / "cfg.json").exists() and not overwrite:
-        raise ConflictError(f"{out} already holds an SAE; choose another folder or overwrite=True (--overwrite)")
+        raise ConflictError(f"{out} already holds an SAE; choose another folder or overwrite=True",
+                            arguments=("overwrite",))
     write_json_atomic(run_path, {"status": "running", "config": cfg.to_dict()})
 
     train_mask = rows_mask(cache, train_rows)

@@ -135,7 +135,7 @@ def _check_pool_options(ctx: MethodContext) -> None:
             _load_npy(ctx.options[key], what)
     n = ctx.options.get("n_neighbours")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise UsageError(f"n_neighbours (--n-neighbours) must be a positive whole number, got {n!r}")
+        raise UsageError(f"n_neighbours must be a positive whole number, got {n!r}", arguments=("n_neighbours",))
     hook = ctx.hook_name or ctx.model.steer_hook
     check_pool_cache(pool_dir, ctx.model, hook, ctx.sae, ctx.data)
     if ctx.options.get("retrieval_backbone") is not None:
