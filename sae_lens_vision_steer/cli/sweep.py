@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
-from ..core.errors import UsageError
+from ..evaluation.selection import EVAL_SELECTION_WARNING
 from .common import (
     add_data_args,
     add_model_args,
@@ -42,10 +43,6 @@ DESCRIPTION = (
     "says so); --select-on train-holdout picks the cell on a held-out part of the training split and "
     "then reports zero-shot and VS2 at that cell on the evaluation split."
 )
-EVAL_SELECTION_WARNING = (
-    "WARNING: the sweep is selected on the evaluation split itself ({split}): the best cell's accuracy "
-    "is an optimistic, test-tuned number. Use --select-on train-holdout for a fair choice."
-)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,31 +75,27 @@ def interrupted(args: argparse.Namespace) -> str:
     return "nothing was saved (results are written at the end); earlier results in --out are unchanged"
 
 
+# The library arguments whose flags differ here (see common.ARGUMENT_FLAGS).
+ARGUMENT_FLAGS = {"select_on": "--select-on"}
+
+
 def run(args: argparse.Namespace) -> int:
     from ..core import distributed
     from ..core.outputs import prepare_output_dir
     from ..data.ood import dataset_templates
     from ..data.resources import DEFAULT_TEMPLATES
-    from ..evaluation import (
-        Evaluator,
-        MethodSpec,
-        evaluate,
-        plot_sweep_heatmap,
-        sweep_vs2,
-    )
+    from ..evaluation import plot_sweep_heatmap
+    from ..evaluation.selection import SweepConfig, holdout_split, select_steering
     from ..zeroshot.classifier import ZeroShotClassifier
 
-    lams, gammas = split_list(args.lams, finite_float), split_list(args.gammas, finite_float)
-    if not lams or not gammas:
-        raise UsageError("--lams and --gammas need at least one value each")
-    if args.select_on == "train-holdout" and not 0 < args.holdout_fraction <= 1:
-        raise UsageError(f"--holdout-fraction must be in (0, 1], got {args.holdout_fraction}")
     check_steering_values(args)
     retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
-    gated = gate_methods(args)
-    show = not args.no_progress
-    method = args.sweep_method
     t0 = time.perf_counter()
+    show = not args.no_progress
+    cfg = SweepConfig(lams=tuple(split_list(args.lams, finite_float)), gammas=tuple(split_list(args.gammas, finite_float)),
+                      method=args.sweep_method, select_on=args.select_on, holdout_fraction=args.holdout_fraction,
+                      gate_methods=tuple(gate_methods(args)), hook_name=args.hook, batch_size=args.batch_size,
+                      num_workers=args.num_workers, options=retrieval_options(args), show_progress=show)
     sae = load_sae_arg(args.sae, args.device)
     for note in resolve_model_args(args, sae):
         print(f"using {note}")
@@ -115,65 +108,39 @@ def run(args: argparse.Namespace) -> int:
     templates = args.templates or dataset_templates(data, DEFAULT_TEMPLATES.get(data.dataset_id, "single"))
     classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show,
                                     text_cache=resolve_text_cache(args))
-
-    if args.select_on == "eval":
-        print(EVAL_SELECTION_WARNING.format(split=f"{data.dataset_id}/{data.split}"), file=sys.stderr)
-        select_data = data
-    else:
+    select_data = None
+    if args.select_on == "train-holdout":
         from ..data import load_image_dataset
 
         full = load_image_dataset(args.dataset, split=args.train_split, data_dir=args.data_dir,
                                   transform=model.preprocess, skip_bad_images=args.skip_bad_images)
-        select_data = full.subset(max(1, round(args.holdout_fraction * len(full))))
+        select_data = holdout_split(full, data, args.holdout_fraction)
         print(f"selecting on {len(select_data)} held-out images of {full.dataset_id}/{args.train_split} "
               f"({args.holdout_fraction:g} of {len(full)})")
-        if list(select_data.classnames) != list(data.classnames):
-            raise UsageError("the training split's classes differ from the evaluation split's")
+    else:
+        print(EVAL_SELECTION_WARNING.format(split=f"{data.dataset_id}/{data.split}"), file=sys.stderr)
+    cfg = dataclasses.replace(cfg, fvu_threshold=tau,
+                              record={"templates": templates, "sae_path": args.sae, **gate_cfg})
+    res = select_steering(model, data, sae, classifier, cfg, select_data)
 
-    ev = Evaluator(model, select_data, sae, classifier, args.hook, args.batch_size, args.num_workers, show,
-                   options=retrieval_options(args), fvu_threshold=tau, gate_methods=gated, prepare=[method])
-    sweep = sweep_vs2(ev, lams, gammas, selected_on=args.select_on, show_progress=show, method=method)
+    sweep = res.sweep
     lam, gamma, top1 = sweep.best
-    selection = f"{select_data.dataset_id}/{select_data.split}"
-    print(f"{method} sweep on {selection} ({sweep.n_images} images): zero-shot top-1 {sweep.zeroshot_top1:.2f}")
+    print(f"{cfg.method} sweep on {res.selection} ({sweep.n_images} images): zero-shot top-1 {sweep.zeroshot_top1:.2f}")
     print(format_grid(sweep))
     print(f"best cell: lam={lam:g}, gamma={gamma:g}: top-1 {top1:.2f} ({top1 - sweep.zeroshot_top1:+.2f} vs zero-shot)"
           + (" [selected on the evaluation split]" if args.select_on == "eval" else ""))
-
-    summary = {"config": {"sweep_method": method, "model": model.cfg.model_name, "pretrained": model.cfg.pretrained,
-                          "dataset": data.dataset_id, "split": data.split, "selection_data": selection,
-                          "hook_name": ev.cached.hook_name, "fvu_threshold": tau, "templates": templates,
-                          "gated_methods": gated if tau is not None else [],
-                          "sae_path": args.sae, "holdout_fraction": args.holdout_fraction
-                          if args.select_on == "train-holdout" else None, **gate_cfg},
-               "sweep": sweep.to_json(),
-               "timing": {"backbone_s": ev.cached.seconds, "sweep_s": sweep.seconds,
-                          "n_backbone_passes": ev.n_backbone_passes}}
-    if args.select_on == "eval":
-        summary["warning"] = EVAL_SELECTION_WARNING.format(split=selection)
-    else:
-        summary["note"] = ("the held-out images may have been part of the SAE's (label-free) training data; "
-                           "only their labels are used here, for choosing the cell")
-        final = evaluate(model, data, sae,
-                         [MethodSpec("zeroshot", "zeroshot"),
-                          MethodSpec(method, method, {"lam": lam, "gamma": gamma}),
-                          MethodSpec(f"{method}_paper", method, {"lam": 2.1, "gamma": 1.5})],
-                         lam=lam, gamma=gamma, fvu_threshold=tau, classifier=classifier, hook_name=args.hook,
-                         batch_size=args.batch_size, num_workers=args.num_workers, show_progress=show,
-                         options=retrieval_options(args),
-                         config={"selected_on": selection, "templates": templates, **gate_cfg}, gate_methods=gated)
-        print_summary(final)  # before saving
-        if distributed.is_main():
-            final.save(folder)
-        summary["evaluation"] = {k: {"top1": v.top1, "delta_top1": v.delta_top1, "coverage": v.coverage}
-                                 for k, v in final.methods.items()}
+    if res.final is not None:
+        print_summary(res.final)  # before saving
     if not distributed.is_main():
         return 0  # the other ranks helped with the backbone passes; rank 0 writes
+    if res.final is not None:
+        res.final.save(folder)
+    summary = res.summary
     summary["timing"]["total_s"] = time.perf_counter() - t0
     summary["timing"]["peak_rss_mib"] = peak_rss_mib()
     folder.add(write_json_atomic(out / "sweep.json", summary))
-    title = (f"{method} top-1 minus zero-shot ({sweep.zeroshot_top1:.2f}) on {selection}, {sweep.n_images} images"
-             + (" [test-tuned]" if args.select_on == "eval" else " [held-out train]"))
+    title = (f"{cfg.method} top-1 minus zero-shot ({sweep.zeroshot_top1:.2f}) on {res.selection}, {sweep.n_images} "
+             "images" + (" [test-tuned]" if args.select_on == "eval" else " [held-out train]"))
     heat = folder.add(plot_sweep_heatmap(sweep, out / "sweep_heatmap.png", title=title))
     folder.finish()
     print(f"wrote {out / 'sweep.json'}, {heat}")
