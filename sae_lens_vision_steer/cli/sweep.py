@@ -7,7 +7,6 @@ import dataclasses
 import sys
 import time
 
-from ..evaluation.selection import EVAL_SELECTION_WARNING
 from .common import (
     add_data_args,
     add_model_args,
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.ood import dataset_templates
     from ..data.resources import DEFAULT_TEMPLATES
     from ..evaluation import plot_sweep_heatmap
-    from ..evaluation.selection import SweepConfig, holdout_split, select_steering
+    from ..evaluation.selection import EVAL_SELECTION_WARNING, SweepConfig, holdout_split, select_steering
     from ..zeroshot.classifier import ZeroShotClassifier
 
     check_steering_values(args)
