@@ -191,7 +191,7 @@ def run_pipeline(cfg: PipelineConfig, model: Any, log: Callable[[str], None] = p
     before anything is written (so a failing disk cannot take the numbers with it)."""
     import torch
 
-    folder = distributed.on_main(lambda: prepare_output_dir(cfg.out, "run", cfg.request, cfg.overwrite))
+    folder = prepare_output_dir(cfg.out, "run", cfg.request, cfg.overwrite)  # torchrun: the ranks agree first
     out = folder.path
     t0 = time.perf_counter()
     stages: dict[str, float] = {}

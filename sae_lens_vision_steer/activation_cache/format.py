@@ -117,12 +117,21 @@ def cache_request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], po
         "data_dir": data_id.get("data_dir"),  # local path: kept in this local file only, never published
         "n_images": len(dataset),
         "dataset_fingerprint": dataset_fingerprint(dataset),
+        "n_classes": class_count(dataset),  # labels lie in [0, n_classes): what PASS sizes its prototypes by
         "shard_size": shard_size,
         # A union of data sets (union.py) records its members; a single data set's request is unchanged.
         **({"members": dataset.member_records(),
             "member_data_dirs": [None if m.data_dir is None else str(m.data_dir) for m in dataset.members]}
            if callable(getattr(dataset, "member_records", None)) else {}),
     }
+
+
+def class_count(dataset: ImageDataset) -> int | None:
+    """The data set's number of classes; None for a union (one label space per member) or unnamed classes."""
+    if callable(getattr(dataset, "member_records", None)):
+        return None
+    names = getattr(dataset, "classnames", None)
+    return len(names) if names else None
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

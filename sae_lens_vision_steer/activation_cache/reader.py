@@ -28,6 +28,10 @@ class ActivationStore:
         self.metadata = metadata
         self._labels: np.ndarray | None = None
         self._image_index: np.ndarray | None = None
+        # Set by `cache_activations`: the rows that call wrote (all ranks together); the rest of the cache
+        # came from an earlier, interrupted run (or the whole of it, when a complete cache is reused). None
+        # for a store opened from disk.
+        self.rows_written: int | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> "ActivationStore":

@@ -131,8 +131,8 @@ def run_sharded(writer: Any, overwrite: bool, repair: bool) -> ActivationStore:
     root, request = writer.root, writer.request
     distributed.check_same("cache request", {**request, "batch_size": writer.batch_size})
     status = distributed.on_main(lambda: _setup(writer, overwrite, repair))
-    if status is None:
-        distributed.barrier()
+    if status is None:  # complete (rank 0 may have repaired shards)
+        writer.rows_written = distributed.sum_int(writer.rows_written)
         return ActivationStore.open(root)
     meta, done = status
     writer.meta = meta
@@ -155,6 +155,7 @@ def run_sharded(writer: Any, overwrite: bool, repair: bool) -> ActivationStore:
         writer.forward_range(first, first * S, start_image, first * S - start_image * P, record,
                         stop_image=-(-end_row // P))
     gathered = distributed.all_gather_object(records)  # every rank is done here
+    writer.rows_written = distributed.sum_int(writer.rows_written)
 
     def finish() -> None:
         by_index = {r["first_row"] // S: r for recs in gathered for r in recs}

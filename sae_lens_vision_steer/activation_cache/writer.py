@@ -4,7 +4,6 @@ resume at the first unwritten shard, and repair of damaged shards in a complete 
 from __future__ import annotations
 
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,11 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.errors import UsageError
-from ..core.fileio import (
-    exclusive_writer,
-    remove_temp_files,
-    write_json_atomic,
-)
+from ..core.fileio import remove_temp_files, write_json_atomic
 from ..data.base import ImageDataset, collate_images
 from ..sae.splice import HookedCLIP
 from .format import (
@@ -84,7 +79,6 @@ def cache_activations(
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise CacheError(f"cache folder {root} is a file; give a folder")
-    root.mkdir(parents=True, exist_ok=True)
     request = cache_request(model, dataset, hooks, positions, dtype, shard_size)
     from ..core import distributed
     from .sharded import run_sharded
@@ -93,14 +87,17 @@ def cache_activations(
         raise UsageError("--skip-bad-images is not supported by distributed caching (skipped images shift every "
                          "later row, so the ranks cannot know where their shards start); cache with one process, "
                          "or remove the unreadable images")
-    with ExitStack() as lock:
-        # Rank 0 holds the folder's lock until every rank is done: a second launch is refused meanwhile
-        # (a ConflictError: exit code 4, "another process is writing it").
-        distributed.on_main(lambda: lock.enter_context(exclusive_writer(root, "cache", CacheMismatchError)))
+    # Every rank names the same folder, rank 0 creates it and holds its lock until every rank is done (a
+    # second launch is refused meanwhile: a ConflictError, exit code 4, "another process is writing it"),
+    # and every rank sees that lock, before any rank reads the folder's metadata or writes a shard.
+    with distributed.exclusive_folder(root, "cache", CacheMismatchError):
         writer = _Writer(model, dataset, hooks, request, root, batch_size, num_workers, show_progress)
         if distributed.active() or (progress_files(root) and not getattr(dataset, "skip_bad_images", False)):
-            return run_sharded(writer, overwrite, repair)  # shard by shard from a plan: any number of ranks
-        return writer.run(overwrite, repair)
+            store = run_sharded(writer, overwrite, repair)  # shard by shard from a plan: any number of ranks
+        else:
+            store = writer.run(overwrite, repair)
+        store.rows_written = writer.rows_written
+        return store
 
 
 class _Writer:
@@ -108,6 +105,7 @@ class _Writer:
         self.model, self.dataset, self.hooks, self.request, self.root = model, dataset, hooks, request, root
         self.batch_size, self.num_workers, self.show_progress = batch_size, num_workers, show_progress
         self.meta_path = root / METADATA_FILE
+        self.rows_written = 0  # rows this call wrote into shards (all ranks together once run_sharded is done)
 
     def run(self, overwrite: bool, repair: bool) -> ActivationStore:
         root, request = self.root, self.request
@@ -195,6 +193,11 @@ class _Writer:
         skip_rows = rows_done % P
         return (last_image if skip_rows else last_image + 1), skip_rows
 
+    def _write(self, buf: ShardBuffer, shard_idx: int, first_row: int) -> dict[str, Any]:
+        rec = write_shard(self.root, self.meta, buf, shard_idx, first_row)
+        self.rows_written += rec["n_rows"]
+        return rec
+
     def forward_range(self, shard_idx: int, rows_done: int, start_image: int, skip_rows: int,
                  on_shard: Callable[[dict[str, Any]], bool], stop_rows: int | None = None,
                  stop_image: int | None = None) -> None:
@@ -246,13 +249,13 @@ class _Writer:
                 while start < len(row_labels):
                     start += buf.add(acts, row_labels, row_images, start)
                     if buf.n == shard_size:
-                        more = on_shard(write_shard(self.root, self.meta, buf, shard_idx, rows_done))
+                        more = on_shard(self._write(buf, shard_idx, rows_done))
                         rows_done += buf.n
                         shard_idx += 1
                         buf.n = 0
                         if not more:
                             return
             if buf.n:
-                on_shard(write_shard(self.root, self.meta, buf, shard_idx, rows_done))
+                on_shard(self._write(buf, shard_idx, rows_done))
         finally:
             pbar.close()

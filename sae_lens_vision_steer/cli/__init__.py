@@ -93,8 +93,10 @@ def _start_distributed(args: argparse.Namespace) -> None:
     from ..core import distributed
 
     if args.command not in DISTRIBUTED_COMMANDS:
-        raise UsageError(f"vision-steer {args.command} runs in one process; under torchrun / accelerate launch "
+        err = UsageError(f"vision-steer {args.command} runs in one process; under torchrun / accelerate launch "
                          f"only {', '.join(DISTRIBUTED_COMMANDS)} are supported")
+        err.reported_by_main = int(os.environ.get("RANK", "0")) != 0  # every rank refuses; rank 0 says so once
+        raise err
     args.device = distributed.init(getattr(args, "device", "cpu"))
     if not distributed.is_main():
         if hasattr(args, "no_progress"):

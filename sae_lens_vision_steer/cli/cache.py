@@ -58,10 +58,7 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from ..activation_cache import METADATA_FILE, cache_activations
+    from ..activation_cache import cache_activations
 
     if args.overwrite and args.repair:
         raise UsageError("give --repair or --overwrite, not both")
@@ -72,13 +69,6 @@ def run(args: argparse.Namespace) -> int:
         args.num_workers = 0
     data = load_data(args, model)
     hooks = args.hook or [model.steer_hook]
-    meta_path = Path(args.out) / METADATA_FILE
-    rows_before = 0  # rows an interrupted run already wrote (0 for a new cache)
-    if meta_path.is_file() and not args.overwrite:
-        try:
-            rows_before = sum(r["n_rows"] for r in json.loads(meta_path.read_text()).get("shards", []))
-        except (ValueError, AttributeError, KeyError, TypeError):
-            rows_before = 0  # cache_activations names the problem
     t1 = time.perf_counter()
     cache = cache_activations(model, data, hooks, args.out, positions=args.positions, dtype=args.dtype,
                               batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
@@ -94,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         s = cache.stats(h)
         print(f"  {h}: d_in {cache.d_in(h)}, mean norm {s['mean_norm']:.3f}, "
               f"E||x - mean||^2 {s['mean_sq_dist_to_mean']:.3f}, max |x| {s['max_abs']:.3f}")
-    images_now = (cache.n_rows - rows_before) / m["request"]["rows_per_image"]
-    print(f"time {t2 - t1:.1f} s ({images_now:.0f} images cached by this run, {images_now / max(t2 - t1, 1e-9):.1f} "
-          f"images/s; setup {t1 - t0:.1f} s), peak RSS {peak_rss_mib():.0f} MiB")
+    per_image = m["request"]["rows_per_image"]
+    images_now = (cache.rows_written or 0) / per_image
+    images_before = (cache.n_rows - (cache.rows_written or 0)) / per_image  # a resumed or reused cache
+    earlier = f", {images_before:.0f} by an earlier run" if images_before else ""
+    print(f"time {t2 - t1:.1f} s ({images_now:.0f} images cached by this run{earlier}, "
+          f"{images_now / max(t2 - t1, 1e-9):.1f} images/s; setup {t1 - t0:.1f} s), peak RSS {peak_rss_mib():.0f} MiB")
     return 0

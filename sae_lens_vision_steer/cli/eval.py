@@ -263,8 +263,8 @@ def run(args: argparse.Namespace) -> int:
     sae = load_sae_arg(args.sae, args.device)
     for note in resolve_model_args(args, sae):
         print(f"using {note}")
-    folder = distributed.on_main(lambda: prepare_output_dir(  # torchrun: rank 0 owns the output folder
-        default_out(args, "eval"), "eval", request_of(args, EVAL_REQUEST_KEYS), args.overwrite))
+    # torchrun: every rank names the same folder, rank 0 owns it
+    folder = prepare_output_dir(default_out(args, "eval"), "eval", request_of(args, EVAL_REQUEST_KEYS), args.overwrite)
     model = load_model(args)
     data = load_data(args, model)
     tau, gate_cfg = resolve_fvu_threshold(args, sae, model)

@@ -11,6 +11,10 @@ group, this rank's device, and the few collectives the cache writer and the eval
   every rank, naming the field, the ranks and their values (`RankMismatchError`).
 - `on_main(fn)`: rank 0 runs `fn` (folder set-up, a lock, finalising); its result, or its error, reaches
   every rank, so a refusal ends all ranks with the same message instead of leaving them waiting.
+- `same_folder(what, path)` / `exclusive_folder(path, what, error)`: before any work, every rank must
+  name the same output folder (resolved); for a folder every rank writes into (a cache), rank 0 takes
+  its lock and every rank checks that it sees that very lock (ranks on machines without a shared
+  folder are refused too), so no rank writes into a folder whose lock and metadata it did not check.
 - `batch_block(n, batch_size)`, `data.shard_loader(...)`: this rank's contiguous block of the fixed batch grid
   `[0, B), [B, 2B), ...`, so every batch has the composition it has in one process (identical bytes).
 - `gather_cat(tensors)`: concatenate per-rank tensors in rank order (= data-set order).
@@ -22,14 +26,17 @@ is recorded and a rerun resumes. `VISION_STEER_DIST_TIMEOUT_S` (default 3 h) bou
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from .errors import ConflictError, UsageError
+from .fileio import LOCK_FILE, exclusive_writer
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_TIMEOUT_S = 3 * 3600
@@ -178,6 +185,44 @@ def on_main(fn: Callable[[], Any]) -> Any:
     return value
 
 
+def same_folder(what: str, path: str | Path) -> Path:
+    """`path` resolved; refused on every rank (`RankMismatchError`) unless every rank names the same folder."""
+    resolved = Path(path).expanduser().resolve()
+    check_same(what, {"folder": str(resolved)})
+    return resolved
+
+
+@contextlib.contextmanager
+def exclusive_folder(path: str | Path, what: str, error: type[Exception] = ConflictError) -> Iterator[Path]:
+    """The folder every rank writes into (e.g. a cache), agreed and locked before any work:
+
+    every rank names the same folder (`same_folder`); rank 0 creates it and takes its lock (`error`
+    when another process holds it, raised on every rank); then each rank checks that it sees rank 0's
+    lock in its own view of the folder (`ConflictError` naming the ranks otherwise: e.g. ranks on
+    machines that do not share the folder). In one process: the lock alone. Yields the resolved path."""
+    resolved = same_folder(f"{what} folder", path)
+    with contextlib.ExitStack() as stack:
+        def take() -> str:
+            resolved.mkdir(parents=True, exist_ok=True)
+            return stack.enter_context(exclusive_writer(resolved, what, error))
+
+        token = on_main(take)
+        if active():
+            try:
+                seen = (resolved / LOCK_FILE).read_text(errors="replace").strip()
+            except OSError:
+                seen = None
+            blind = [r for r, ok in enumerate(all_gather_object(seen == token)) if not ok]
+            if blind:
+                err = ConflictError(
+                    f"rank{'s' if len(blind) > 1 else ''} {_ranks(blind)} cannot see the lock rank 0 holds on the "
+                    f"{what} folder {resolved} (a folder of the same name on another machine?); every rank must "
+                    "write into the one folder: give a folder every rank shares")
+                err.reported_by_main = not is_main()
+                raise err
+        yield resolved
+
+
 # ---------------------------------------------------------------------------------- splitting work
 def split_contiguous(items: Sequence[Any], parts: int) -> list[list[Any]]:
     """`items` cut into `parts` contiguous runs whose lengths differ by at most one (earlier ones longer)."""
@@ -214,6 +259,6 @@ def sum_int(value: int) -> int:
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "PeerError", "RankMismatchError", "active", "all_gather_object", "barrier", "batch_block",
-    "broadcast_object", "check_same", "gather_cat", "init", "is_main", "launched", "on_main", "rank",
-    "shutdown", "split_contiguous", "sum_int", "world_size",
+    "broadcast_object", "check_same", "exclusive_folder", "gather_cat", "init", "is_main", "launched", "on_main", "rank",
+    "same_folder", "shutdown", "split_contiguous", "sum_int", "world_size",
 ]

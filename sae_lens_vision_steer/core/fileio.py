@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -106,26 +107,30 @@ def describe_os_error(e: OSError) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_writer(root: Path, what: str = "folder", error: type[Exception] = FolderBusyError) -> Iterator[None]:
+def exclusive_writer(root: Path, what: str = "folder", error: type[Exception] = FolderBusyError) -> Iterator[str]:
     """One writer per folder (an advisory `flock` on `root/.lock`, released when the process ends);
-    a second writer gets `error` naming the holder's pid."""
+    a second writer gets `error` naming the holder's pid. Yields what it wrote into the lock file (the
+    pid and a random token), by which other processes can check that they see this very lock
+    (`distributed.exclusive_folder`: every rank of a launch in the folder rank 0 locked)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): no guard
-        yield
+        yield ""
         return
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, file_mode())
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            held = os.pread(fd, 64, 0).decode(errors="replace").split()
+            holder = held[0] if held else "unknown"
             raise error(f"another process (pid {holder}) is writing the {what} in {root}; "
                                   "wait for it to finish or use another folder") from None
+        token = f"{os.getpid()} {secrets.token_hex(8)}"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, token.encode(), 0)
         try:
-            yield
+            yield token
         finally:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)

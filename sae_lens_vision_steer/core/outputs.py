@@ -5,7 +5,8 @@ settings that decide the numbers) and the files it wrote. A folder holding resul
 request is refused, naming the differences, unless `overwrite=True`; a rerun of the same request (or
 an overwrite) removes the earlier run's files that the new run does not write again (e.g. the
 `per_class_<method>.png` of a method no longer asked for). The folder is checked for writability
-before any work, so finished results are never lost to a read-only or misspelt `--out`.
+before any work, so finished results are never lost to a read-only or misspelt `--out`. Under torchrun
+the ranks must agree on the folder first (rank 0 owns it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .errors import ConflictError
 from .fileio import check_writable_dir, write_json_atomic
 from .requests import describe_differences, request_differences
@@ -57,7 +59,16 @@ class OutputFolder:
 
 def prepare_output_dir(path: str | Path, command: str, request: dict[str, Any], overwrite: bool = False,
                        results_files: tuple[str, ...] = ("results.json", "sweep.json")) -> OutputFolder:
-    """Check that `path` can be written and that it holds no results of another request."""
+    """Check that `path` can be written and that it holds no results of another request.
+
+    Under torchrun every rank calls this before any work: the ranks must name the same folder (resolved;
+    `RankMismatchError` on every rank otherwise), rank 0 checks it and every rank gets rank 0's answer."""
+    distributed.same_folder(f"{command} output folder", path)
+    return distributed.on_main(lambda: _prepare(path, command, request, overwrite, results_files))
+
+
+def _prepare(path: str | Path, command: str, request: dict[str, Any], overwrite: bool,
+             results_files: tuple[str, ...]) -> OutputFolder:
     request = json.loads(json.dumps(request, default=str))  # the form it takes on disk
     out = check_writable_dir(path)
     record_path = out / OUTPUTS_FILE

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core import distributed
 from ..core.errors import MissingInputError, UsageError, VisionSteerError
+from .files import NotRegularFileError, check_names, open_regular_file, shown_path
 from .resources import classnames_for
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -43,13 +44,15 @@ class BadImageError(VisionSteerError, RuntimeError):
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, naming the file if it cannot be decoded."""
+    """Open an image file as RGB, naming the file if it is not a regular file or cannot be decoded."""
     try:
-        with Image.open(path) as img:
+        with open_regular_file(path) as f, Image.open(f) as img:
             img.load()
             return to_rgb(img)
+    except NotRegularFileError as e:  # a FIFO would block forever: refused before it is read
+        raise BadImageError(f"cannot read image {e}") from None
     except Exception as e:  # PIL raises several types for truncated / unknown files
-        raise BadImageError(f"cannot read image {path}: {e}") from e
+        raise BadImageError(f"cannot read image {shown_path(path)}: {e}") from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -218,6 +221,7 @@ class TinyImageNetFolder(ImageDataset):
             raise UsageError(f"Tiny-ImageNet split must be 'train' or 'val', got {split!r}")
         if not self.paths:
             raise MissingInputError(f"no images found for split {split!r} under {root}")
+        check_names(self.paths)
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def load_image(self, i: int) -> Image.Image:
@@ -251,6 +255,7 @@ class ImageFolderDataset(ImageDataset):
                     "split='all' (--split all) to use the whole folder as one split")
             root = root / split
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+        check_names(class_dirs, "class folder")
         self.paths, labels = [], []
         for ci, d in enumerate(class_dirs):
             files = sorted((p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: _natural_key(str(p)))
@@ -258,6 +263,7 @@ class ImageFolderDataset(ImageDataset):
             labels += [ci] * len(files)
         if not self.paths:
             raise MissingInputError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
+        check_names(self.paths)
         self.classnames = [d.name.replace("_", " ") for d in class_dirs]
         self.labels = np.asarray(labels, dtype=np.int64)
         self.dataset_id, self.split = f"imagefolder:{top.name}", split or "all"

@@ -54,16 +54,21 @@ class WebDatasetSource:
         return open(shard, "rb")
 
     def shard_counts(self) -> list[int]:
-        """Samples (distinct keys) in each shard, from the tar headers (seeks past the data)."""
+        """Samples in each shard, from the tar headers (seeks past the data). A shard without its
+        end-of-archive marker, or with a key that appears twice, is refused (`StreamError`)."""
         if self._counts is None:
             counts = []
             for shard, name in zip(self.shards, self.names):
+                keys = _Keys(name)
                 try:
                     with self._open_file(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                        keys = {_split_name(m.name)[0] for m in tar.getmembers() if m.isfile()}
+                        for m in tar:
+                            if m.isfile():
+                                keys.add(m.name)
+                        _check_end(f, tar, name, keys.last)
                 except (tarfile.TarError, EOFError, OSError) as e:
                     raise StreamError(f"tar shard {name} cannot be read ({type(e).__name__}: {e})") from None
-                counts.append(len(keys))
+                counts.append(keys.n_samples)
             self._counts = counts
         return self._counts
 
@@ -104,22 +109,67 @@ class WebDatasetSource:
             return RawSample(f"member {key}.{image_ext or '?'} of tar shard {name}",
                              parts[image_ext] if image_ext else None, label)
 
+        keys = _Keys(name)
         try:
             with self._open_file(self.shards[s]) as f, tarfile.open(fileobj=f, mode="r|") as tar:
                 for m in tar:
                     if not m.isfile():
                         continue
-                    k, ext = _split_name(m.name)
-                    if k != key and key is not None:
+                    k, ext, new = keys.add(m.name)
+                    if new and key is not None:
                         yield emit()
                         parts = {}
                     key = k
-                    parts[ext.lower()] = tar.extractfile(m).read()
+                    parts[ext] = tar.extractfile(m).read()
+                _check_end(f, tar, name, key)
         except (tarfile.TarError, EOFError, OSError) as e:
             raise StreamError(f"tar shard {name} is damaged after key {key!r} ({type(e).__name__}: {e}); "
                               "download it again or leave it out") from None
         if key is not None:
             yield emit()
+
+
+class _Keys:
+    """WebDataset's grouping of a shard's members into samples (consecutive members with one key), with
+    the checks that keep the samples read equal to the samples counted: a key that comes back after
+    another key, or a member name given twice, is refused naming the shard and the key."""
+
+    def __init__(self, shard: str):
+        self.shard, self.done, self.last, self.exts = shard, set(), None, set()
+        self.n_samples = 0
+
+    def add(self, member: str) -> tuple[str, str, bool]:
+        """`(key, extension (lower case), whether it starts a new sample)` of a file member."""
+        key, ext = _split_name(member)
+        ext = ext.lower()
+        if key != self.last:
+            if key in self.done:
+                raise StreamError(f"tar shard {self.shard} has key {key!r} twice (member {member} comes after other "
+                                  "keys): each sample's members must be stored together, under a key of its own")
+            if self.last is not None:
+                self.done.add(self.last)
+            self.last, self.exts = key, set()
+            self.n_samples += 1
+            new = True
+        else:
+            new = False
+        if ext in self.exts:
+            raise StreamError(f"tar shard {self.shard} has key {key!r} twice (a second .{ext} member {member}): "
+                              "each sample needs a key of its own")
+        self.exts.add(ext)
+        return key, ext, new
+
+
+def _check_end(f: Any, tar: tarfile.TarFile, name: str, last_key: str | None) -> None:
+    """A tar ends with zero blocks; `tarfile` also stops, silently, where the file ends at a member boundary
+    (or in a damaged header). Then samples were lost: refused, naming the shard and the last key read."""
+    f.seek(tar.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        where = f"after key {last_key!r}" if last_key is not None else "at its start"
+        problem = "ends" if not block else "has a damaged header"
+        raise StreamError(f"tar shard {name} {problem} {where} (byte {tar.offset}) without the tar end-of-archive "
+                          "marker: it was cut short (samples are missing); download it again or leave it out")
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -129,11 +179,23 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
+def shard_count(text: bytes | str, where: str) -> int:
+    """The number in an `nshards.txt` (`where` names the file in the error)."""
+    raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        raise StreamError(f"{where} should hold the number of tar shards, but holds {raw.strip()[:40]!r}") from None
+    if n < 1:
+        raise StreamError(f"{where} says there are {n} tar shards; it should be at least 1")
+    return n
+
+
 def local_shards(folder: Path) -> list[Path]:
     """`folder/nshards.txt` (CLIP-benchmark: `0.tar .. n-1.tar`) or every `*.tar`, in natural order."""
     n_file = folder / "nshards.txt"
     if n_file.is_file():
-        shards = [folder / f"{i}.tar" for i in range(int(n_file.read_text().strip()))]
+        shards = [folder / f"{i}.tar" for i in range(shard_count(n_file.read_bytes(), str(n_file)))]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
             raise MissingInputError(f"{folder}: shards {missing[:3]} listed by nshards.txt are missing")
@@ -192,4 +254,4 @@ def _find(features: Any, kind: str, path: str) -> str:
     raise UsageError(f"{path}: no {kind} column among {list(features)}; name it explicitly")
 
 
-__all__ = ["HubStreamSource", "RawSample", "StreamError", "WebDatasetSource", "local_shards"]
+__all__ = ["HubStreamSource", "RawSample", "StreamError", "WebDatasetSource", "local_shards", "shard_count"]

@@ -46,10 +46,16 @@ from .stream_sources import (
     StreamError,
     WebDatasetSource,
     local_shards,
+    shard_count,
 )
 
 # ---------------------------------------------------------------------------------- the data set
 _END, _ITEM, _ERROR = 0, 1, 2
+
+
+class BadLabelError(BadImageError):
+    """A sample whose label is not one of the data set's classes (exit 3; `skip_bad_images=True` skips and
+    counts it, as an unreadable image)."""
 
 
 class _Reader(threading.Thread):
@@ -135,6 +141,10 @@ class StreamedImageDataset(ImageDataset):
         return f"sample {i} of the {self.dataset_id} stream"
 
     def _decode(self, raw: RawSample) -> tuple[Any, int]:
+        n_classes = len(self.classnames)  # -1 is "no label" (as in `datasets`); PASS refuses it, others skip it
+        if raw.label < -1 or (n_classes and raw.label >= n_classes):
+            known = f"[0, {n_classes}) (the {n_classes} classes)" if n_classes else "[0, number of classes)"
+            raise BadLabelError(f"{raw.where} has label {raw.label}, outside {known} and not -1 (no label)")
         if raw.image is None:
             raise BadImageError(f"cannot read image {raw.where}: the sample has no image member")
         try:
@@ -227,7 +237,7 @@ def load_streamed_dataset(name: str, split: str, data_dir: str | Path | None = N
         name = resolve_ood_name(name)
         hub_repo = OOD_DATASETS[name]
         hub_split = SPLITS.get(split, split)
-        n_shards = int(_hub_text(hub_repo, f"{hub_split}/nshards.txt"))
+        n_shards = shard_count(_hub_text(hub_repo, f"{hub_split}/nshards.txt"), f"{hub_repo}/{hub_split}/nshards.txt")
         files = [f"{hub_split}/{i}.tar" for i in range(n_shards)]
         source = WebDatasetSource([_hub_shard(hub_repo, f) for f in files], [f"{hub_repo}/{f}" for f in files])
         classnames = [c.strip() for c in _hub_text(hub_repo, "classnames.txt").splitlines() if c.strip()]
@@ -282,5 +292,5 @@ def _hub_shard(repo: str, filename: str) -> str:
     return cached if isinstance(cached, str) else f"hf://datasets/{repo}/{filename}"
 
 
-__all__ = ["HubStreamSource", "RawSample", "StreamError", "StreamedImageDataset", "WebDatasetSource",
+__all__ = ["BadLabelError", "HubStreamSource", "RawSample", "StreamError", "StreamedImageDataset", "WebDatasetSource",
            "load_streamed_dataset", "local_shards"]

@@ -226,21 +226,40 @@ class PassSAETrainer(SAETrainer):
 def check_pass_labels(labels: np.ndarray | torch.Tensor, n_classes: int | None = None) -> int:
     """Validate training labels for PASS before training starts; return the number of classes.
 
-    Every row needs a label: `-1` (an image without a label) is a clear error naming how many rows
-    and the first one.
+    The prototypes get one row per class, so the class count comes from the data (`n_classes`: the data
+    set's classes, which a cache records), never from the largest label: a label outside
+    `[0, n_classes)` is refused naming it and its row. Every row needs a label: `-1` (an image without
+    a label) is a clear error naming how many rows and the first one. Without `n_classes` (a cache made
+    before it was recorded) the count is `max(label) + 1`, refused when it exceeds the number of rows.
     """
     y = np.asarray(labels, dtype=np.int64)
     if y.ndim != 1 or y.size == 0:
         raise UsageError("PASS needs a non-empty 1-D array of class labels")
-    missing = np.flatnonzero(y < 0)
+    missing = np.flatnonzero(y == -1)
     if missing.size:
         raise UsageError(f"PASS trains with class labels, but {missing.size} of {y.size} cached rows have no label "
                          f"(label -1; first at row {int(missing[0])}). Cache a labelled split, or train with "
                          "objective='topk'.")
-    found = int(y.max()) + 1
-    if n_classes is not None and found > n_classes:
-        raise UsageError(f"labels go up to {found - 1} but n_classes={n_classes}")
-    return n_classes or found
+    if n_classes is not None and n_classes < 1:
+        raise UsageError(f"PASS needs n_classes >= 1, got {n_classes}")
+    top = n_classes if n_classes is not None else y.size
+    bad = np.flatnonzero((y < 0) | (y >= top))
+    if bad.size:
+        first = int(bad[0])
+        where = (f"the {n_classes} classes of the data set" if n_classes is not None else
+                 f"what a cache of {y.size} rows that does not record its class count can hold (cache it again "
+                 "with this version, which records it, or pass n_classes)")
+        raise UsageError(f"{bad.size} of {y.size} cached rows have a label outside [0, {top}), {where}: first "
+                         f"label {int(y[first])} at row {first}")
+    return n_classes if n_classes is not None else int(y.max()) + 1
+
+
+def _class_means(z: torch.Tensor, y: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Mean code of each class in `classes` (sorted; zero for a class without rows): memory grows with the
+    classes present, not with the largest label."""
+    slot = torch.searchsorted(classes, y)
+    sums = torch.zeros(len(classes), z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, slot, z)
+    return sums / torch.bincount(slot, minlength=len(classes)).clamp_min(1)[:, None].to(z.dtype)
 
 
 @torch.no_grad()
@@ -255,10 +274,11 @@ def prototype_distance(codes_NS: torch.Tensor, labels_N: torch.Tensor | np.ndarr
     z = codes_NS.float()
     y = torch.as_tensor(np.asarray(labels_N), dtype=torch.long, device=z.device)
     if prototypes_CS is None:
-        C = int(y.max()) + 1
-        sums = torch.zeros(C, z.shape[1], device=z.device).index_add_(0, y, z)
-        prototypes_CS = sums / torch.bincount(y, minlength=C).clamp_min(1)[:, None]
-    within = (z - prototypes_CS.float()[y]).pow(2).sum(-1).mean().item()
+        classes = torch.unique(y)
+        prototype_of_row = _class_means(z, y, classes)[torch.searchsorted(classes, y)]
+    else:
+        prototype_of_row = prototypes_CS.float()[y]
+    within = (z - prototype_of_row).pow(2).sum(-1).mean().item()
     total = (z - z.mean(0)).pow(2).sum(-1).mean().item()
     return {"mean_sq_dist": within, "total_sq_dist": total,
             "within_class_fraction": within / total if total > 0 else float("nan")}
@@ -275,6 +295,8 @@ def train_pass_sae(cache_dir: str | Path, hook_name: str | None = None, *, w_aux
     from .trainer import train_sae
 
     cache = ActivationStore.open(cache_dir)
+    if n_classes is None:  # the data set's class count, recorded by the cache (not the largest label)
+        n_classes = cache.metadata.get("request", {}).get("n_classes")
     n_classes = check_pass_labels(cache.labels, n_classes)
     for reserved in ("architecture", "trainer_cls", "with_labels"):
         if reserved in train_kwargs:
@@ -304,13 +326,14 @@ def prototype_distance_on_cache(sae, cache_dir: str | Path, rows: Sequence[int] 
     rows = np.asarray(rows, dtype=np.int64)
     labels = torch.as_tensor(cache.labels[rows])
     z = codes(rows)
-    protos = None
-    if prototype_rows is not None:
-        prototype_rows = np.asarray(prototype_rows, dtype=np.int64)
-        zp, yp = codes(prototype_rows), torch.as_tensor(cache.labels[prototype_rows])
-        C = int(max(int(yp.max()), int(labels.max()))) + 1
-        protos = torch.zeros(C, zp.shape[1]).index_add_(0, yp, zp) / torch.bincount(yp, minlength=C).clamp_min(1)[:, None]
-    return prototype_distance(z, labels, protos)
+    if prototype_rows is None:
+        return prototype_distance(z, labels)
+    prototype_rows = np.asarray(prototype_rows, dtype=np.int64)
+    zp, yp = codes(prototype_rows), torch.as_tensor(cache.labels[prototype_rows])
+    # prototypes of the classes present (zero for a class without prototype rows), labels renumbered to them
+    classes = torch.unique(torch.cat([yp, labels]))
+    protos = _class_means(zp, yp, classes)
+    return prototype_distance(z, torch.searchsorted(classes, labels), protos)
 
 
 __all__ = [

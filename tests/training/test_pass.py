@@ -224,3 +224,32 @@ def test_cli_train_objective_pass(tiny_imagenet_cache, tmp_path, capsys) -> None
     assert "objective pass (w_aux 0.5)" in capsys.readouterr().out
     sae = SAE.load_from_disk(out)
     assert sae.cfg.architecture() == "topk" and sae.cfg.metadata.objective == "pass" and sae.cfg.metadata.w_aux == 0.5
+
+
+def test_pass_sizes_prototypes_by_the_class_count_not_the_largest_label(tmp_path, tiny_clip) -> None:
+    """A label far outside the data set's classes (issue 19, item 10) is refused before training, naming the
+    label and its row; it never sizes the prototypes (5,000,000 once allocated 5.1 GB)."""
+    from conftest import write_image_folder
+
+    from sae_lens_vision_steer.activation_cache import cache_activations
+    from sae_lens_vision_steer.data import load_image_dataset
+    from sae_lens_vision_steer.training.pass_sae import train_pass_sae
+
+    ds = load_image_dataset("imagefolder", data_dir=write_image_folder(tmp_path / "img", 2, 4),
+                            transform=tiny_clip.preprocess)
+    ds.labels = ds.labels.copy()
+    ds.labels[6] = 5_000  # e.g. a stream label before streams were checked
+    hook = f"blocks.{tiny_clip.cfg.n_layers - 1}.hook_resid_post"
+    cache = cache_activations(tiny_clip, ds, [hook], tmp_path / "cache", num_workers=0, show_progress=False)
+    assert cache.metadata["request"]["n_classes"] == 2  # the cache records the data set's class count
+    with pytest.raises(ValueError, match=r"1 of 8 cached rows have a label outside \[0, 2\), the 2 classes of the "
+                                         r"data set: first label 5000 at row 6"):
+        train_pass_sae(tmp_path / "cache", hook, out_dir=tmp_path / "sae", epochs=1, batch_size=4)
+    assert not (tmp_path / "sae").exists()
+    # The count comes from the data set, not from the labels seen: classes without rows get a prototype row
+    assert check_pass_labels(np.array([0, 1, 1]), n_classes=5) == 5
+    # Without a recorded count, a label no cache of that size can need is refused (no allocation)
+    with pytest.raises(ValueError, match=r"first label 5000000 at row 1"):
+        check_pass_labels(np.array([0, 5_000_000, 1]))
+    with pytest.raises(ValueError, match=r"first label -3 at row 0"):  # not "no label" (-1 is that)
+        check_pass_labels(np.array([-3, 1, 0]), n_classes=2)
