@@ -328,7 +328,11 @@ class HubImageDataset(ImageDataset):
     def load_image(self, i: int) -> Image.Image:
         try:
             img = self.ds[i][self.image_column]
-            return to_rgb(img if isinstance(img, Image.Image) else Image.open(img["path"]))
+            if isinstance(img, Image.Image):
+                return to_rgb(img)
+            with open_regular_file(img["path"]) as f, Image.open(f) as im:  # a FIFO: refused, not waited on
+                im.load()
+                return to_rgb(im)
         except Exception as e:
             raise BadImageError(f"cannot read image {i} of {self.dataset_id}/{self.split}: {e}") from e
 

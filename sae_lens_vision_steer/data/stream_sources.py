@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 from PIL import Image
 
 from ..core.errors import InputError, MissingInputError, UsageError
+from .files import open_regular_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
@@ -243,7 +244,8 @@ class HubStreamSource:
             img = row[self.image_column]
             data = img.get("bytes") if isinstance(img, dict) else img
             if data is None and isinstance(img, dict) and img.get("path"):
-                data = Path(img["path"]).read_bytes()
+                with open_regular_file(img["path"]) as f:  # a FIFO: refused naming it, not waited on
+                    data = f.read()
             yield RawSample(f"item {i} of {self.path}/{self.split}", data, int(row[self.label_column]))
 
 
