@@ -207,7 +207,7 @@ def exclusive_folder(path: str | Path, what: str, error: type[Exception] = Confl
             return stack.enter_context(exclusive_writer(resolved, what, error))
 
         token = on_main(take)
-        if active():
+        if active() and token:  # (no token: no flock on this system, so no lock to see)
             try:
                 seen = (resolved / LOCK_FILE).read_text(errors="replace").strip()
             except OSError:
