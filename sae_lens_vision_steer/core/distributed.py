@@ -187,7 +187,7 @@ def on_main(fn: Callable[[], Any]) -> Any:
 
 def same_folder(what: str, path: str | Path) -> Path:
     """`path` resolved; refused on every rank (`RankMismatchError`) unless every rank names the same folder."""
-    resolved = Path(path).expanduser().resolve()
+    resolved = Path(path).resolve()
     check_same(what, {"folder": str(resolved)})
     return resolved
 
