@@ -19,6 +19,7 @@ from ..core.identity import (
     dataset_identity,
     model_fingerprint,
     model_identity,
+    portable_model_name,
     stable_repr,
 )
 from ..core.positions import POOLED_HOOKS, POSITION_NAMES, PositionName, position_index, select_positions  # noqa: F401 (re-exported)
@@ -135,6 +136,8 @@ def class_count(dataset: ImageDataset) -> int | None:
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    # `local-dir:` caches made before model names were recorded portable (the folder's name only)
+    found, wanted = ({**d, "model_name": portable_model_name(d.get("model_name"))} for d in (found, wanted))
     return describe_differences(request_differences(found, wanted, IDENTITY_FIELDS), "cache", max_len=200)
 
 

@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 
 from ..core.errors import MissingInputError, UnknownNameError
+from ..core.identity import model_label
 from .format import (
     METADATA_FILE,
     CacheError,
@@ -195,5 +196,5 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         m = self.metadata
-        return (f"ActivationStore({str(self.root)!r}, model={m['model_name']}/{m['pretrained']}, hooks={m['hook_names']}, "
+        return (f"ActivationStore({str(self.root)!r}, model={model_label(m['model_name'], m['pretrained'])}, hooks={m['hook_names']}, "
                 f"positions={m['positions']}, rows={m['n_rows']}, dtype={m['dtype']})")

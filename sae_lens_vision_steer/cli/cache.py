@@ -59,6 +59,7 @@ def interrupted(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..activation_cache import cache_activations
+    from ..core.identity import model_label
 
     if args.overwrite and args.repair:
         raise UsageError("give --repair or --overwrite, not both")
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                               show_progress=not args.no_progress, overwrite=args.overwrite, repair=args.repair)
     t2 = time.perf_counter()
     m = cache.metadata
-    print(f"cache {cache.root}: {m['model_name']}/{m['pretrained']} on {m['dataset']}/{m['split']}, "
+    print(f"cache {cache.root}: {model_label(m['model_name'], m['pretrained'])} on {m['dataset']}/{m['split']}, "
           f"{m['n_images_cached']} images ({m['n_images_skipped']} skipped), {cache.n_rows} rows "
           f"({m['positions']}, {m['dtype']}) in {cache.n_shards} shards")
     for mem in m["request"].get("members") or []:  # a union (union.py)

@@ -241,19 +241,24 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_model_args(args: argparse.Namespace, sae=None) -> list[str]:
+def resolve_model_args(args: argparse.Namespace, sae=None, sae_dir: str | None = None) -> list[str]:
     """Fill `--model`, `--pretrained`, `--model-kwargs` (and `--random-weights`) that were not given:
-    from the SAE's metadata when there is an SAE, else the defaults. Returns notes to print."""
-    from ..core.identity import weights_from_name
+    from the SAE's metadata when there is an SAE (a `local-dir:` model is looked for: `sae.match.
+    find_recorded_model`), else the defaults. Returns notes to print."""
+    from ..core.identity import portable_model_name, weights_from_name
 
     meta = sae.cfg.metadata if sae is not None else {}
     notes = []
     recorded_model = meta.get("model_name")
     if args.model is None:
-        args.model = recorded_model or DEFAULT_MODEL
         if recorded_model:
+            from ..sae.match import find_recorded_model
+
+            args.model = find_recorded_model(meta, sae_dir)
             notes.append(f"model {args.model} (from the SAE's metadata)")
-    same_model = recorded_model is not None and args.model == recorded_model
+        else:
+            args.model = DEFAULT_MODEL
+    same_model = recorded_model is not None and portable_model_name(args.model) == portable_model_name(recorded_model)
     if args.model_kwargs is None:
         args.model_kwargs = dict(meta.get("model_kwargs") or {}) if same_model else {}
     if args.pretrained is None and not args.random_weights:
@@ -261,7 +266,7 @@ def resolve_model_args(args: argparse.Namespace, sae=None) -> list[str]:
             if meta.get("pretrained") is None and not weights_from_name(args.model):
                 args.random_weights = True  # the SAE was trained on a randomly initialised tower
                 notes.append(f"random weights, seed {args.seed} (the SAE was trained on a random-weight model)")
-            else:
+            elif meta.get("pretrained") is not None:
                 args.pretrained = meta.get("pretrained")
                 notes.append(f"weights {args.pretrained} (from the SAE's metadata)")
         elif not weights_from_name(args.model):

@@ -232,6 +232,8 @@ def request_of(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any
     paths = {"sae", "data_dir", "reference_cache", "pool_cache", "layer_saes", "pool_retrieval_embeds",
              "query_retrieval_embeds", "retrieval_cache"}
     values = {k: getattr(args, k, None) for k in keys if hasattr(args, k)}
+    if str(values.get("model") or "").startswith("local-dir:"):  # the folder, wherever the command runs from
+        values["model"] = "local-dir:" + abspath(values["model"].split(":", 1)[1])
     return {k: (abspath(v) if k in paths and v and "," not in str(v) else v) for k, v in values.items()}
 
 
@@ -256,12 +258,15 @@ def run(args: argparse.Namespace) -> int:
     methods = split_list(args.methods)
     if not methods:
         raise UsageError("--methods is empty")
+    if args.sae is None and args.model is None and not args.random_weights:
+        raise UsageError("eval needs a model: --sae DIR (evaluates with the SAE's recorded model) or --model NAME "
+                         "--pretrained TAG (e.g. --model ViT-B-32 --pretrained openai --methods zeroshot)")
     check_steering_values(args)
     retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
     gated = gate_methods(args)
     t0 = time.perf_counter()
     sae = load_sae_arg(args.sae, args.device)
-    for note in resolve_model_args(args, sae):
+    for note in resolve_model_args(args, sae, args.sae):
         print(f"using {note}")
     # torchrun: every rank names the same folder, rank 0 owns it
     folder = prepare_output_dir(default_out(args, "eval"), "eval", request_of(args, EVAL_REQUEST_KEYS), args.overwrite)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(results, dict) or "methods" not in results:
             raise InputError(f"--results {args.results} is not a results.json of `vision-steer eval` (no 'methods')")
     sae = load_sae(args.sae, args.device)
-    for note in resolve_model_args(args, sae):
+    for note in resolve_model_args(args, sae, args.sae):
         print(f"using {note}")
     model = load_model(args)
     fb = build_feature_browser(args.cache, sae, model, args.out, top_k=args.top_k, heatmap=args.heatmap,

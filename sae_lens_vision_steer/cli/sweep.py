@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                       gate_methods=tuple(gate_methods(args)), hook_name=args.hook, batch_size=args.batch_size,
                       num_workers=args.num_workers, options=retrieval_options(args), show_progress=show)
     sae = load_sae_arg(args.sae, args.device)
-    for note in resolve_model_args(args, sae):
+    for note in resolve_model_args(args, sae, args.sae):
         print(f"using {note}")
     # torchrun: every rank names the same folder, rank 0 owns it
     folder = prepare_output_dir(default_out(args, "sweep"), "sweep", request_of(args, SWEEP_REQUEST_KEYS),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -30,19 +31,32 @@ MODEL_CONFIG_FIELDS = ("family", "pooling", "n_layers", "d_model", "n_heads", "d
 
 
 def model_identity(model: Any) -> dict[str, Any]:
-    """`model_name`, `pretrained`, `act_fn` (`gelu` or `quick_gelu`: `ViT-B-32` with the `openai` tag is
-    built with QuickGELU), `model_kwargs` (the extra `open_clip.create_model` arguments, when known) and
-    `model_config` (the tower's real shape: layers, widths, patch size, ...)."""
+    """`model_name` (portable: `local-dir:<folder name>`, whatever path the model was loaded from),
+    `pretrained`, `act_fn` (`gelu` or `quick_gelu`: `ViT-B-32` with the `openai` tag is built with
+    QuickGELU), `model_kwargs` (the extra `open_clip.create_model` arguments, when known), `model_config`
+    (the tower's real shape: layers, widths, patch size, ...), `model_fingerprint` (the image tower's
+    weights: what identifies the model) and, for a `local-dir:` model, `model_dir` (the absolute folder:
+    local files only, dropped when published; where `eval --sae` looks for the model first)."""
     cfg = model.cfg
     config = {k: getattr(cfg, k) for k in MODEL_CONFIG_FIELDS if hasattr(cfg, k)}
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    folder = local_dir_of(cfg.model_name)
     return {
-        "model_name": cfg.model_name,
+        "model_name": portable_model_name(cfg.model_name),
         "pretrained": cfg.pretrained,
         "act_fn": getattr(cfg, "act_fn", None),
         "model_kwargs": dict(getattr(cfg, "model_kwargs", None) or {}),
         "model_config": config,
+        "model_fingerprint": model_fingerprint(model),
+        **({"model_dir": str(Path(folder).expanduser().resolve())} if folder else {}),
     }
+
+
+def local_dir_of(model_name: str | None) -> str | None:
+    """The folder of a `local-dir:DIR` name (as written), else None."""
+    if model_name and model_name.startswith("local-dir:"):
+        return model_name.split(":", 1)[1]
+    return None
 
 
 def weights_from_name(model_name: str | None) -> bool:
@@ -50,12 +64,19 @@ def weights_from_name(model_name: str | None) -> bool:
 
 
 def portable_model_name(model_name: str | None) -> str | None:
-    """`local-dir:/home/you/ckpt` -> `local-dir:ckpt` (no local path in published files)."""
-    if model_name and model_name.startswith("local-dir:"):
-        from pathlib import Path
-
-        return "local-dir:" + Path(model_name.split(":", 1)[1].rstrip("/")).name
+    """`local-dir:/home/you/ckpt`, `local-dir:../ckpt` -> `local-dir:ckpt`: the folder's name only (no local
+    path in recorded or published files; the weights are identified by their fingerprint)."""
+    folder = local_dir_of(model_name)
+    if folder is not None:
+        return "local-dir:" + Path(folder).expanduser().resolve().name
     return model_name
+
+
+def model_label(model_name: str | None, pretrained: str | None) -> str:
+    """`ViT-B-32/openai`; `local-dir:m` alone (its weights come with the name); `ViT-B-32 (random weights)`."""
+    if pretrained:
+        return f"{model_name}/{pretrained}"
+    return str(model_name) if weights_from_name(model_name) else f"{model_name} (random weights)"
 
 
 def stock_config_differences(model_name: str | None, model_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -100,8 +121,20 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str
 
 
 def model_fingerprint(model: Any) -> str:
-    """sha256 over the image tower's weights: tells apart two random-weight models of one name."""
-    return tensors_fingerprint(model.vision_state_dict())
+    """sha256 over the image tower's weights: tells apart two random-weight models of one name, and
+    recognises one model's weights whatever path they were loaded from. Remembered on the model until a
+    weight tensor is replaced or changed in place (torch's version counters), so checks repeat for free."""
+    tensors = model.vision_state_dict()
+    key = tuple((name, t.data_ptr(), t._version, t.dtype) for name, t in tensors.items())
+    memo = getattr(model, "_vision_steer_fingerprint", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    fingerprint = tensors_fingerprint(tensors)
+    try:
+        object.__setattr__(model, "_vision_steer_fingerprint", (key, fingerprint))
+    except (AttributeError, TypeError):  # a model that takes no attributes: computed each time
+        pass
+    return fingerprint
 
 
 def text_fingerprint(model: Any) -> str:

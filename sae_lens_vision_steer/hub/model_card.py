@@ -127,6 +127,14 @@ def _portable_data_name(data: Any) -> str:
     return str(data)
 
 
+def _local_dir_note(model_name: Any, fingerprint: Any) -> list[str]:
+    """A comment above the card's load line for a `local-dir:` model: the folder is the user's own."""
+    if not (isinstance(model_name, str) and model_name.startswith("local-dir:")):
+        return []
+    return [f"# {model_name}: a local open_clip folder (any path to it works: the SAE checks the weights"
+            + (f", fingerprint {fingerprint}" if fingerprint else "") + ")"]
+
+
 def sae_card_section(
     repo_id: str,
     sae_id: str,
@@ -213,6 +221,7 @@ def sae_card_section(
         "from sae_lens_vision_steer.steering import VS2Steering",
         "",
         f"sae, info = load_vision_sae({_py(repo_id)}, {_py(sae_id)}{rev_arg})",
+        *_local_dir_note(model_name, metadata.get("model_fingerprint")),
         f"model = HookedCLIP.from_pretrained({_py(model_name)}, pretrained={_py(pretrained)}"
         + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")",
         f"steer = VS2Steering(sae, lam={PAPER_LAM}, gamma={PAPER_GAMMA})",

@@ -25,16 +25,18 @@ from sae_lens import SAE
 if TYPE_CHECKING:  # the models package imports this module's callers; import HookedCLIP for types only
     from ..models.hooked import HookedViT as HookedCLIP
 from ..core.errors import UsageError
-from ..core.identity import model_fingerprint, portable_model_name
+from ..core.identity import model_fingerprint, model_label, portable_model_name
 from ..core.positions import positions_label, seqpos_slice
 
 VISION_METADATA_KEYS = (
-    "hook_name", "model_name", "pretrained", "model_kwargs", "model_config", "positions", "dataset",
+    "hook_name", "model_name", "pretrained", "act_fn", "model_fingerprint", "model_kwargs", "model_config", "positions", "dataset",
     "dataset_path", "split", "dataset_members", "n_training_samples", "activation_mean", "heldout_fvu", "mean_l0", "dead_fraction",
     "objective", "w_aux",
 )
 # The cache request's model fields copied into the SAE metadata (see identity.model_identity).
-MODEL_FIELDS = ("model_name", "pretrained", "act_fn", "model_kwargs", "model_config", "model_fingerprint")
+MODEL_FIELDS = ("model_name", "pretrained", "act_fn", "model_kwargs", "model_config", "model_fingerprint", "model_dir")
+# Local paths: kept in local files, dropped from published metadata.
+LOCAL_FIELDS = ("data_dir", "model_dir")
 
 
 
@@ -59,7 +61,7 @@ def training_metadata(request: dict[str, Any], hook_name: str, objective: str,
     positions = request["positions"]
     return {
         "hook_name": hook_name,
-        **{k: request.get(k) for k in MODEL_FIELDS},
+        **{k: request.get(k) for k in MODEL_FIELDS if k != "model_dir" or request.get(k)},
         "positions": positions,
         "dataset": request["dataset"],
         "dataset_path": request.get("dataset_path") or request["dataset"],
@@ -78,8 +80,9 @@ def training_metadata(request: dict[str, Any], hook_name: str, objective: str,
 
 
 def portable_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    """Metadata for publishing: no local paths (`local-dir:/home/you/m` -> `local-dir:m`, no `data_dir`)."""
-    out = {k: v for k, v in meta.items() if k != "data_dir"}
+    """Metadata for publishing: no local paths (`local-dir:/home/you/m` -> `local-dir:m`, no `data_dir` or
+    `model_dir`; the weights stay identified by `model_fingerprint`)."""
+    out = {k: v for k, v in meta.items() if k not in LOCAL_FIELDS}
     if "model_name" in out:
         out["model_name"] = portable_model_name(out["model_name"])
     return out
@@ -149,10 +152,15 @@ def check_activation_cache_for_sae(cache: Any, sae: SAE, hook_name: str, what: s
         problems.append(f"its width at {hook_name!r} is {cache.d_in(hook_name)}, the SAE's d_in is {sae.cfg.d_in}")
     req = cache.metadata.get("request", {})
     meta = sae.cfg.metadata
-    if meta.get("model_name") and req.get("model_name") and meta.get("model_name") != req.get("model_name"):
+    if meta.get("model_fingerprint") and req.get("model_fingerprint"):
+        if meta["model_fingerprint"] != req["model_fingerprint"]:
+            problems.append(f"it was made with other weights ({portable_model_name(req.get('model_name'))}, "
+                            f"fingerprint {req['model_fingerprint']}) than the SAE's ({meta['model_fingerprint']})")
+    elif (meta.get("model_name") and req.get("model_name")
+          and portable_model_name(meta.get("model_name")) != portable_model_name(req.get("model_name"))):
         problems.append(f"it was made with {req.get('model_name')!r}, the SAE with {meta.get('model_name')!r}")
     if model is not None and req.get("model_fingerprint") and req["model_fingerprint"] != model_fingerprint(model):
         problems.append(f"it was made with other model weights than the model loaded "
-                        f"({req.get('model_name')}/{req.get('pretrained')})")
+                        f"({model_label(req.get('model_name'), req.get('pretrained'))})")
     if problems:
         raise UsageError(f"{what} {cache.root} does not fit this SAE and model: " + "; ".join(problems))
