@@ -32,6 +32,7 @@ def _subcommands() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .._version import __version__
     from .common import EXIT_CODES
 
     parser = argparse.ArgumentParser(
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items()),
         description="Hooked CLIP image towers, vision SAEs and Visual Sparse Steering (VS2, VS2++, PASS) on SAELens.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _subcommands():
         mod = importlib.import_module(f"{__name__}.{name}")

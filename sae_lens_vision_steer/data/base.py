@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core import distributed
 from ..core.errors import MissingInputError, UsageError, VisionSteerError
 from .files import NotRegularFileError, check_names, open_regular_file, shown_path
+from .hub_access import check_hub_dataset_available
 from .resources import classnames_for
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -351,6 +352,7 @@ def load_hub_dataset(name: str, split: str, transform=None, skip_bad_images: boo
     spec = HUB_DATASETS.get(name)
     repo = spec["repo"] if spec else name
     hub_split = spec["splits"].get(split, split) if spec else split
+    check_hub_dataset_available(name, repo)  # offline and not cached: one line now, not a minute of retries
     try:
         ds = datasets.load_dataset(repo, split=hub_split, **load_kwargs)
     except ValueError as e:  # datasets raises ValueError for an unknown split

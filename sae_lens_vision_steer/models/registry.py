@@ -25,6 +25,7 @@ from .families import (  # noqa: F401  (the registry's API)
     open_clip_vit,
     register,
 )
+from ..core.errors import MissingInputError, UnknownNameError
 from .tower import Tower
 
 
@@ -55,20 +56,45 @@ def load(model_name: str, pretrained: str | None, device: str | torch.device, **
         from .families import timm_vit
 
         return timm_vit.load(model_name[5:], pretrained, device, **kwargs)
-    check_open_clip_name(model_name)
+    check_open_clip_name(model_name, pretrained)
     model, preprocess = open_clip_vit.create(model_name, pretrained, device, **kwargs)
     return model, preprocess, None
 
 
-def check_open_clip_name(model_name: str) -> None:
-    """Refuse an open_clip name whose image tower no family adapts, from its config alone."""
+def nearest(word: str, names: list[str], n: int = 3) -> list[str]:
+    """The `n` names closest to `word` (difflib; case-insensitive), always some when there are names."""
+    lower = {name.lower(): name for name in names}
+    return [lower[m] for m in difflib.get_close_matches(word.lower(), list(lower), n=n, cutoff=0.0)]
+
+
+def check_open_clip_name(model_name: str, pretrained: str | None = None) -> None:
+    """Refuse, from open_clip's lists alone (before any download), an unknown open_clip model name, an
+    unknown pretrained tag (not a checkpoint file either), or a model whose image tower no family adapts.
+    Unknown names and tags are `UnknownNameError`s naming the three nearest known ones."""
+    import os
+
     import open_clip
 
     if ":" in model_name:  # hf-hub: / local-dir: carry their config with the weights
         return
-    cfg = open_clip.get_model_config(model_name.replace("/", "-"))
+    name = model_name.replace("/", "-")
+    cfg = open_clip.get_model_config(name)
     if cfg is None:
-        return  # open_clip itself reports an unknown name, with its list
+        raise UnknownNameError(
+            f"unknown open_clip model {model_name!r}; nearest: {', '.join(nearest(model_name, open_clip.list_models()))} "
+            "(all: python -c 'import open_clip; print(open_clip.list_models())'; or hf:REPO, timm:NAME, "
+            "local-dir:DIR)")
+    if pretrained and ":" not in pretrained and not os.path.exists(os.path.expanduser(pretrained)):
+        if "/" in pretrained or os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise MissingInputError(f"checkpoint file {pretrained} (--pretrained) does not exist")
+    if pretrained and ":" not in pretrained and not os.path.exists(os.path.expanduser(pretrained)) \
+            and not open_clip.get_pretrained_cfg(name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        hint = (f"nearest tags of {model_name}: {', '.join(nearest(pretrained, tags))}" if tags
+                else f"{model_name} has no pretrained tags in open_clip")
+        raise UnknownNameError(
+            f"unknown pretrained tag {pretrained!r} for {model_name} (and no such checkpoint file); {hint} "
+            f"(all: open_clip.list_pretrained_tags_by_model({name!r}); --random-weights for none)")
     reason = unsupported_reason(cfg)
     if reason:
         supported = [n for n in open_clip.list_models() if not name_unsupported_reason(n)]
