@@ -65,6 +65,9 @@ class PipelineConfig:
     options: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)  # extra fields for results.json's config
     request: dict[str, Any] = field(default_factory=dict)  # what the output folder is keyed by
+    # Request keys that change only the evaluation (lam, gamma, the gate, methods, ...): a finished folder
+    # whose record differs only in these reuses its cache and SAE and is evaluated again.
+    reevaluate_keys: tuple[str, ...] = ()
     overwrite: bool = False
     show_progress: bool = True
 
@@ -86,6 +89,7 @@ class PipelineResult:
     written: dict[str, Path]
     stages: dict[str, float]
     reused: list[str]
+    changed: list[str] = field(default_factory=list)  # the evaluation settings that differ from the last run
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -191,8 +195,11 @@ def run_pipeline(cfg: PipelineConfig, model: Any, log: Callable[[str], None] = p
     before anything is written (so a failing disk cannot take the numbers with it)."""
     import torch
 
-    folder = prepare_output_dir(cfg.out, "run", cfg.request, cfg.overwrite)  # torchrun: the ranks agree first
+    folder = prepare_output_dir(cfg.out, "run", cfg.request, cfg.overwrite,  # torchrun: the ranks agree first
+                                reevaluate_keys=cfg.reevaluate_keys)
     out = folder.path
+    if folder.changed:
+        log("re-evaluating: " + "; ".join(folder.changed) + " (the cache and the SAE are reused when complete)")
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     reused: list[str] = []
@@ -267,11 +274,12 @@ def run_pipeline(cfg: PipelineConfig, model: Any, log: Callable[[str], None] = p
         folder.add(write_json_atomic(out / "run.json", {
             "command": "run", "config": _jsonable(cfg), "hook_name": hook, "cache": str(store.root),
             "sae": str(trained.out_dir), "cache_rows": store.n_rows, "sae_metrics": trained.metrics,
-            "fvu_distribution": fvu_dist, "fvu_threshold": tau, "reused": reused,
+            "fvu_distribution": fvu_dist, "fvu_threshold": tau, "reused": reused, "changed": folder.changed,
             "results": str(written["summary" if is_union(eval_data) else "json"]), "stages": stages,
         }))
         folder.finish()
-    return PipelineResult(out, hook, store, trained, tau, result, written, stages, reused)
+    return PipelineResult(out, hook, store, trained, tau, result, written, stages, reused,
+                          folder.changed)
 
 
 def _jsonable(cfg: PipelineConfig) -> dict[str, Any]:

@@ -94,6 +94,13 @@ RUN_REQUEST_KEYS = ("model", "pretrained", "random_weights", "model_kwargs", "se
                     "retrieval_cache")
 
 
+# Settings that change only the evaluation: a finished run asked again with other values of these reuses its
+# cache and SAE and evaluates again (the training split's cache and the SAE do not depend on them).
+RUN_REEVALUATE_KEYS = ("eval_split", "eval_limit", "lam", "gamma", "fvu_threshold", "fvu_quantile", "gate_methods",
+                       "gate_datasets", "templates", "methods", "n_neighbours", "retrieval_backbone",
+                       "retrieval_pretrained", "retrieval_random_weights", "retrieval_model_kwargs", "retrieval_cache")
+
+
 def interrupted(args: argparse.Namespace) -> str:
     from .cache import interrupted as cache_interrupted
     from .train import interrupted as train_interrupted
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         templates=args.templates, text_cache=resolve_text_cache(args), options=options,
         record={"random_weights": args.random_weights, "seed": args.seed, "train_limit": args.train_limit,
                 "eval_limit": args.eval_limit},
-        request=request_of(args, RUN_REQUEST_KEYS), overwrite=args.overwrite, show_progress=not args.no_progress)
+        request=request_of(args, RUN_REQUEST_KEYS), reevaluate_keys=RUN_REEVALUATE_KEYS, overwrite=args.overwrite, show_progress=not args.no_progress)
     print(f"SAE size: k={k}, expansion {expansion} ({source})")
     model = load_model(args)
 
@@ -152,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if not res.written:
         return 0  # a rank other than 0 under torchrun
     if res.reused:
-        print(f"reused from {res.out}: " + ", ".join(res.reused) + " (same request; --overwrite recomputes)")
+        why = "only evaluation settings changed" if res.changed else "same request"
+        print(f"reused from {res.out}: " + ", ".join(res.reused) + f" ({why}; --overwrite recomputes)")
     print("stages: " + ", ".join(f"{k_[:-2]} {v:.1f} s" for k_, v in res.stages.items())
           + f"; peak RSS {peak_rss_mib():.0f} MiB")
     union = "summary" in res.written

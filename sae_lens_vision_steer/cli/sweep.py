@@ -114,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
 
         full = load_image_dataset(args.dataset, split=args.train_split, data_dir=args.data_dir,
                                   transform=model.preprocess, skip_bad_images=args.skip_bad_images)
+        n_full = len(full)  # before `holdout_split`, whose `subset` narrows the data set in place
         select_data = holdout_split(full, data, args.holdout_fraction)
         print(f"selecting on {len(select_data)} held-out images of {full.dataset_id}/{args.train_split} "
-              f"({args.holdout_fraction:g} of {len(full)})")
+              f"({args.holdout_fraction:g} of {n_full:,})")
     else:
         print(EVAL_SELECTION_WARNING.format(split=f"{data.dataset_id}/{data.split}"), file=sys.stderr)
     cfg = dataclasses.replace(cfg, fvu_threshold=tau,

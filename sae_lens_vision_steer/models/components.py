@@ -212,6 +212,13 @@ class TransformerBlock(nn.Module):
         _hold(self, "_ls1", ls1 if ls1 is not None else nn.Identity())
         _hold(self, "_ls2", ls2 if ls2 is not None else nn.Identity())
 
+    def scale_attn(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output's layer scale (identity without one)."""
+        return self._ls1(x)
+
+    def scale_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ls2(x)
+
     def forward(self, resid_pre_BTD: torch.Tensor) -> torch.Tensor:
         x = self.hook_resid_pre(resid_pre_BTD)
         attn_out = self.hook_attn_out(self._ls1(self.attn(self.ln1(x))))

@@ -265,6 +265,51 @@ class HookedViT(HookedRootModule):
         and projection, or the whole timm/DINOv2 backbone."""
         return {f"{i}.{k}": v for i, m in enumerate(self._tower.vision_modules) for k, v in m.state_dict().items()}
 
+    # ------------------------------------------------------------------ TL utilities
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
+        """TL's `HookedTransformer.accumulated_bias`: the sum of the attention output biases `b_O` (and, with
+        `include_mlp_biases`, the MLP output biases `b_out`) of blocks `0..layer-1`, plus block `layer`'s `b_O`
+        with `mlp_input`, each through the block's layer scale when it has one. With the cache's `embed`
+        (our `hook_embed`, the residual stream's start), the heads' and the neurons' outputs it sums to the
+        residual stream, so `cache.get_full_resid_decomposition()` works."""
+        bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+        for i in range(layer):
+            block = self.blocks[i]
+            bias = bias + block.scale_attn(block.attn.b_O)
+            if include_mlp_biases:
+                bias = bias + block.scale_mlp(block.mlp.b_out)
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise UsageError(f"mlp_input=True needs layer < n_layers ({self.cfg.n_layers}), got {layer}")
+            bias = bias + self.blocks[layer].scale_attn(self.blocks[layer].attn.b_O)
+        return bias
+
+    def class_residual_directions(self, class_embeds_CE: torch.Tensor) -> torch.Tensor:
+        """The residual-stream direction `[C, D]` of each class-prompt embedding (`[C, embed_dim]`, e.g. a
+        `ZeroShotClassifier`'s normalised class embeddings): `ln_final.w * (W_proj @ e_c)`, the map from the
+        final CLS token after the final norm's scaling to the class logit (before the image embedding's
+        normalisation and `logit_scale`, which scale all of an image's logits alike). Set them as
+        `model.class_directions` and `cache.logit_attrs(stack, tokens=class_indices, pos_slice=0)` gives each
+        component's share of each image's class logit (TL's `tokens_to_residual_directions` reads them)."""
+        if self.cfg.pooling != "cls":
+            raise UsageError(f"class directions need a CLS-pooled tower; {self.cfg.model_name} pools with "
+                             f"{self.cfg.pooling!r}")
+        self._text()  # image-only backbones have no class prompts
+        basis = torch.eye(self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+        zero = torch.zeros(1, self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+        proj_DE = self._tower.project(basis) - self._tower.project(zero)  # the linear part of the projection
+        dirs = class_embeds_CE.to(proj_DE) @ proj_DE.T
+        return dirs * self.ln_final.w if self.ln_final is not None else dirs
+
+    def tokens_to_residual_directions(self, tokens: Any) -> torch.Tensor:
+        """TL's name, for `cache.logit_attrs`: the rows of `model.class_directions` (see
+        `class_residual_directions`) for class indices `tokens` (an int or an int tensor of any shape)."""
+        dirs = getattr(self, "class_directions", None)
+        if dirs is None:
+            raise UsageError("set model.class_directions = model.class_residual_directions(class_embeds) first: "
+                             "an image tower has no vocabulary, its 'tokens' are class indices")
+        return dirs[torch.as_tensor(tokens, device=dirs.device)]
+
     def head_from_pooled(self, pooled_BD: torch.Tensor) -> torch.Tensor:
         """The projection after the pooled token (`hook_ln_post` / `hook_pooled`)."""
         return self.hook_image_embed(self._tower.project(pooled_BD))

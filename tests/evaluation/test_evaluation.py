@@ -264,6 +264,7 @@ def test_cli_eval_and_sweep(tmp_path, tiny_imagenet_dir, capsys, setup):
     assert rc == 0
     out, err = capsys.readouterr()
     assert "selected on the evaluation split" not in err and "held-out images of tiny-imagenet/train" in out
+    assert "(0.005 of 20,000)" in out  # the split's size, not the held-out part's (issue 22 item 8)
     sw = json.loads((tmp_path / "holdout" / "sweep.json").read_text())
     assert sw["sweep"]["n_images"] == 100 and sw["config"]["selection_data"] == "tiny-imagenet/train"
     assert set(sw["evaluation"]) == {"zeroshot", "vs2", "vs2_paper"}
@@ -295,5 +296,17 @@ def test_cli_run_main_job_and_reuse(tmp_path, tiny_imagenet_dir, capsys):
     assert weights.stat().st_mtime_ns == mtime
     again = json.loads((run_dir / "results.json").read_text())
     assert again["methods"]["vs2"]["top1"] == saved["methods"]["vs2"]["top1"]
+    assert "reused from" in capsys.readouterr().out  # a rerun says what it reused
     assert main(args[:-2] + ["--k", "4", "--out", str(run_dir)]) == EXIT_CONFLICT  # a different request
     assert "k: folder has 8, request has 4" in capsys.readouterr().err
+    # issue 22 item 6: another steering setting on a finished run only evaluates again
+    cache_meta = run_dir / "cache_train" / "metadata.json"
+    cache_mtime = cache_meta.stat().st_mtime_ns
+    assert main(args[:-2] + ["--lam", "1.0", "--out", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "re-evaluating: lam: folder has 2.1, request has 1.0" in printed
+    assert "reused from" in printed and "cache, sae (only evaluation settings changed" in printed
+    assert weights.stat().st_mtime_ns == mtime and cache_meta.stat().st_mtime_ns == cache_mtime
+    relam = json.loads((run_dir / "results.json").read_text())
+    assert relam["config"]["lam"] == 1.0 and relam["methods"]["zeroshot"]["top1"] == saved["methods"]["zeroshot"]["top1"]
+    assert json.loads((run_dir / "run.json").read_text())["changed"] == ["lam: folder has 2.1, request has 1.0"]
