@@ -53,6 +53,8 @@ def test_cli_reference_doc_is_current():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    import os
+
     rc = subprocess.run([sys.executable, str(root / "scripts" / "build_cli_docs.py"), "--check"],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})  # this checkout
     assert rc.returncode == 0, rc.stderr
