@@ -231,6 +231,49 @@ def test_card_load_and_steer_code_runs_and_steers_as_vs2(dry_run, tmp_path, monk
     assert not torch.allclose(ns["steered"], ns["plain"])
 
 
+def test_card_code_runs_for_a_local_dir_model_on_any_path_to_it(tmp_path, monkeypatch):
+    """Issue 22: an SAE of a `local-dir:` model is published as `local-dir:<folder name>`; the card's code,
+    pointed at wherever the user keeps that folder (as its comment invites), loads and steers unrefused."""
+    import shutil
+
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from sae_lens_vision_steer.core.identity import model_identity
+    from sae_lens_vision_steer.sae.metadata import training_metadata
+
+    asset = Path(__file__).resolve().parents[2] / "assets" / "tiny-clip-tinyimagenet"
+    mine = tmp_path / "main" / "assets" / asset.name
+    shutil.copytree(asset, mine, ignore=shutil.ignore_patterns("*.md", "training.json"))
+    monkeypatch.chdir(tmp_path / "main")
+    model = HookedCLIP.from_pretrained("local-dir:assets/tiny-clip-tinyimagenet")
+    hook = model.steer_hook
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=128, d_sae=256, k=8))
+    request = {**model_identity(model), "positions": "cls", "dataset": "tiny-imagenet", "split": "train"}
+    for key, value in training_metadata(request, hook, "topk", [0.0] * 128).items():
+        setattr(sae.cfg.metadata, key, value)
+    sae.save_model(str(tmp_path / "main" / "runs" / "sae"))
+    res = publish_sae(tmp_path / "main" / "runs" / "sae", REPO, hook, dry_run_dir=tmp_path / "out",
+                      eval_results=False)
+    card = (res.dry_run_dir / "README.md").read_text()
+    [code] = [b for b in python_blocks(card) if "VS2Steering" in b]
+    assert 'HookedCLIP.from_pretrained("local-dir:tiny-clip-tinyimagenet"' in code and "any path" in code
+    published = json.loads((res.dry_run_dir / hook / "cfg.json").read_text())["metadata"]
+    assert "model_dir" not in published and str(tmp_path) not in json.dumps(published)
+    # the user's copy of the model folder, somewhere else; the card run from another folder
+    shutil.copytree(mine, tmp_path / "elsewhere" / asset.name)
+    (tmp_path / "user").mkdir()
+    monkeypatch.chdir(tmp_path / "user")
+    Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save("image.jpg")
+    code = code.replace(json.dumps(REPO), json.dumps(str(res.dry_run_dir))).replace(
+        "local-dir:tiny-clip-tinyimagenet", "local-dir:../elsewhere/tiny-clip-tinyimagenet")
+    ns: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same weights: not even a warning
+        exec(code, ns)
+    assert ns["steered"].shape == ns["plain"].shape == (1, 3)
+
+
 def test_card_from_real_eval_results(tmp_path):
     """`vision-steer eval`'s own results.json (evaluation.evaluate on generated images) goes into the card."""
     from conftest import write_image_folder
