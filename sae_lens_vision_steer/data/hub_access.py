@@ -19,10 +19,12 @@ LOCAL_FOLDERS = {"tiny-imagenet": "a tiny-imagenet-200/ folder", "cifar100": "a 
 
 def offline_by_setting() -> str | None:
     """The environment variable that turns the Hub off, or None."""
+    from huggingface_hub import constants
+
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in TRUE:
             return var
-    return None
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -37,11 +39,20 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def hf_cache_dirs(repo: str) -> list[Path]:
-    """Where `datasets` and `huggingface_hub` keep a data set repository's files (env read at call time)."""
+    """Where `datasets` and `huggingface_hub` keep a data set repository's files: the environment read now,
+    and the libraries' own settings (which a program may have changed after import)."""
+    import sys
+
+    from huggingface_hub import constants
+
     home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
-    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub").expanduser()
-    data = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser()
-    return [hub / ("datasets--" + repo.replace("/", "--")), data / repo.replace("/", "___")]
+    hubs = {Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub"),
+            Path(constants.HF_HUB_CACHE)}
+    data = {Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets")}
+    if "datasets" in sys.modules:
+        data.add(Path(sys.modules["datasets"].config.HF_DATASETS_CACHE))
+    return ([h.expanduser() / ("datasets--" + repo.replace("/", "--")) for h in sorted(hubs)]
+            + [d.expanduser() / repo.replace("/", "___") for d in sorted(data)])
 
 
 def in_hf_cache(repo: str) -> bool:

@@ -47,6 +47,8 @@ class DryRun:
 
 def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] | None = None) -> DryRun:
     """Count the plan's downloads, backbone passes, SAE trainings and seconds (skipping finished work)."""
+    from ..core.identity import model_label
+
     done = done or set()
     root = Path(root) if root else None
     grid, sizes = plan.grid, plan.sizes
@@ -80,7 +82,7 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
         if b.random_weights or b.model.startswith("local-dir:"):
             size, how = 0.0, "no download (random or local weights)"
         dl_known += size
-        out.lines.append(f"  weights {name:<10} {b.model}/{b.pretrained}: {size:,.0f} MB ({how}; "
+        out.lines.append(f"  weights {name:<10} {model_label(b.model, b.pretrained)}: {size:,.0f} MB ({how}; "
                          f"{prof.n_params / 1e6:.1f} M parameters)")
     splits = {(g.data, grid.data(g.data).eval_split) for g in groups} | {(j.data, j.split) for j in caches.values()}
     for data, split in list(splits):  # a union's members are downloaded split by split

@@ -15,7 +15,7 @@ from typing import Any
 from sae_lens import SAE
 
 from ..core.errors import MissingInputError, UsageError
-from ..core.identity import local_dir_of, model_fingerprint, portable_model_name
+from ..core.identity import local_dir_of, model_fingerprint, model_label, portable_model_name
 from ..models.families.open_clip_vit import tag_wants_quick_gelu
 
 # The recorded architecture fields compared with the model's (`identity.MODEL_CONFIG_FIELDS`); `eps` and
@@ -72,8 +72,10 @@ def check_sae_matches_model(sae: SAE, model: Any) -> None:
             # Same network, other weights (a fine-tune, random weights in a test): allowed, but said.
             what = (f"weights {meta.get('pretrained')!r} of {name}" if meta.get("pretrained") != cfg.pretrained
                     else f"other weights of {name}")
-            warnings.warn(f"this SAE was trained on {what} (weight fingerprint {recorded_fp}); this model "
-                          f"({cfg.model_name}, {cfg.pretrained!r}) has {model_fingerprint(model)}", stacklevel=3)
+            fps = (f" (weight fingerprint {recorded_fp}; this model's: {model_fingerprint(model)})"
+                   if recorded_fp else "")
+            warnings.warn(f"this SAE was trained on {what}{fps}; this model is "
+                          f"{model_label(cfg.model_name, cfg.pretrained)}", stacklevel=3)
     if diffs:
         raise UsageError("this SAE was trained on a different model: " + "; ".join(diffs)
                          + ". Load the model it names, or pass check_model=False to use it anyway.")

@@ -31,6 +31,14 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    _empty_library_caches(tmp_path, monkeypatch)
+
+
+def _empty_library_caches(tmp_path, monkeypatch) -> None:
+    """huggingface_hub read its cache folder at import: point it at an empty one too."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
 
 
 @pytest.mark.parametrize("flags, needles", [
@@ -76,6 +84,10 @@ def test_an_unreachable_hub_is_detected_without_the_offline_setting(tmp_path, mo
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _empty_library_caches(tmp_path, monkeypatch)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
     assert not hub_reachable()
     with pytest.raises(MissingInputError, match="unreachable.*--data-dir"):

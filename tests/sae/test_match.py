@@ -94,7 +94,9 @@ def test_eval_finds_the_recorded_model_from_another_directory(repo, tmp_path, mo
     common = ["--dataset", "imagefolder", "--data-dir", str(imgs), "--methods", "zeroshot,vs2", "--num-workers", "0",
               "--no-plots", "--no-progress", "--device", "cpu"]
     assert main(["eval", "--sae", "main/runs/demo/sae", *common, "--out", "e1"]) == EXIT_OK
-    assert f"using model local-dir:{repo}/assets/tiny-clip-tinyimagenet" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"using model local-dir:{repo}/assets/tiny-clip-tinyimagenet" in printed
+    assert "None" not in printed  # was "using weights None" and ".../None" (issue 22 item 8)
     res = json.loads((tmp_path / "e1" / "results.json").read_text())
     assert res["config"]["model_fingerprint"] == sae.cfg.metadata.model_fingerprint
     assert res["config"]["model"] == "local-dir:tiny-clip-tinyimagenet"
