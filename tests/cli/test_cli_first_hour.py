@@ -32,6 +32,9 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
     _empty_library_caches(tmp_path, monkeypatch)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: set it as the variable would
 
 
 def _empty_library_caches(tmp_path, monkeypatch) -> None:
@@ -56,6 +59,14 @@ def test_a_typo_in_a_model_name_or_tag_is_one_line_with_the_nearest_names(offlin
         assert needle in line
     assert line.count(",") < 12  # three names, not open_clip's list of ~150
     assert time.perf_counter() - t0 < 10
+
+
+def test_pretrained_weights_not_cached_offline_are_one_line(offline, tmp_path, capsys):
+    rc = main(["zeroshot", "--model", "ViT-B-32", "--pretrained", "openai", "--dataset", "imagefolder",
+               "--data-dir", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "zs.json")])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == EXIT_INPUT and "ViT-B-32/openai" in line and "not in the Hugging Face cache" in line
+    assert "--random-weights" in line
 
 
 def test_eval_without_a_model_or_an_sae_asks_for_one(offline, tmp_path, capsys):

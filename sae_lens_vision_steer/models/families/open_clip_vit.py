@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from ...core.errors import UnsupportedError
+from ...core.errors import MissingInputError, UnsupportedError
 from ..components import LinearView, fused_thirds
 from ..tower import BlockParts, Tower, act_fn_name
 
@@ -56,9 +56,17 @@ def create(model_name: str, pretrained: str | None, device: str | torch.device, 
     """`open_clip.create_model_and_transforms`, with QuickGELU forced when the pretrained tag needs it."""
     if tag_wants_quick_gelu(model_name, pretrained):
         kwargs.setdefault("force_quick_gelu", True)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, **kwargs
-    )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, **kwargs
+        )
+    except RuntimeError as e:  # open_clip's wording for weights it could neither download nor find cached
+        if not str(e).startswith("Failed to download weights"):
+            raise
+        raise MissingInputError(
+            f"cannot get the weights {model_name}/{pretrained}: not in the Hugging Face cache, and the Hub "
+            "cannot be reached (offline, or HF_HUB_OFFLINE is set); download them once with network, or pass "
+            "local weights (--pretrained FILE, --model local-dir:DIR; --random-weights for none)") from None
     return model, preprocess
 
 
