@@ -275,9 +275,15 @@ def resolve_model_args(args: argparse.Namespace, sae=None, sae_dir: str | None =
 
 
 def load_model(args: argparse.Namespace):
+    """The model the flags name. The data sets the flags name are checked first (`data.check_data_available`):
+    a Hub data set that cannot be had offline is reported at once, not after the model is built."""
     import torch
 
     from ..core.identity import weights_from_name
+    from ..data import check_data_available
+
+    if getattr(args, "dataset", None) and not getattr(args, "stream", False):
+        check_data_available(args.dataset, getattr(args, "data_dir", None))
     from ..sae.splice import HookedCLIP
 
     if args.model is None:

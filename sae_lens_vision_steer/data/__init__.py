@@ -8,7 +8,7 @@ and `stream_sources` WebDataset tars and `datasets` streams, `sources` the dispa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -16,12 +16,14 @@ from PIL import Image
 from ..core.errors import UsageError
 from .base import (
     DATASET_ALIASES,
+    HUB_DATASETS,
     ImageBatch,
     ImageDataset,
     collate_images,
     make_loader,
     shard_loader,
 )
+from .hub_access import check_hub_dataset_available
 from .sources import load_single_dataset
 from .union import UnionImageDataset, load_union_dataset
 
@@ -55,5 +57,18 @@ def load_image_dataset(
     return load_single_dataset(dataset, split, data_dir, transform, limit, skip_bad_images, stream)
 
 
-__all__ = ["DATASET_ALIASES", "ImageBatch", "ImageDataset", "UnionImageDataset", "collate_images",
+def check_data_available(dataset: str, data_dir: Any = None) -> None:
+    """Before any model is loaded: refuse at once (one `MissingInputError` naming `data_dir` / `--data-dir`) a
+    Hub data set, or a union member, that must come from the Hub while the Hub is off or unreachable and
+    that is not in the Hugging Face cache (`hub_access.check_hub_dataset_available`)."""
+    from .union import member_data_dirs, parse_dataset_list
+
+    names = parse_dataset_list(dataset) if not isinstance(dataset, str) or "," in dataset else [dataset]
+    for name, folder in zip(names, member_data_dirs(names, data_dir) if len(names) > 1 else [data_dir]):
+        key = DATASET_ALIASES.get(name.lower(), name.lower()) if "/" not in name else name
+        if folder is None and (key in HUB_DATASETS or "/" in key):
+            check_hub_dataset_available(key, HUB_DATASETS[key]["repo"] if key in HUB_DATASETS else key)
+
+
+__all__ = ["DATASET_ALIASES", "check_data_available", "ImageBatch", "ImageDataset", "UnionImageDataset", "collate_images",
            "load_image_dataset", "make_loader", "shard_loader"]
