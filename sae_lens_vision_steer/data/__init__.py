@@ -70,5 +70,5 @@ def check_data_available(dataset: str, data_dir: Any = None) -> None:
             check_hub_dataset_available(key, HUB_DATASETS[key]["repo"] if key in HUB_DATASETS else key)
 
 
-__all__ = ["DATASET_ALIASES", "check_data_available", "ImageBatch", "ImageDataset", "UnionImageDataset", "collate_images",
-           "load_image_dataset", "make_loader", "shard_loader"]
+__all__ = ["DATASET_ALIASES", "ImageBatch", "ImageDataset", "UnionImageDataset", "check_data_available",
+           "collate_images", "load_image_dataset", "make_loader", "shard_loader"]

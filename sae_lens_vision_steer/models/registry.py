@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..core.errors import MissingInputError, UnknownNameError
 from .families import (  # noqa: F401  (the registry's API)
     FAMILIES,
     Family,
@@ -25,7 +26,6 @@ from .families import (  # noqa: F401  (the registry's API)
     open_clip_vit,
     register,
 )
-from ..core.errors import MissingInputError, UnknownNameError
 from .tower import Tower
 
 
@@ -81,7 +81,8 @@ def check_open_clip_name(model_name: str, pretrained: str | None = None) -> None
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise UnknownNameError(
-            f"unknown open_clip model {model_name!r}; nearest: {', '.join(nearest(model_name, open_clip.list_models()))} "
+            f"unknown open_clip model {model_name!r}; nearest: "
+            f"{', '.join(nearest(model_name, open_clip.list_models()))} "
             "(all: python -c 'import open_clip; print(open_clip.list_models())'; or hf:REPO, timm:NAME, "
             "local-dir:DIR)")
     if pretrained and ":" not in pretrained and not os.path.exists(os.path.expanduser(pretrained)):

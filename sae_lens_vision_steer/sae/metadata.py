@@ -29,7 +29,8 @@ from ..core.identity import model_fingerprint, model_label, portable_model_name
 from ..core.positions import positions_label, seqpos_slice
 
 VISION_METADATA_KEYS = (
-    "hook_name", "model_name", "pretrained", "act_fn", "model_fingerprint", "model_kwargs", "model_config", "positions", "dataset",
+    "hook_name", "model_name", "pretrained", "act_fn", "model_fingerprint", "model_kwargs", "model_config", "positions",
+    "dataset",
     "dataset_path", "split", "dataset_members", "n_training_samples", "activation_mean", "heldout_fvu", "mean_l0", "dead_fraction",
     "objective", "w_aux",
 )

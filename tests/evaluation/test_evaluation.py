@@ -308,5 +308,6 @@ def test_cli_run_main_job_and_reuse(tmp_path, tiny_imagenet_dir, capsys):
     assert "reused from" in printed and "cache, sae (only evaluation settings changed" in printed
     assert weights.stat().st_mtime_ns == mtime and cache_meta.stat().st_mtime_ns == cache_mtime
     relam = json.loads((run_dir / "results.json").read_text())
-    assert relam["config"]["lam"] == 1.0 and relam["methods"]["zeroshot"]["top1"] == saved["methods"]["zeroshot"]["top1"]
+    assert relam["config"]["lam"] == 1.0
+    assert relam["methods"]["zeroshot"]["top1"] == saved["methods"]["zeroshot"]["top1"]
     assert json.loads((run_dir / "run.json").read_text())["changed"] == ["lam: folder has 2.1, request has 1.0"]
