@@ -88,7 +88,7 @@ else:
 # The paper's SAE sits on the CLS token at the output of the final block.
 HOOK = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 RUN_DIR.mkdir(parents=True, exist_ok=True)
-print(f"model {model.cfg.model_name}/{model.cfg.pretrained}: {model.cfg.n_layers} blocks, d_model {model.cfg.d_model}, "
+print(f"model {model.cfg.model_name}{'/' + model.cfg.pretrained if model.cfg.pretrained else ''}: {model.cfg.n_layers} blocks, d_model {model.cfg.d_model}, "
       f"{model.cfg.image_size}px images; hook {HOOK}")
 print(f"{DATASET}: {len(train_data)} train images, {len(eval_data)} {eval_data.split} images, "
       f"{len(eval_data.classnames)} classes; outputs in {RUN_DIR}")
