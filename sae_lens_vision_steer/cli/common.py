@@ -281,10 +281,10 @@ def load_model(args: argparse.Namespace):
 
     from ..core.identity import weights_from_name
     from ..data import check_data_available
+    from ..sae.splice import HookedCLIP
 
     if getattr(args, "dataset", None) and not getattr(args, "stream", False):
         check_data_available(args.dataset, getattr(args, "data_dir", None))
-    from ..sae.splice import HookedCLIP
 
     if args.model is None:
         resolve_model_args(args)
