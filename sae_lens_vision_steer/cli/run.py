@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         templates=args.templates, text_cache=resolve_text_cache(args), options=options,
         record={"random_weights": args.random_weights, "seed": args.seed, "train_limit": args.train_limit,
                 "eval_limit": args.eval_limit},
-        request=request_of(args, RUN_REQUEST_KEYS), reevaluate_keys=RUN_REEVALUATE_KEYS, overwrite=args.overwrite, show_progress=not args.no_progress)
+        request=request_of(args, RUN_REQUEST_KEYS), reevaluate_keys=RUN_REEVALUATE_KEYS, overwrite=args.overwrite,
+        show_progress=not args.no_progress)
     print(f"SAE size: k={k}, expansion {expansion} ({source})")
     model = load_model(args)
 

@@ -68,7 +68,8 @@ def check_sae_matches_model(sae: SAE, model: Any) -> None:
             diffs += [d for d in _architecture_differences(recorded_config, cfg) if not d.startswith("act_fn")]
         elif name and known and _base_name(name) != _base_name(cfg.model_name):
             diffs.append(f"model {name!r} (this model: {cfg.model_name!r})")
-        if not diffs and (recorded_fp or (known and "pretrained" in meta and meta.get("pretrained") != cfg.pretrained)):
+        other_tag = known and "pretrained" in meta and meta.get("pretrained") != cfg.pretrained
+        if not diffs and (recorded_fp or other_tag):
             # Same network, other weights (a fine-tune, random weights in a test): allowed, but said.
             what = (f"weights {meta.get('pretrained')!r} of {name}" if meta.get("pretrained") != cfg.pretrained
                     else f"other weights of {name}")
