@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,9 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results.json of `vision-steer eval` on the same data set: adds VS2 per-class changes")
     p.add_argument("--data-dir", default=None, help="the cache's image folder, if it moved since caching")
     p.add_argument("--top-k", type=positive_int, default=12, help="top images per latent")
-    p.add_argument("--heatmap", default="auto", choices=["auto", "attention", "occlusion", "sae", "none"],
-                   help="patch heatmaps: auto = sae for patch/all-token caches, else attention (CLS attention "
-                        "in the SAE's block); occlusion = latent-specific, 1 + n_patches forwards per image")
+    p.add_argument("--heatmap", default="auto", choices=["auto", "gradient", "attention", "occlusion", "sae", "none"],
+                   help="patch heatmaps: auto = sae for patch/all-token caches, else gradient (gradient x input "
+                        "of the latent at the patch tokens entering the SAE's block: latent-specific, one backward "
+                        "pass per image and latent); attention = CLS attention in the SAE's block (the same for "
+                        "every latent); occlusion = latent-specific, 1 + n_patches forwards per image")
     p.add_argument("--templates", default=None, help="prompt templates for the class embeddings (default: the data set's)")
     p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier feature browser)")
     add_model_args(p, from_sae=True)
@@ -39,30 +40,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.errors import InputError
-    from ..explore import build_feature_browser
-    from ..explore.browser import check_destination
+    from ..explore import build_feature_browser, check_destination, read_results
     from ..sae.loading import load_sae
 
     t0 = time.perf_counter()
     check_destination(Path(args.out))  # before loading anything
-    results = None
     if args.results:
-        try:
-            results = json.loads(Path(args.results).read_text())
-        except FileNotFoundError:
-            raise
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"--results {args.results} is not a results.json ({e})") from None
-        if not isinstance(results, dict) or "methods" not in results:
-            raise InputError(f"--results {args.results} is not a results.json of `vision-steer eval` (no 'methods')")
+        read_results(args.results)  # a bad file is refused before the model loads (checked again by the build)
     sae = load_sae(args.sae, args.device)
     for note in resolve_model_args(args, sae, args.sae):
         print(f"using {note}")
     model = load_model(args)
     fb = build_feature_browser(args.cache, sae, model, args.out, top_k=args.top_k, heatmap=args.heatmap,
-                               results=results, data_dir=args.data_dir, templates=args.templates,
-                               show_progress=not args.no_progress)
+                               results=args.results, data_dir=args.data_dir, templates=args.templates,
+                               sae_source=args.sae, show_progress=not args.no_progress)
     st = fb.stats
     print(f"feature browser {fb.path}: {len(st.alive)} latent pages, {len(st.dead)} dead latents listed, "
           f"{fb.n_images_written} images, {st.n_images} cache images")

@@ -7,19 +7,16 @@ Layout of the output folder (opens from disk, no server; can be uploaded next to
     images/img_000123.png                               thumbnails of the top images (the model's view)
     features.json                                       what was built from what, timings, file list
 
-The folder is written next to its destination and renamed into place, so an interrupted build
-leaves the previous browser untouched. A destination holding anything else (no `features.json`, or
-files that the previous build did not write) is refused.
+The folder is written next to its destination and renamed into place (`folder.py`), so an
+interrupted build leaves the previous browser untouched. A destination holding anything else (no
+`features.json`, or files that the previous build did not write) is refused.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +25,40 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationStore, model_fingerprint
-from ..core.errors import ConflictError, InputError, OutputError, UsageError
-from ..core.fileio import file_mode, write_json_atomic
-from ..core.identity import portable_model_name
+from ..core.errors import InputError, UsageError
+from ..core.fileio import write_json_atomic
+from ..core.identity import portable_model_name, tensors_fingerprint
 from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 from ..sae.splice import HookedCLIP
 from . import heatmaps as hm
 from .directions import decoder_class_scores, promoted_classes
-from .html import BROWSER_JS, CSS, index_data_js, index_page
+from .folder import MARKER, check_destination, new_build_folder, set_modes, swap_into_place
+from .html import BROWSER_JS, CSS, display_text, index_data_js, index_page
 from .images import THUMB_PX, load_images, open_cache_dataset, thumbnail
 from .pages import PageInputs, index_rows, latent_file, latent_page, summary_line
 from .stats import LatentStats, latent_stats
+from .vs2 import read_results, vs2_changes
 
-MARKER = "features.json"
+
+@dataclass(frozen=True, kw_only=True)
+class BrowserConfig:
+    """What to build. `heatmap`: auto (`sae` for patch/all-token caches, else `gradient`), attention,
+    gradient, occlusion, sae or none. `data_dir`: the cache's image folder if it moved."""
+
+    hook_name: str | None = None
+    top_k: int = 12
+    heatmap: str = "auto"
+    data_dir: str | Path | None = None
+    templates: str | None = None
+    n_promoted: int = 5
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise UsageError(f"top_k must be at least 1, got {self.top_k}")
+        if self.n_promoted < 1:
+            raise UsageError(f"n_promoted must be at least 1, got {self.n_promoted}")
+        if self.heatmap not in ("auto", "none", *hm.METHODS):
+            raise UsageError(f"heatmap must be auto, none, {', '.join(hm.METHODS)}; got {self.heatmap!r}")
 
 
 @dataclass
@@ -51,6 +69,7 @@ class FeatureBrowser:
     n_images_written: int
     timing: dict[str, float]
     notes: list[str]
+    record: dict[str, Any] = field(default_factory=dict)  # features.json
 
 
 def check_sae_and_cache(sae: SAE, cache: ActivationStore, model: HookedCLIP, hook_name: str | None) -> str:
@@ -74,123 +93,109 @@ def check_sae_and_cache(sae: SAE, cache: ActivationStore, model: HookedCLIP, hoo
     return hook
 
 
-def check_destination(out: Path) -> list[str]:
-    """Files of the previous build in `out` (to be replaced), or a ConflictError for a foreign folder."""
-    if not out.exists():
-        return []
-    if not out.is_dir():
-        raise OutputError(f"--out {out} is a file; give a folder for the feature browser")
-    entries = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
-    if not entries:
-        return []
-    if not (out / MARKER).is_file():
-        raise ConflictError(f"{out} holds other files ({', '.join(sorted(entries)[:3])}, ...) and no {MARKER}; "
-                            "give an empty or new folder for the feature browser")
-    try:
-        previous = set(json.loads((out / MARKER).read_text()).get("files", []))
-    except (ValueError, AttributeError):
-        raise ConflictError(f"{out / MARKER} is unreadable; give another --out") from None
-    foreign = [e for e in entries if e not in previous and e != MARKER]
-    if foreign:
-        raise ConflictError(f"{out} holds files that the previous feature browser did not write "
-                            f"({', '.join(sorted(foreign)[:3])}); move them or give another --out")
-    return entries
+def sae_record(sae: SAE, source: str | Path | None) -> dict[str, Any]:
+    """What features.json says about the SAE: where it came from and a fingerprint of its weights."""
+    meta = sae.cfg.metadata
+    return {"source": None if source is None else display_text(source),
+            "fingerprint": tensors_fingerprint(sorted(sae.state_dict().items())),
+            "architecture": sae.cfg.architecture(), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+            "k": getattr(sae.cfg, "k", None), "hook_name": meta.get("hook_name"),
+            "model_name": meta.get("model_name"), "positions": meta.get("positions")}
 
 
-def _vs2_delta(results: dict[str, Any] | None, classnames: list[str] | None, notes: list[str]):
-    if results is None:
-        return None, "vs2"
-    methods = results.get("methods", {})
-    label = next((m for m in ("vs2", "vs2_pass") if m in methods), None) or \
-        next((m for m in methods if m.startswith("vs2") and "pp" not in m), None)
-    if label is None or "zeroshot" not in methods:
-        notes.append("the results file has no zeroshot and VS2 rows; VS2 per-class changes are left out")
-        return None, "vs2"
-    names = results.get("classnames")
-    if classnames is not None and names is not None and list(names) != list(classnames):
-        notes.append("the results file's classes differ from the cache's; VS2 per-class changes are left out")
-        return None, label
-    nan = float("nan")
-    a = np.array([nan if v is None else v for v in methods[label]["per_class_acc"]], dtype=float)
-    b = np.array([nan if v is None else v for v in methods["zeroshot"]["per_class_acc"]], dtype=float)
-    return a - b, label
-
-
-def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, out_dir: str | Path, *,
-                          hook_name: str | None = None, top_k: int = 12, heatmap: str = "auto",
-                          results: dict[str, Any] | None = None, data_dir: str | Path | None = None,
-                          templates: str | None = None, n_promoted: int = 5,
-                          show_progress: bool = True) -> FeatureBrowser:
-    """Build the browser in `out_dir` (see the module docstring). `heatmap`: auto (`sae` for patch/all
-    token caches, else `attention`), attention, occlusion, sae or none. `results`: a parsed
-    `results.json` of `vision-steer eval`, for the VS2 per-class changes."""
+def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, out_dir: str | Path,
+                          config: BrowserConfig | None = None, *, results: dict[str, Any] | str | Path | None = None,
+                          sae_source: str | Path | None = None, show_progress: bool = True,
+                          **config_fields: Any) -> FeatureBrowser:
+    """Build the browser in `out_dir` (see the module docstring); settings in `config` or as its fields
+    (`top_k=...`). `results`: the path of a `results.json` of `vision-steer eval` (or its parsed
+    content), for the VS2 per-class changes. `sae_source`: where the SAE was loaded from, recorded in
+    features.json with a fingerprint of its weights."""
     from ..data.resources import DEFAULT_TEMPLATES
     from ..zeroshot.classifier import ZeroShotClassifier
 
-    if top_k < 1:
-        raise UsageError(f"top_k must be at least 1, got {top_k}")
-    if heatmap not in ("auto", "none", *hm.METHODS):
-        raise UsageError(f"heatmap must be auto, none, {', '.join(hm.METHODS)}; got {heatmap!r}")
+    unknown = set(config_fields) - {f.name for f in fields(BrowserConfig)}
+    if unknown:
+        raise UsageError(f"unknown feature-browser settings {sorted(unknown)}")
+    cfg = BrowserConfig(**{**(asdict(config) if config else {}), **config_fields})
     out = Path(out_dir)
     check_destination(out)
+    results_record, where = None, "results"
+    if results is not None and not isinstance(results, dict):
+        results, results_record = read_results(results)
+        where = f"results file {results_record['path']}"
+    elif results is not None and not isinstance(results.get("methods"), dict):
+        raise InputError("results is not a results.json of `vision-steer eval` (no 'methods')")
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     cache = ActivationStore.open(cache_dir)
-    hook = check_sae_and_cache(sae, cache, model, hook_name)
+    hook = check_sae_and_cache(sae, cache, model, cfg.hook_name)
+    heatmap = cfg.heatmap
     if heatmap == "auto":
-        heatmap = "sae" if cache.positions != "cls" else "attention"
+        heatmap = "sae" if cache.positions != "cls" else "gradient"
     if heatmap == "sae" and cache.positions == "cls":
         raise UsageError("heatmap 'sae' needs a cache of patch or all tokens; this cache holds CLS rows only")
+    if heatmap == "gradient":
+        hm.gradient_source_block(model, hook)  # refuses hooks where the CLS row does not see the patches
     notes: list[str] = []
-    ds, why = open_cache_dataset(cache, model, data_dir)
+    ds, why = open_cache_dataset(cache, model, cfg.data_dir)
     classnames = list(ds.classnames) if ds is not None and getattr(ds, "classnames", None) else None
     if ds is None:
         notes.append(f"Images are left out: {why}.")
+    vs2 = vs2_changes(results, classnames, len(classnames) if classnames else None, notes, where)
     timing["open_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    stats = latent_stats(cache, sae, hook, top_k=top_k, n_classes=len(classnames) if classnames else None,
+    stats = latent_stats(cache, sae, hook, top_k=cfg.top_k, n_classes=len(classnames) if classnames else None,
                          show_progress=show_progress)
     timing["stats_pass_s"] = time.perf_counter() - t
     notes += [m[0].upper() + m[1:] + "." for m in stats.missing.values()]
     if stats.image_index_N is None:
         ds = None
+    if vs2 is not None and stats.class_freq_SC is None:
+        vs2 = None
+    elif vs2 is not None and classnames is None:  # the class count is known only now
+        vs2 = vs2_changes(results, None, stats.class_freq_SC.shape[1], [], where)
 
     t = time.perf_counter()
-    inputs = PageInputs(stats=stats, classnames=classnames, notes=notes, thumb_px=THUMB_PX, grid=hm.grid_shape(model))
+    inputs = PageInputs(stats=stats, classnames=classnames, notes=notes, thumb_px=THUMB_PX, grid=hm.grid_shape(model),
+                        vs2=vs2)
     if classnames:
-        tmpl = templates or DEFAULT_TEMPLATES.get(cache.metadata.get("dataset", ""), "single")
+        tmpl = cfg.templates or DEFAULT_TEMPLATES.get(cache.metadata.get("dataset", ""), "single")
         clf = ZeroShotClassifier(model, classnames, tmpl, show_progress=show_progress)
-        idx, val = promoted_classes(decoder_class_scores(model, sae, clf.weights_EC), n_promoted)
+        idx, val = promoted_classes(decoder_class_scores(model, sae, clf.weights_EC), cfg.n_promoted)
         inputs.promoted_idx_SN, inputs.promoted_score_SN = idx.numpy(), val.numpy()
     else:
         notes.append("The data set's class names are unknown; promoted classes are left out.")
-    inputs.vs2_delta_C, inputs.vs2_label = _vs2_delta(results, classnames, notes)
-    if inputs.vs2_delta_C is not None and stats.class_freq_SC is None:
-        inputs.vs2_delta_C = None
     timing["classes_s"] = time.perf_counter() - t
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
+    tmp = new_build_folder(out)
     try:
         written = _write(tmp, inputs, ds, model, sae, cache, hook, heatmap, timing, show_progress)
-        summary = {"model": model.cfg.model_name, "hook": hook, "d_sae": sae.cfg.d_sae,
+        summary = {"model": display_text(model.cfg.model_name), "hook": hook, "d_sae": sae.cfg.d_sae,
                    "images": stats.n_images, "alive": len(stats.alive), "dead": len(stats.dead),
                    "heatmaps": inputs.heatmap_method or "none"}
-        (tmp / "index.html").write_text(index_page(summary, stats.dead.tolist(), notes))
-        (tmp / "index_data.js").write_text(index_data_js(index_rows(inputs)))
-        (tmp / "browser.js").write_text(BROWSER_JS)
-        (tmp / "style.css").write_text(CSS)
+        (tmp / "index.html").write_text(index_page(summary, stats.dead.tolist(), notes), encoding="utf-8")
+        (tmp / "index_data.js").write_text(index_data_js(index_rows(inputs)), encoding="utf-8")
+        (tmp / "browser.js").write_text(BROWSER_JS, encoding="utf-8")
+        (tmp / "style.css").write_text(CSS, encoding="utf-8")
         files = sorted(written + ["index.html", "index_data.js", "browser.js", "style.css", MARKER])
         timing["total_s"] = time.perf_counter() - t0
-        write_json_atomic(tmp / MARKER, {"summary": summary, "cache": str(cache.root), "sae": sae.cfg.metadata.get(
-            "sae_folder"), "top_k": top_k, "notes": notes, "timing": timing, "files": files}, indent=2)
-        _set_modes(tmp)
-        _swap_into_place(tmp, out)
+        record = {"summary": summary, "cache": display_text(cache.root), "sae": sae_record(sae, sae_source),
+                  "results": None if results is None else {
+                      **(results_record or {"path": None, "sha256": None}),
+                      "vs2_method": vs2.label if vs2 is not None else None},
+                  "settings": {**asdict(cfg), "data_dir": None if cfg.data_dir is None else display_text(cfg.data_dir),
+                               "heatmap": inputs.heatmap_method or "none"},
+                  "top_k": cfg.top_k, "notes": notes, "timing": timing, "files": files}
+        write_json_atomic(tmp / MARKER, record, indent=2)
+        set_modes(tmp)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return FeatureBrowser(out, stats, len(stats.alive), len([f for f in files if f.startswith("images/")]),
-                          timing, notes)
+                          timing, notes, record)
 
 
 def _write(tmp: Path, inputs: PageInputs, ds, model, sae, cache, hook, heatmap, timing, show_progress) -> list[str]:
@@ -224,7 +229,7 @@ def _write(tmp: Path, inputs: PageInputs, ds, model, sae, cache, hook, heatmap, 
     line = summary_line([("model", model.cfg.model_name), ("hook", hook), ("d_sae", sae.cfg.d_sae)])
     for s in tqdm(st.alive, desc="latent pages", unit="page", disable=not show_progress, mininterval=1):
         name = latent_file(int(s))
-        (tmp / name).write_text(latent_page(inputs, int(s), line))
+        (tmp / name).write_text(latent_page(inputs, int(s), line), encoding="utf-8")
         written.append(name)
     timing["pages_s"] = time.perf_counter() - t
     return written
@@ -246,6 +251,8 @@ def _heatmaps(inputs: PageInputs, imgs, chunk: list[int], model, sae, cache, hoo
         return
     if method == "occlusion":
         maps = hm.occlusion_maps(model, sae, imgs, per_image, hook, show_progress=False)
+    elif method == "gradient":
+        maps = hm.gradient_maps(model, sae, imgs, per_image, hook)
     else:
         maps = hm.sae_patch_maps(cache, sae, hook, chunk, per_image)
     for i, lats, m in zip(chunk, per_image, maps):
@@ -253,26 +260,4 @@ def _heatmaps(inputs: PageInputs, imgs, chunk: list[int], model, sae, cache, hoo
             inputs.heatmaps[(s, i)] = row.reshape(inputs.grid)
 
 
-def _set_modes(root: Path) -> None:
-    """The usual umask permissions (mkdtemp makes the folder 0700)."""
-    fmode = file_mode()
-    dmode = fmode | ((fmode & 0o444) >> 2)  # r -> x for folders
-    os.chmod(root, dmode)
-    for p in root.rglob("*"):
-        os.chmod(p, dmode if p.is_dir() else fmode)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-
-
-__all__ = ["FeatureBrowser", "build_feature_browser", "check_sae_and_cache"]
+__all__ = ["BrowserConfig", "FeatureBrowser", "build_feature_browser", "check_destination", "check_sae_and_cache"]

@@ -36,6 +36,7 @@ class LatentStats:
     top_values_SK: np.ndarray
     class_means_SC: np.ndarray | None  # mean activation over each class's images (zeros included)
     class_freq_SC: np.ndarray | None  # fraction of each class's images on which the latent fires
+    class_sem_SC: np.ndarray | None  # standard error of class_means_SC (sample sd / sqrt(n); 0 for n < 2)
     class_counts_C: np.ndarray | None
     labels_N: np.ndarray | None
     image_index_N: np.ndarray | None  # data-set item of each cache image
@@ -126,16 +127,20 @@ def _summarise(img, lat, val, n_images, S, top_k, labels, image_index, n_classes
         top_images[s, :k], top_values[s, :k] = img[seg[:k]], val[seg[:k]]
         hist[s], edges[s] = np.histogram(val[seg], bins=HIST_BINS, range=(0.0, float(max_act[s])))
 
-    class_means = class_freq = class_counts = None
+    class_means = class_freq = class_counts = class_sem = None
     if labels is not None:
         C = int(max(labels.max() + 1, n_classes or 0))
         class_counts = np.bincount(labels, minlength=C)
         flat = lat * C + labels[img]
         sums = np.bincount(flat, weights=val, minlength=S * C).reshape(S, C)
         fires = np.bincount(flat, minlength=S * C).reshape(S, C)
+        squares = np.bincount(flat, weights=val.astype(np.float64) ** 2, minlength=S * C).reshape(S, C)
         denom = np.maximum(class_counts, 1)[None, :]
         class_means, class_freq = sums / denom, fires / denom
+        n = class_counts[None, :].astype(np.float64)
+        var = np.divide(squares - n * class_means ** 2, n - 1, out=np.zeros((S, C)), where=n > 1)
+        class_sem = np.sqrt(np.clip(var, 0, None) / denom)
     return LatentStats(n_images=n_images, d_sae=S, freq_S=freq, mean_act_S=mean_act, max_act_S=max_act,
                        top_images_SK=top_images, top_values_SK=top_values, class_means_SC=class_means,
-                       class_freq_SC=class_freq, class_counts_C=class_counts, labels_N=labels,
+                       class_freq_SC=class_freq, class_sem_SC=class_sem, class_counts_C=class_counts, labels_N=labels,
                        image_index_N=image_index, hist_counts_SB=hist, hist_edges_SB1=edges, missing=missing)
