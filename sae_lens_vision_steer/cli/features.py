@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..explore import build_feature_browser, check_destination, read_results
+    from ..explore.html import display_text
     from ..sae.loading import load_sae
 
     t0 = time.perf_counter()
@@ -55,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
                                results=args.results, data_dir=args.data_dir, templates=args.templates,
                                sae_source=args.sae, show_progress=not args.no_progress)
     st = fb.stats
-    print(f"feature browser {fb.path}: {len(st.alive)} latent pages, {len(st.dead)} dead latents listed, "
+    print(f"feature browser {display_text(fb.path)}: {len(st.alive)} latent pages, {len(st.dead)} dead latents listed, "
           f"{fb.n_images_written} images, {st.n_images} cache images")
     for n in fb.notes:
         print(f"note: {n}")
     t = fb.timing
     print(f"time {time.perf_counter() - t0:.1f} s (statistics pass {t['stats_pass_s']:.1f} s, images and heatmaps "
           f"{t['images_heatmaps_s']:.1f} s, pages {t['pages_s']:.1f} s), peak RSS {peak_rss_mib():.0f} MiB")
-    print(f"open {fb.path / 'index.html'}")
+    print(f"open {display_text(fb.path / 'index.html')}")
     return 0

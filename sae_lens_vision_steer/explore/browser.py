@@ -136,7 +136,7 @@ def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, ou
     if heatmap == "sae" and cache.positions == "cls":
         raise UsageError("heatmap 'sae' needs a cache of patch or all tokens; this cache holds CLS rows only")
     if heatmap == "gradient":
-        hm.gradient_source_block(model, hook)  # refuses hooks where the CLS row does not see the patches
+        hm.check_gradient_hook(hook)  # refuses hooks where the CLS row does not see the patches
     notes: list[str] = []
     ds, why = open_cache_dataset(cache, model, cfg.data_dir)
     classnames = list(ds.classnames) if ds is not None and getattr(ds, "classnames", None) else None
@@ -169,6 +169,7 @@ def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, ou
         notes.append("The data set's class names are unknown; promoted classes are left out.")
     timing["classes_s"] = time.perf_counter() - t
 
+    notes[:] = [display_text(n) for n in notes]  # a non-UTF-8 file name in a note: printable and writable
     tmp = new_build_folder(out)
     try:
         written = _write(tmp, inputs, ds, model, sae, cache, hook, heatmap, timing, show_progress)

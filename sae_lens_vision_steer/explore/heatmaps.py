@@ -5,11 +5,14 @@
 - `attention` (the default for a CLS-only SAE): the CLS token's attention to each patch in the SAE's
   block (`blocks.{L}.attn.hook_pattern`, query 0, averaged over heads), from `model.run_with_cache`.
   It shows where the CLS token read from in that block; it is the same for every latent of an image.
-- `gradient` (the default for a CLS-only SAE; latent-specific): gradient x input at the patch tokens
-  where they enter the SAE's block (`blocks.{L}.hook_resid_pre`): `sum_d x_pd * d a_s / d x_pd`, the
-  first-order contribution of patch token `p` to the latent's activation `a_s` on the image's CLS
-  row, clipped at zero. One forward pass through block L (from a stored `resid_pre`) and one backward
-  pass per (image, latent) pair; the earlier blocks run once per image, without gradients.
+- `gradient` (the default for a CLS-only SAE; latent-specific): gradient x input at the patch
+  embeddings (`hook_patch_embed`, before the position embedding and `ln_pre`):
+  `sum_d e_pd * d a_s / d e_pd`, clipped at zero, where `a_s` is the latent on the image's CLS row.
+  Blanking a patch (occlusion) zeroes its embedding (the patch projection has no bias), so this is
+  the first-order Taylor approximation of the occlusion map, for one forward pass (to the SAE's
+  block) and one backward pass per (image, latent) pair instead of `1 + n_patches` forwards.
+  (Not at the residual stream: a pre-LN block reads each token through a LayerNorm, which is blind
+  to the token's scale, so gradient x input there is zero.)
 - `occlusion` (CLS-only SAE, latent-specific): the drop of the latent's activation when one patch is
   replaced by the normalised data mean (zero after the model's normalisation), patch by patch, clipped
   at zero. Costs `1 + n_patches` partial forward passes per image (to the SAE's block only).
@@ -103,55 +106,42 @@ def sae_patch_maps(cache: ActivationStore, sae: SAE, hook_name: str, images: Ite
     return [codes[b][:, latents[b]].T.numpy() for b in range(len(images))]
 
 
-def gradient_source_block(model: HookedCLIP, hook_name: str) -> int:
-    """The block at whose input the gradient heatmap reads the patch tokens: the block the hook is in
-    (`blocks.L.hook_resid_pre` is block L-1's output, so L-1); the last block for pooled hooks."""
-    if hook_name == "hook_embed":
-        raise UsageError("heatmap 'gradient' needs a hook after the first block; at hook_embed the CLS token "
-                         "does not depend on the patches yet")
-    L = hook_block(model, hook_name)
-    if re.fullmatch(r"blocks\.\d+\.hook_resid_pre", hook_name):
-        if L == 0:
-            raise UsageError("heatmap 'gradient' needs a hook after the first block; at blocks.0.hook_resid_pre "
-                             "the CLS token does not depend on the patches yet")
-        return L - 1
-    return L
+def check_gradient_hook(hook_name: str) -> None:
+    """Refuse hooks where the CLS row does not depend on the patches yet (its gradient would be zero)."""
+    if hook_name in ("hook_embed", "hook_patch_embed", "blocks.0.hook_resid_pre"):
+        raise UsageError(f"heatmap 'gradient' needs a hook after the first attention layer; at {hook_name} the "
+                         "CLS token does not depend on the patches yet")
 
 
 def gradient_maps(model: HookedCLIP, sae: SAE, images_BCHW: torch.Tensor, latents: list[list[int]],
                   hook_name: str, batch_size: int = 64) -> list[np.ndarray]:
-    """Per image `b`, `[len(latents[b]), n_patches]`: gradient x input of each latent at the patch tokens
-    entering the SAE's block, clipped at zero (see the module docstring)."""
-    gh, gw = grid_shape(model)
-    n_patches = gh * gw
-    L = gradient_source_block(model, hook_name)
+    """Per image `b`, `[len(latents[b]), n_patches]`: gradient x input of each latent at the patch
+    embeddings, clipped at zero: the first-order approximation of the occlusion map (see the module
+    docstring). One forward pass (to the SAE's block) and one backward pass per (image, latent)."""
+    check_gradient_hook(hook_name)
     pooled = hook_name in POOLED_HOOKS
     stop = None if pooled else hook_block(model, hook_name) + 1
-    with torch.no_grad():  # the residual stream entering block L: once per image, no graph
-        parts = []
-        for i in range(0, len(images_BCHW), batch_size):
-            x = images_BCHW[i:i + batch_size].to(model.device)
-            parts.append(model(x, stop_at_layer=L) if L > 0 else model.embed(x))
-        resid = torch.cat(parts) if parts else None
     pairs = [(b, j, s) for b, lats in enumerate(latents) for j, s in enumerate(lats)]
-    out = [np.zeros((len(lats), n_patches), dtype=np.float32) for lats in latents]
+    out = [np.zeros((len(lats), grid_shape(model)[0] * grid_shape(model)[1]), dtype=np.float32) for lats in latents]
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        x = resid[torch.tensor([b for b, _, _ in chunk], device=resid.device)].detach().requires_grad_(True)
+        images = images_BCHW[torch.tensor([b for b, _, _ in chunk])].to(model.device)
         lat = torch.tensor([s for _, _, s in chunk], device=sae.W_enc.device)
         kept: dict[str, torch.Tensor] = {}
+
+        def leaf(act, hook):  # differentiate with respect to the patch embeddings only
+            kept["x"] = act.detach().requires_grad_(True)
+            return kept["x"]
 
         def read(act, hook):
             kept["row"] = act if pooled else act[:, 0]
 
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(hook_name, read)]):
-            final = model.run_blocks(x, L, stop)
-            if pooled:
-                model.head(final)
+        with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_patch_embed", leaf), (hook_name, read)]):
+            model(images, stop_at_layer=stop)
             codes = sae.encode(kept["row"].to(sae.W_enc.dtype))
             a = codes[torch.arange(len(chunk), device=codes.device), lat]
-            (g,) = torch.autograd.grad(a.sum(), x)
-        contrib = (g * x).sum(-1)[:, -n_patches:].clamp(min=0).float().detach().cpu().numpy()
+            (g,) = torch.autograd.grad(a.sum(), kept["x"])
+        contrib = (g * kept["x"]).sum(-1).clamp(min=0).float().detach().cpu().numpy()
         for (b, j, _), row in zip(chunk, contrib):
             out[b][j] = row
     return out

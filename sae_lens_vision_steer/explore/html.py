@@ -188,7 +188,8 @@ def image_tile(src: str | None, caption_html: str, heat: np.ndarray | None, grid
                    f'width="{px}" height="{px}">{cells}</svg>')
     img = f'<img src="{esc(src)}" width="{px}" height="{px}" alt="">' if src else \
         f'<svg class="noimg" width="{px}" height="{px}"><rect width="{px}" height="{px}"/></svg>'
-    return f'<figure class="top-image"><div class="thumb">{img}{overlay}</div><figcaption>{caption_html}</figcaption></figure>'
+    return (f'<figure class="top-image"><div class="thumb">{img}{overlay}</div>'
+            f'<figcaption>{caption_html}</figcaption></figure>')
 
 
 def bar_svg(value: float, scale: float, band: float | None = None, width: int = 160) -> str:

@@ -18,8 +18,8 @@ HEATMAP_TEXT = {
     "attention": "CLS attention to each patch in the SAE's block (head mean; the same for every latent)",
     "occlusion": "drop of this latent's activation when the patch is blanked (latent-specific)",
     "sae": "this latent's activation on each patch token (latent-specific)",
-    "gradient": "gradient x input: each patch token's first-order contribution to this latent, taken where the "
-                "tokens enter the SAE's block, positive part (latent-specific; one backward pass per image)",
+    "gradient": "gradient x input at the patch embeddings, positive part: the first-order estimate of how much "
+                "this latent drops when the patch is blanked (latent-specific; one backward pass per image)",
 }
 
 
@@ -94,11 +94,16 @@ def _class_means_section(inputs: PageInputs, s: int) -> str:
     order = np.argsort(-means, kind="stable")[:N_CLASS_ROWS]
     fse = np.sqrt(freq * (1 - freq) / np.maximum(n, 1))  # binomial standard error of the firing rate
     rows = [(class_name(inputs, int(c)), float(means[c]),
-             f"{means[c]:.4g} +- {sem[c]:.2g}; fires on {freq[c]:.0%} +- {fse[c]:.0%} of {int(n[c])}") for c in order]
-    scale = float((means[order] + sem[order]).max()) if len(order) else 0.0
+             f"{means[c]:.4g} +- {sem[c]:.2g}" if np.isfinite(sem[c]) else f"{means[c]:.4g} (one image: no error)")
+            for c in order]
+    rows = [(name, v, f"{text}; fires on {freq[c]:.0%} +- {fse[c]:.0%} of {int(n[c])}")
+            for (name, v, text), c in zip(rows, order)]
+    scale = float(np.nan_to_num(means[order] + sem[order], nan=0.0).max(initial=0.0)) if len(order) else 0.0
+    scale = max(scale, float(means[order].max()) if len(order) else 0.0)
     return ("<h2>Per-class mean activation (top classes)</h2>"
             '<p class="muted">n: the cache\'s images of the class. Mean over all of them (zeros included) '
-            "+- its standard error (grey band); firing rate +- its binomial standard error sqrt(f(1-f)/n).</p>"
+            "+- its standard error s / sqrt(n) (grey band); firing rate +- its binomial standard error "
+            "sqrt(f(1-f)/n).</p>"
             + bar_rows(rows, scale, "class-means", bands=[float(sem[c]) for c in order],
                        counts=[int(n[c]) for c in order], header=["class", "n", "mean activation", ""]))
 

@@ -36,7 +36,7 @@ class LatentStats:
     top_values_SK: np.ndarray
     class_means_SC: np.ndarray | None  # mean activation over each class's images (zeros included)
     class_freq_SC: np.ndarray | None  # fraction of each class's images on which the latent fires
-    class_sem_SC: np.ndarray | None  # standard error of class_means_SC (sample sd / sqrt(n); 0 for n < 2)
+    class_sem_SC: np.ndarray | None  # standard error of class_means_SC (sample sd / sqrt(n); NaN for n < 2)
     class_counts_C: np.ndarray | None
     labels_N: np.ndarray | None
     image_index_N: np.ndarray | None  # data-set item of each cache image
@@ -138,7 +138,7 @@ def _summarise(img, lat, val, n_images, S, top_k, labels, image_index, n_classes
         denom = np.maximum(class_counts, 1)[None, :]
         class_means, class_freq = sums / denom, fires / denom
         n = class_counts[None, :].astype(np.float64)
-        var = np.divide(squares - n * class_means ** 2, n - 1, out=np.zeros((S, C)), where=n > 1)
+        var = np.divide(squares - n * class_means ** 2, n - 1, out=np.full((S, C), np.nan), where=n > 1)
         class_sem = np.sqrt(np.clip(var, 0, None) / denom)
     return LatentStats(n_images=n_images, d_sae=S, freq_S=freq, mean_act_S=mean_act, max_act_S=max_act,
                        top_images_SK=top_images, top_values_SK=top_values, class_means_SC=class_means,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,20 +26,9 @@ from sae_lens_vision_steer.explore import (
 )
 from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
-HOOK = "blocks.1.hook_resid_post"
-N_IMAGES = 120
+from explore_fixtures import HOOK, tiny_kwargs as _tiny_kwargs
 
-
-@pytest.fixture(scope="module")
-def setup(tiny_clip, tiny_imagenet_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    ds = load_image_dataset("tiny-imagenet", "val", tiny_imagenet_dir, transform=tiny_clip.preprocess, limit=N_IMAGES)
-    cache_activations(tiny_clip, ds, HOOK, positions="cls", out_dir=root / "cache", shard_size=50, show_progress=False)
-    # 4x expansion of a 64-wide tower, k 4: some latents die on 108 training images
-    res = train_sae(root / "cache", k=4, expansion_factor=4, epochs=2, batch_size=32, out_dir=root / "sae",
-                    show_progress=False)
-    fb = build_feature_browser(root / "cache", res.sae, tiny_clip, root / "fb", top_k=5, show_progress=False)
-    return {"root": root, "ds": ds, "sae": res.sae, "fb": fb}
+pytest_plugins = ["explore_fixtures"]
 
 
 def test_stats_match_a_dense_recomputation(setup):
@@ -108,7 +95,7 @@ def test_refuses_foreign_folder_and_mismatched_sae(setup, tiny_clip, tmp_path):
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("mine")
     args = ["features", "--cache", str(root / "cache"), "--sae", str(root / "sae"), "--no-progress",
-            "--random-weights", "--model-kwargs", json.dumps(_tiny_kwargs())]
+            "--random-weights", "--model-kwargs", json.dumps(_tiny_kwargs()), "--templates", "single"]
     assert cli_main(args + ["--out", str(foreign)]) == 4
     assert (foreign / "thesis.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
     # another model's weights: the cache's fingerprint differs
@@ -119,12 +106,13 @@ def test_refuses_foreign_folder_and_mismatched_sae(setup, tiny_clip, tmp_path):
 def test_rebuild_replaces_own_folder_but_not_added_files(setup, tiny_clip):
     out = setup["root"] / "fb_rebuild"
     build_feature_browser(setup["root"] / "cache", setup["sae"], tiny_clip, out, top_k=2, heatmap="none",
-                          show_progress=False)
+                          templates="single", show_progress=False)
     build_feature_browser(setup["root"] / "cache", setup["sae"], tiny_clip, out, top_k=2, heatmap="none",
-                          show_progress=False)  # our own folder: replaced
+                          templates="single", show_progress=False)  # our own folder: replaced
     (out / "my_notes.md").write_text("keep")
     with pytest.raises(ValueError, match="did not write"):
-        build_feature_browser(setup["root"] / "cache", setup["sae"], tiny_clip, out, top_k=2, show_progress=False)
+        build_feature_browser(setup["root"] / "cache", setup["sae"], tiny_clip, out, top_k=2,
+                              templates="single", show_progress=False)
     assert (out / "my_notes.md").read_text() == "keep"
 
 
@@ -135,7 +123,7 @@ def test_cache_without_labels_leaves_part_out_and_says_why(setup, tiny_clip, tmp
     del meta["arrays"]["labels"]
     (cache / "metadata.json").write_text(json.dumps(meta))
     fb = build_feature_browser(cache, setup["sae"], tiny_clip, tmp_path / "fb", top_k=3, heatmap="none",
-                               show_progress=False)
+                               templates="single", show_progress=False)
     assert fb.stats.class_means_SC is None
     page = (tmp_path / "fb" / "latents" / f"latent_{int(fb.stats.alive[0]):05d}.html").read_text()
     assert "labels" in page and "per-class means are left out" in page
@@ -148,7 +136,7 @@ def test_vs2_section_from_results(setup, tiny_clip, tmp_path):
     vs2 = [50.0 + (i % 7) - 3 for i in range(len(names))]
     results = {"methods": {"zeroshot": {"per_class_acc": zs}, "vs2": {"per_class_acc": vs2}}, "classnames": names}
     fb = build_feature_browser(setup["root"] / "cache", setup["sae"], tiny_clip, tmp_path / "fb", top_k=2,
-                               heatmap="none", results=results, show_progress=False)
+                               heatmap="none", results=results, templates="single", show_progress=False)
     st = fb.stats
     s = int(st.alive[np.argmax(st.freq_S[st.alive])])
     page = (tmp_path / "fb" / "latents" / f"latent_{s:05d}.html").read_text()
@@ -159,41 +147,6 @@ def test_vs2_section_from_results(setup, tiny_clip, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- real browser
-def _tiny_kwargs():
-    from conftest import TINY_CLIP_KWARGS
-
-    return TINY_CLIP_KWARGS
-
-
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver = _chromium(), shutil.which("chromedriver")
-    if binary is None or driver is None:
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
-    opts = webdriver.ChromeOptions()
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-              "--window-size=1200,1000"):
-        opts.add_argument(a)
-    opts.binary_location = binary
-    d = webdriver.Chrome(options=opts, service=Service(driver))
-    yield d
-    d.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
-
 def test_pages_in_headless_chromium(setup, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -246,7 +199,8 @@ def test_all_token_sae_heatmaps_are_its_patch_activations(tiny_clip, tiny_imagen
     cache_activations(tiny_clip, ds, HOOK, positions="all", out_dir=tmp_path / "cache", show_progress=False)
     sae = train_sae(tmp_path / "cache", k=4, expansion_factor=2, epochs=1, batch_size=64, out_dir=tmp_path / "sae",
                     show_progress=False).sae
-    fb = build_feature_browser(tmp_path / "cache", sae, tiny_clip, tmp_path / "fb", top_k=3, show_progress=False)
+    fb = build_feature_browser(tmp_path / "cache", sae, tiny_clip, tmp_path / "fb", top_k=3,
+                               templates="single", show_progress=False)
     assert fb.stats.n_images == 40
     s = int(fb.stats.alive[0])
     img = int(fb.stats.top_images_SK[s, 0])
@@ -262,7 +216,8 @@ def test_all_token_sae_heatmaps_are_its_patch_activations(tiny_clip, tiny_imagen
                         out_dir=tmp_path / "sae2", show_progress=False).sae
     cls_sae.cfg.metadata.positions = "cls"
     with pytest.raises(ValueError, match="positions"):
-        build_feature_browser(tmp_path / "cache", cls_sae, tiny_clip, tmp_path / "fb2", show_progress=False)
+        build_feature_browser(tmp_path / "cache", cls_sae, tiny_clip, tmp_path / "fb2",
+                              templates="single", show_progress=False)
 
 
 def test_refuses_sae_of_another_hook_or_width(setup, tiny_clip, tmp_path):
@@ -273,18 +228,20 @@ def test_refuses_sae_of_another_hook_or_width(setup, tiny_clip, tmp_path):
     other_hook = copy.deepcopy(setup["sae"])
     other_hook.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
     with pytest.raises(InputError, match="not the SAE's hook 'blocks.0.hook_resid_post'"):
-        build_feature_browser(setup["root"] / "cache", other_hook, tiny_clip, tmp_path / "a", show_progress=False)
+        build_feature_browser(setup["root"] / "cache", other_hook, tiny_clip, tmp_path / "a",
+                              templates="single", show_progress=False)
     narrow = copy.deepcopy(setup["sae"])
     narrow.cfg.d_in = 32
     with pytest.raises(InputError, match="the SAE's d_in is 32"):
-        build_feature_browser(setup["root"] / "cache", narrow, tiny_clip, tmp_path / "b", show_progress=False)
+        build_feature_browser(setup["root"] / "cache", narrow, tiny_clip, tmp_path / "b",
+                              templates="single", show_progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_cli_out_is_a_file_and_results_not_json(setup, tmp_path):
     root = setup["root"]
     args = ["features", "--cache", str(root / "cache"), "--sae", str(root / "sae"), "--no-progress",
-            "--random-weights", "--model-kwargs", json.dumps(_tiny_kwargs())]
+            "--random-weights", "--model-kwargs", json.dumps(_tiny_kwargs()), "--templates", "single"]
     (tmp_path / "file").write_text("x")
     assert cli_main(args + ["--out", str(tmp_path / "file")]) == 5
     (tmp_path / "r.json").write_text("{not json")
