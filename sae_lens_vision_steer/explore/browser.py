@@ -154,8 +154,8 @@ def build_feature_browser(cache_dir: str | Path, sae: SAE, model: HookedCLIP, ou
         ds = None
     if vs2 is not None and stats.class_freq_SC is None:
         vs2 = None
-    elif vs2 is not None and classnames is None:  # the class count is known only now
-        vs2 = vs2_changes(results, None, stats.class_freq_SC.shape[1], [], where)
+    elif vs2 is not None and classnames is None:  # only the largest cached label is known, and only now
+        vs2 = vs2_changes(results, None, stats.class_freq_SC.shape[1], [], where, at_least=True)
 
     t = time.perf_counter()
     inputs = PageInputs(stats=stats, classnames=classnames, notes=notes, thumb_px=THUMB_PX, grid=hm.grid_shape(model),

@@ -7,9 +7,9 @@
   It shows where the CLS token read from in that block; it is the same for every latent of an image.
 - `gradient` (the default for a CLS-only SAE; latent-specific): gradient x input at the patch
   embeddings (`hook_patch_embed`, before the position embedding and `ln_pre`):
-  `sum_d e_pd * d a_s / d e_pd`, clipped at zero, where `a_s` is the latent on the image's CLS row.
-  Blanking a patch (occlusion) zeroes its embedding (the patch projection has no bias), so this is
-  the first-order Taylor approximation of the occlusion map, for one forward pass (to the SAE's
+  `sum_d (e_pd - z_d) * d a_s / d e_pd`, clipped at zero, where `a_s` is the latent on the image's
+  CLS row and `z` the embedding of a blanked patch (0 for CLIP, whose patch projection has no bias).
+  This is the first-order Taylor estimate of the occlusion map, for one forward pass (to the SAE's
   block) and one backward pass per (image, latent) pair instead of `1 + n_patches` forwards.
   (Not at the residual stream: a pre-LN block reads each token through a LayerNorm, which is blind
   to the token's scale, so gradient x input there is zero.)
@@ -123,6 +123,12 @@ def gradient_maps(model: HookedCLIP, sae: SAE, images_BCHW: torch.Tensor, latent
     stop = None if pooled else hook_block(model, hook_name) + 1
     pairs = [(b, j, s) for b, lats in enumerate(latents) for j, s in enumerate(lats)]
     out = [np.zeros((len(lats), grid_shape(model)[0] * grid_shape(model)[1]), dtype=np.float32) for lats in latents]
+    if not pairs:
+        return out
+    with torch.no_grad():  # a blanked patch's embedding: 0 for CLIP, the projection's bias for timm / DINOv2
+        _, c = model.run_with_cache(torch.zeros_like(images_BCHW[:1]).to(model.device),
+                                    names_filter=["hook_patch_embed"], stop_at_layer=0)
+        blank = c["hook_patch_embed"]
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         images = images_BCHW[torch.tensor([b for b, _, _ in chunk])].to(model.device)
@@ -141,7 +147,7 @@ def gradient_maps(model: HookedCLIP, sae: SAE, images_BCHW: torch.Tensor, latent
             codes = sae.encode(kept["row"].to(sae.W_enc.dtype))
             a = codes[torch.arange(len(chunk), device=codes.device), lat]
             (g,) = torch.autograd.grad(a.sum(), kept["x"])
-        contrib = (g * kept["x"]).sum(-1).clamp(min=0).float().detach().cpu().numpy()
+        contrib = (g * (kept["x"] - blank)).sum(-1).clamp(min=0).float().detach().cpu().numpy()
         for (b, j, _), row in zip(chunk, contrib):
             out[b][j] = row
     return out

@@ -58,11 +58,12 @@ def _accuracies(results: dict[str, Any], method: str, where: str) -> np.ndarray:
 
 
 def vs2_changes(results: dict[str, Any] | None, classnames: list[str] | None, n_classes: int | None,
-                notes: list[str], where: str = "results") -> VS2Changes | None:
+                notes: list[str], where: str = "results", at_least: bool = False) -> VS2Changes | None:
     """The per-class changes, or None with the reason in `notes` (no VS2 rows, other classes).
 
-    `n_classes`: the cache's class count when known; per-class accuracies of another length are a
-    user error (`InputError`), not a crash."""
+    `n_classes`: the cache's class count when known; per-class accuracies of another length (with
+    `at_least`, when only the largest cached label is known: fewer entries) are a user error
+    (`InputError`), not a crash."""
     if results is None:
         return None
     methods = results["methods"]
@@ -77,10 +78,13 @@ def vs2_changes(results: dict[str, Any] | None, classnames: list[str] | None, n_
         return None
     vs2, zs = _accuracies(results, label, where), _accuracies(results, "zeroshot", where)
     want = n_classes if n_classes is not None else (len(names) if isinstance(names, list) else len(zs))
+    if at_least and n_classes is not None and len(zs) >= n_classes:
+        want = len(zs)
     for m, a in ((label, vs2), ("zeroshot", zs)):
         if len(a) != want:
+            has = f"labels up to {want - 1}" if at_least else f"{want} classes"
             raise InputError(f"{where}: methods.{m}.per_class_acc has {len(a)} entries, but the cache's data set "
-                             f"has {want} classes; give the results.json of `vision-steer eval` on the same data set")
+                             f"has {has}; give the results.json of `vision-steer eval` on the same data set")
     counts, exact = _class_counts(results, want, where)
     se = None
     if counts is not None:
