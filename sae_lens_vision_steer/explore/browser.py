@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sae_lens import SAE
 from tqdm.auto import tqdm
 

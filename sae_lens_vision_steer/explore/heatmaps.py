@@ -61,7 +61,8 @@ def attention_maps(model: HookedCLIP, images_BCHW: torch.Tensor, hook_name: str,
     for i in range(0, len(images_BCHW), batch_size):
         _, tl_cache = model.run_with_cache(images_BCHW[i:i + batch_size].to(model.device), names_filter=[name],
                                            stop_at_layer=L + 1)
-        out.append(tl_cache[name][:, :, 0, 1:].mean(dim=1).float().cpu())
+        n_patches = grid_shape(model)[0] * grid_shape(model)[1]  # the last tokens (after CLS and any registers)
+        out.append(tl_cache[name][:, :, 0, -n_patches:].mean(dim=1).float().cpu())
     return torch.cat(out).numpy()
 
 

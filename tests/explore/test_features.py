@@ -21,7 +21,6 @@ from sae_lens_vision_steer.cli import main as cli_main
 from sae_lens_vision_steer.explore import (
     build_feature_browser,
     decoder_class_scores,
-    latent_stats,
     occlusion_maps,
 )
 from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
