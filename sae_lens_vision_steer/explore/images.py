@@ -13,7 +13,6 @@ from PIL import Image
 from ..activation_cache import ActivationStore, dataset_fingerprint
 from ..data import ImageDataset, load_image_dataset
 from ..sae.splice import HookedCLIP
-from .html import display_text
 
 THUMB_PX = 96
 
@@ -39,24 +38,10 @@ def open_cache_dataset(cache: ActivationStore, model: HookedCLIP, data_dir: str 
     except Exception as e:  # missing folder, no network for a Hub data set, ...
         return None, f"the cache's data set {dataset}/{split} could not be opened ({' '.join(str(e).split())})"
     want = req.get("dataset_fingerprint")
-    try:
-        have = dataset_fingerprint(ds) if want else None
-    except UnicodeError:  # a file name that is not UTF-8 (surrogate escapes): name it
-        bad = next((f for f in getattr(ds, "relative_paths", None) or [] if not _encodable(f)), "?")
-        return None, (f"the file name {display_text(bad)!r} in {display_text(folder)} is not UTF-8, so the data set "
-                      "cannot be matched to the cache; rename it")
-    if want and have != want:
+    if want and dataset_fingerprint(ds) != want:
         return None, (f"the data set {dataset}/{split} at {folder} is not the one the cache was made from "
                       "(different files, selection or labels)")
     return ds, None
-
-
-def _encodable(name: str) -> bool:
-    try:
-        str(name).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def load_images(ds: ImageDataset, items: list[int]) -> torch.Tensor:
