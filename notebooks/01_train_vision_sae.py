@@ -236,17 +236,18 @@ plt.show()
 # that opens from disk: an index of every latent (firing frequency, mean activation, the classes its
 # decoder direction promotes through `ln_post` and the projection), sortable and searchable, and a
 # page per live latent with its top images and patch heatmaps, an activation histogram and per-class
-# means. The statistics come from one pass over the cache. For this CLS-token SAE the heatmap is the
-# CLS token's attention to each patch in the SAE's block (`heatmap="occlusion"` gives a
-# latent-specific map instead). Open `RUN_DIR / "features" / "index.html"` in a browser; below, a few
-# latents are drawn inline from what the browser computed.
+# means. The statistics come from one pass over the cache. For this CLS-token SAE the heatmap is
+# gradient x input at the patch embeddings: the first-order estimate of how much the latent drops when
+# a patch is blanked, for one backward pass per image and latent (`heatmap="attention"` gives the
+# cheaper CLS attention map, the same for every latent). Open `RUN_DIR / "features" / "index.html"`
+# in a browser; below, a few latents are drawn inline from what the browser computed.
 
 # %%
 import json
 
 from PIL import Image as PILImage
 
-from sae_lens_vision_steer.explore import attention_maps, build_feature_browser
+from sae_lens_vision_steer.explore import build_feature_browser, gradient_maps
 
 browser = build_feature_browser(cache.root, sae, model, RUN_DIR / "features", top_k=6,
                                 show_progress=SHOW_PROGRESS)
@@ -262,7 +263,7 @@ fig, axes = plt.subplots(len(shown), 6, figsize=(9, 1.9 * len(shown)), squeeze=F
 for r, latent in enumerate(shown):
     images = [int(i) for i in st.top_images_SK[latent] if i >= 0]
     x = torch.stack([train_data[int(st.image_index_N[i])][0] for i in images])
-    heat = attention_maps(model, x, HOOK)  # [n, n_patches]: the heatmaps of the latent pages
+    heat = [m[0] for m in gradient_maps(model, sae, x, [[latent]] * len(x), HOOK)]  # the latent pages' maps
     for c, ax in enumerate(axes[r]):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -272,7 +273,7 @@ for r, latent in enumerate(shown):
             ax.imshow(heat[c].reshape(grid, grid), cmap="Reds", alpha=0.45, extent=(0, thumb.width, thumb.height, 0))
     axes[r, 0].set_ylabel(f"latent {latent}", fontsize=8)
     axes[r, 0].set_title("promotes: " + ", ".join(index_rows[latent]["promoted"][:3]), fontsize=7, loc="left")
-fig.suptitle("Feature browser: top images per latent, CLS attention overlaid", fontsize=9)
+fig.suptitle("Feature browser: top images per latent, gradient x input heatmaps overlaid", fontsize=9)
 fig.tight_layout()
 fig.savefig(RUN_DIR / "01_feature_browser.png", dpi=100)
 plt.show()
