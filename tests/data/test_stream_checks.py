@@ -8,7 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from data.test_streaming import HOOK, N_CLASSES, _members, _samples, _write_tar
+from data.test_streaming import HOOK, N_CLASSES, tar_members, tar_samples, write_tar
 
 from sae_lens_vision_steer import load_image_dataset
 from sae_lens_vision_steer.activation_cache import cache_activations
@@ -35,7 +35,7 @@ def _member_ends(path: Path) -> list[tuple[str, int]]:
 def test_a_tar_cut_at_a_member_boundary_is_a_stream_error(tmp_path, cut_after):
     wds = tmp_path / "wds"
     shard = wds / "train" / "0.tar"
-    _write_tar(shard, _members(_samples()[:7]))
+    write_tar(shard, tar_members(tar_samples()[:7]))
     end = dict(_member_ends(shard))[cut_after]
     data = shard.read_bytes()
     if cut_after == "s0006.cls":  # the last member: only the end-of-archive (zero) blocks follow it
@@ -59,7 +59,7 @@ def test_a_header_damaged_after_a_member_is_a_stream_error(tmp_path):
     """Python's tarfile also stops silently at a damaged header after the first member."""
     wds = tmp_path / "wds"
     shard = wds / "train" / "0.tar"
-    _write_tar(shard, _members(_samples()[:4]))
+    write_tar(shard, tar_members(tar_samples()[:4]))
     end = dict(_member_ends(shard))["s0001.cls"]
     data = bytearray(shard.read_bytes())
     data[end:end + 512] = b"\x07" * 512
@@ -70,14 +70,14 @@ def test_a_header_damaged_after_a_member_is_a_stream_error(tmp_path):
 
 @pytest.mark.parametrize("kind", ["key comes back", "member twice"])
 def test_a_duplicate_key_is_refused_naming_the_shard_and_key(tmp_path, kind):
-    samples = _samples()[:6]
-    members = _members(samples)
+    samples = tar_samples()[:6]
+    members = tar_members(samples)
     if kind == "key comes back":  # s0002's members again, after s0003: webdataset would yield 7 samples
         members = members[:8] + [("s0002.jpg", samples[5][1]), ("s0002.cls", b"2")] + members[8:]
     else:  # a second s0004.jpg right after the first: one sample would silently keep the second image
         members = members[:9] + [("s0004.jpg", samples[5][1])] + members[9:]
     wds = tmp_path / "wds"
-    _write_tar(wds / "train" / "0.tar", members)
+    write_tar(wds / "train" / "0.tar", members)
     with pytest.raises(StreamError, match=r"tar shard train/0\.tar has key 's000[24]' twice"):
         len(_stream(wds))  # the declared length
     with pytest.raises(StreamError, match=r"tar shard train/0\.tar has key 's000[24]' twice"):
@@ -85,12 +85,12 @@ def test_a_duplicate_key_is_refused_naming_the_shard_and_key(tmp_path, kind):
 
 
 def test_labels_outside_the_classes_are_refused_or_skipped_and_counted(tiny_clip, tmp_path):
-    samples = _samples()
-    members = _members(samples)
+    samples = tar_samples()
+    members = tar_members(samples)
     members[2 * 4 + 1] = ("s0004.cls", b"999999")
     members[2 * 9 + 1] = ("s0009.cls", b"-3")
     wds = tmp_path / "wds"
-    _write_tar(wds / "train" / "0.tar", members)
+    write_tar(wds / "train" / "0.tar", members)
     (wds / "classnames.txt").write_text("\n".join(f"class {c}" for c in range(N_CLASSES)))
     ds = _stream(wds, transform=tiny_clip.preprocess)
     with pytest.raises(BadLabelError, match=r"member s0004\.jpg of tar shard train/0\.tar has label 999999, "
@@ -107,7 +107,7 @@ def test_labels_outside_the_classes_are_refused_or_skipped_and_counted(tiny_clip
 
 def test_a_non_numeric_nshards_txt_is_named(tmp_path):
     folder = tmp_path / "wds" / "train"
-    _write_tar(folder / "0.tar", _members(_samples()[:2]))
+    write_tar(folder / "0.tar", tar_members(tar_samples()[:2]))
     (folder / "nshards.txt").write_text("two\n")
     with pytest.raises(StreamError, match=r"wds/train/nshards\.txt should hold the number of tar shards, but holds "
                                           r"'two'"):

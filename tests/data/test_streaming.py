@@ -33,13 +33,13 @@ def _jpeg(rng: np.random.Generator, c: int) -> bytes:
     return buf.getvalue()
 
 
-def _samples(seed: int = 0) -> list[tuple[str, bytes, int]]:
+def tar_samples(seed: int = 0) -> list[tuple[str, bytes, int]]:
     """(key, jpeg bytes, label), class-major: the order ImageFolderDataset reads `class_c/<key>.jpg` in."""
     rng = np.random.default_rng(seed)
     return [(f"s{c * PER_CLASS + j:04d}", _jpeg(rng, c), c) for c in range(N_CLASSES) for j in range(PER_CLASS)]
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for name, data in members:
@@ -48,7 +48,7 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def _members(samples) -> list[tuple[str, bytes]]:
+def tar_members(samples) -> list[tuple[str, bytes]]:
     return [m for key, data, label in samples for m in ((f"{key}.jpg", data), (f"{key}.cls", str(label).encode()))]
 
 
@@ -56,9 +56,9 @@ def _members(samples) -> list[tuple[str, bytes]]:
 def replicas(tmp_path_factory):
     """The same 12 JPEGs as WebDataset shards (`wds/train/{0,1}.tar`) and as an image folder."""
     root = tmp_path_factory.mktemp("replicas")
-    samples = _samples()
-    _write_tar(root / "wds" / "train" / "0.tar", _members(samples[:7]))
-    _write_tar(root / "wds" / "train" / "1.tar", _members(samples[7:]))
+    samples = tar_samples()
+    write_tar(root / "wds" / "train" / "0.tar", tar_members(samples[:7]))
+    write_tar(root / "wds" / "train" / "1.tar", tar_members(samples[7:]))
     (root / "wds" / "classnames.txt").write_text("\n".join(f"class {c}" for c in range(N_CLASSES)))
     for key, data, label in samples:
         d = root / "folder" / f"class_{label}"
@@ -162,12 +162,12 @@ def test_a_stream_that_ends_early(tiny_clip, replicas, tmp_path):
 
 
 def test_a_corrupt_member(tiny_clip, replicas, local_cache, tmp_path):
-    samples = _samples()
-    members = _members(samples[:7])
+    samples = tar_samples()
+    members = tar_members(samples[:7])
     members[2 * 5] = ("s0005.jpg", b"not a jpeg" * 10)
     wds = tmp_path / "wds"
-    _write_tar(wds / "train" / "0.tar", members)
-    _write_tar(wds / "train" / "1.tar", _members(samples[7:]))
+    write_tar(wds / "train" / "0.tar", members)
+    write_tar(wds / "train" / "1.tar", tar_members(samples[7:]))
     ds = load_image_dataset("webdataset", "train", wds, transform=tiny_clip.preprocess, stream=True)
     with pytest.raises(BadImageError, match=r"member s0005\.jpg of tar shard train/0\.tar"):
         _cache(tiny_clip, ds, tmp_path / "strict")
@@ -207,7 +207,7 @@ def _write_hub_replica(root: Path, samples) -> Path:
 
 def test_datasets_stream_gives_the_local_files_cache_bytes(tiny_clip, local_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    repo = _write_hub_replica(tmp_path / "repo", _samples())
+    repo = _write_hub_replica(tmp_path / "repo", tar_samples())
     ds = load_image_dataset(str(repo), "train", transform=tiny_clip.preprocess, stream=True)
     assert len(ds) == 12 and ds.classnames == ["a", "b", "c"]  # length from the split info
     cache = _cache(tiny_clip, ds, tmp_path / "cache")
@@ -224,11 +224,11 @@ def test_cli_stream_bad_inputs(replicas, tmp_path, capsys):
     from sae_lens_vision_steer.cli import main
     from sae_lens_vision_steer.cli.common import EXIT_INPUT
 
-    samples = _samples()
-    members = _members(samples)
+    samples = tar_samples()
+    members = tar_members(samples)
     members[2 * 3] = ("s0003.jpg", b"\xff\xd8 truncated")
     wds = tmp_path / "wds"
-    _write_tar(wds / "train" / "0.tar", members)
+    write_tar(wds / "train" / "0.tar", members)
 
     def cache(out, *extra):
         return main(["cache", "--random-weights", "--seed", "0", "--model-kwargs", json.dumps(TINY_CLIP_KWARGS),
