@@ -37,7 +37,8 @@ def _architecture_differences(recorded: dict[str, Any], cfg: Any) -> list[str]:
         mine = getattr(cfg, key)
         mine = list(mine) if isinstance(mine, tuple) else mine
         if recorded[key] != mine:
-            diffs.append(f"{key} {recorded[key]!r} (this model: {mine!r})")
+            label = "model family" if key == "family" else key
+            diffs.append(f"{label} {recorded[key]!r} (this model: {mine!r})")
     return diffs
 
 
