@@ -1,6 +1,6 @@
 """`load_vision_sae` on other libraries' files: format detection, bad input refused with the reason, and an
 imported SAE spliced into HookedCLIP like one of ours. The files here are replicas written by hand in each
-library's layout (no library needed); tests/test_sae_formats.py compares with the libraries themselves."""
+library's layout (no library needed); tests/sae/test_sae_formats.py compares with the libraries themselves."""
 
 from __future__ import annotations
 

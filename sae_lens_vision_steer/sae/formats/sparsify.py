@@ -14,7 +14,7 @@ SAELens' own `sparsify_disk_loader` (6.54) reads these files but does not fit sp
 it takes `d_sae` from `num_latents` (0 when `expansion_factor` is used), transposes `W_dec` (stored
 `[M, d_in]` already), sets `apply_b_dec_to_input = not normalize_decoder` (sparsify always subtracts
 `b_dec` from an SAE's input) and forces bfloat16. We read the same files with this mapping instead; the
-exactness test against sparsify's own forward is in tests/test_sae_formats.py.
+exactness test against sparsify's own forward is in tests/sae/test_sae_formats.py.
 """
 
 from __future__ import annotations
