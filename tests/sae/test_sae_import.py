@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_clip
+from saes import write_sparsify
 from safetensors.torch import save_file
 
 from sae_lens_vision_steer.core.errors import InputError, UnknownNameError, UsageError
@@ -16,22 +17,8 @@ from sae_lens_vision_steer.sae.formats import ImportOptions
 from sae_lens_vision_steer.sae.loading import load_vision_sae
 from sae_lens_vision_steer.steering.vs2 import VS2Steering
 
-D, M, K = 64, 128, 4  # D = the tiny CLIP's width
+D, M, K = 64, 128, 4  # D = the tiny CLIP's width; M, K as saes.write_sparsify
 HOOK = "blocks.1.hook_resid_post"
-
-
-def write_sparsify(folder, d_in: int = D, seed: int = 0, **cfg_changes) -> dict:
-    """sparsify's `SparseCoder.save_to_disk` layout: cfg.json (SparseCoderConfig + d_in) and sae.safetensors."""
-    g = torch.Generator().manual_seed(seed)
-    weights = {"encoder.weight": torch.randn(M, d_in, generator=g) / d_in**0.5,
-               "encoder.bias": torch.randn(M, generator=g) * 0.1,
-               "W_dec": torch.randn(M, d_in, generator=g) / d_in**0.5, "b_dec": torch.randn(d_in, generator=g) * 0.3}
-    cfg = {"activation": "topk", "expansion_factor": M // d_in, "normalize_decoder": True, "num_latents": 0, "k": K,
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d_in} | cfg_changes
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    save_file(weights, str(folder / "sae.safetensors"))
-    return weights
 
 
 def by_hand(x: torch.Tensor, w: dict) -> torch.Tensor:

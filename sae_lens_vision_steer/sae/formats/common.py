@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,21 @@ def torch_load(path: Path, allow_pickle: bool = False, stubs: dict[str, type] | 
         with torch.serialization.safe_globals(globs):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not needs:  # not a pickle torch.load understands at all
+            raise InputError(f"{path} cannot be read as a torch file ({_last_line(e)})") from None
         if not allow_pickle:
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise InputError(f"{path} needs full unpickling, which can run code from the file ({first[:200]}); "
-                             "it was not loaded. Pass allow_pickle=True only if you trust it") from None
-    except (RuntimeError, EOFError) as e:  # not a torch file, or a truncated one
-        raise InputError(f"{path} cannot be read as a torch file: {str(e).splitlines()[0][:200]}") from None
+            raise InputError(f"{path} needs full unpickling (it holds a pickled {needs.group(1)}), which can run code "
+                             "from the file; it was not loaded. Pass allow_pickle=True only if you trust it") from None
+    except (RuntimeError, EOFError) as e:  # a damaged or truncated torch file
+        raise InputError(f"{path} cannot be read as a torch file ({_last_line(e)})") from None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 and lines[0].startswith("Weights only") else lines[0] if lines else
+            type(e).__name__)[:200]
 
 
 class Opaque:
