@@ -4,9 +4,10 @@ reconstructions on the same activations are compared with the library's forward 
 
 Libraries: eai-sparsify, overcomplete, saev, visaebench (the `[dev]` extra); a test skips, with the reason,
 when its library does not import. ViT-Prisma's SAE code is not on PyPI (vit-prisma 0.1.4 has no `sae`
-package), so its test writes a replica of its files (names and config keys from ViT-Prisma 2.0's
-`sae/config.py` and `sae/sae.py`) and compares with its forward written out here; if `vit_prisma.sae`
-happens to import, its own forward is compared too.
+package), so its tests write a replica of its files (names and config keys from ViT-Prisma 2.0's
+`sae/config.py` and `sae/sae.py`), in a folder and as a Hub repo in a temporary HF cache read with
+HF_HUB_OFFLINE=1, and compare with its forward written out here; if `vit_prisma.sae` imports (installed
+from its GitHub source), its own forward is compared too.
 """
 
 from __future__ import annotations
@@ -261,19 +262,26 @@ def test_visaebench_checkpoint_equals_visaebench_forward(activation, tmp_path):
     assert_same(sae, x, z_ref, rec_ref * std + mean)
 
 
-def test_visaebench_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):
-    """The Hub layout `visaebench/clip-vitb16-saes/batchtopk_16x_k128/` in a temporary HF cache, read with
-    HF_HUB_OFFLINE=1 (no network): the backbone's model and the patch positions come from the repo."""
+def offline_hub_snapshot(tmp_path, monkeypatch, repo: str):
+    """A temporary HF cache holding one snapshot of `repo` (its folder is returned, to be filled), read with
+    HF_HUB_OFFLINE=1: huggingface_hub resolves `main` from the cache and never touches the network."""
     import huggingface_hub.constants as hf_constants
 
-    repo, commit = "visaebench/clip-vitb16-saes", "0123456789abcdef0123456789abcdef01234567"
+    commit = "0123456789abcdef0123456789abcdef01234567"
     repo_dir = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
-    visaebench_checkpoint(repo_dir / "snapshots" / commit / "batchtopk_16x_k128", "topk", seed=10)
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return repo_dir / "snapshots" / commit
+
+
+def test_visaebench_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):
+    """The Hub layout `visaebench/clip-vitb16-saes/batchtopk_16x_k128/` (visaebench/hub/loader.py) in a
+    temporary HF cache: the backbone's model and the patch positions come from the repo."""
+    repo = "visaebench/clip-vitb16-saes"
+    visaebench_checkpoint(offline_hub_snapshot(tmp_path, monkeypatch, repo) / "batchtopk_16x_k128", "topk", seed=10)
     sae, info = load_vision_sae(repo, "batchtopk_16x_k128", options=ImportOptions(input_norm="none"))
     assert info.model_name == "hf:openai/clip-vit-base-patch16" and info.positions == "patches"
     assert info.format == "visaebench" and sae.cfg.metadata.source["library"] == "visaebench"
@@ -399,3 +407,17 @@ def test_prisma_refusals_and_pickles(tmp_path):
     write_prisma(tmp_path / "shape", PRISMA_CONFIG, wrong)
     with pytest.raises(InputError, match="d_in . expansion_factor = 128"):
         load_vision_sae(tmp_path / "shape")
+
+
+def test_prisma_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):
+    """ViT-Prisma's Hub repos hold one SAE at the root (config.json + the weights file, as
+    vit_prisma/utils/load_model.py downloads them): a replica in a temporary HF cache, read offline."""
+    repo = "Prisma-Multimodal/sae-top_k-64-cls_only-layer_11-hook_resid_post"
+    state = prisma_state(16)
+    write_prisma(offline_hub_snapshot(tmp_path, monkeypatch, repo), PRISMA_CONFIG | {"hook_point_layer": 11}, state)
+    with pytest.raises(UsageError, match="needs sae_id.*format="):
+        load_vision_sae(repo)
+    sae, info = load_vision_sae(repo, format="prisma")
+    x = acts(6, scale=3.0)
+    assert info.hook_name == "blocks.11.hook_resid_post" and info.source == repo and info.format == "prisma"
+    assert_same(sae, x, *prisma_forward(PRISMA_CONFIG, state, x))
