@@ -1,5 +1,5 @@
-"""`vision-steer convert`: another library's SAE written as a SAELens folder that plain SAELens, `--sae` of
-every command and `publish` read; the published card credits the library."""
+"""`vision-steer convert`: another library's SAE written as a SAELens folder that plain SAELens and `--sae` of
+every command read; the model card `publish` writes credits the library."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from saes import write_sparsify
 
 from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.cli.common import EXIT_INPUT, EXIT_USAGE
-from sae_lens_vision_steer.hub.publish import publish_sae
+from sae_lens_vision_steer.hub.model_card import sae_card_section
 from sae_lens_vision_steer.sae.loading import load_vision_sae
 
 
-def test_convert_then_load_and_publish(tmp_path, capsys):
+def test_convert_then_load_and_credit(tmp_path, capsys):
     write_sparsify(tmp_path / "run" / "vision_model.encoder.layers.1")
     out = tmp_path / "sae"
     rc = main(["convert", "--source", str(tmp_path / "run"), "--out", str(out), "--model", "ViT-B-32",
@@ -28,8 +28,9 @@ def test_convert_then_load_and_publish(tmp_path, capsys):
     assert plain.cfg.metadata.hook_name == "blocks.1.hook_resid_post" and plain.cfg.metadata.positions == "cls"
     assert plain.cfg.metadata.source["library"] == "eai-sparsify"
 
-    res = publish_sae(out, "someone/vision-saes", "sparsify-layer1", dry_run_dir=tmp_path / "dry")
-    card = (res.dry_run_dir / "README.md").read_text()
+    # the card `publish` writes credits the library
+    card = sae_card_section("someone/vision-saes", "sparsify-layer1", {"d_in": 64, "d_sae": 128, "k": 4,
+                            "architecture": "topk"}, dict(plain.cfg.metadata.items()))
     assert ("| Trained with | eai-sparsify (imported from its `sparsify` files, "
             "`vision_model.encoder.layers.1/sae.safetensors`) |") in card
 

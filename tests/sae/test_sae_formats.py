@@ -56,6 +56,21 @@ def randomise(module: torch.nn.Module, seed: int, names: tuple[str, ...]) -> Non
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def offline_hub_snapshot(tmp_path, monkeypatch, repo: str):
+    """A temporary HF cache holding one snapshot of `repo` (its folder is returned, to be filled), read with
+    HF_HUB_OFFLINE=1: huggingface_hub resolves `main` from the cache and never touches the network."""
+    import huggingface_hub.constants as hf_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return repo_dir / "snapshots" / commit
+
+
 # ------------------------------------------------------------------------------------------- sparsify
 def test_sparsify_checkpoint_equals_sparsify_forward(tmp_path, monkeypatch):
     # sparsify decodes with a Triton kernel unless this (its own switch, read at import) is set: CPU here.
@@ -227,6 +242,22 @@ def test_saev_current_format_replica(tmp_path):
         load_vision_sae(tmp_path / "bad.pt", options=opts)
 
 
+def test_saev_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):
+    """saev's CLIP/DINOv2 repos hold `sae.pt` at the root (osunlp/SAE_CLIP_24K_ViT-B-16_IN1K, saev's docs):
+    a replica in a temporary HF cache, read with HF_HUB_OFFLINE=1; `format="saev"` needs no sae_id."""
+    repo = "osunlp/SAE_CLIP_24K_ViT-B-16_IN1K"
+    state = saev_state(17)
+    relu = {"cls": "Relu", "params": {"key": "relu"}}
+    snapshot = offline_hub_snapshot(tmp_path, monkeypatch, repo)
+    snapshot.mkdir(parents=True)
+    write_saev_head(snapshot / "sae.pt", relu, state)
+    sae, info = load_vision_sae(repo, format="saev", options=ImportOptions(hook_name="blocks.10.hook_resid_post"))
+    x = acts(7)
+    h = (x @ state["W_enc"] + state["b_enc"]).relu()
+    assert info.format == "saev" and info.sae_id is None and info.hook_name == "blocks.10.hook_resid_post"
+    assert_same(sae, x, h, h @ state["W_dec"] + state["b_dec"])
+
+
 # ------------------------------------------------------------------------------------------- ViSAEBench
 def visaebench_checkpoint(folder, activation: str, seed: int) -> dict:
     """A checkpoint in the layout `visaebench.hub.load_sae` reads: `sae.pt` (a torch state dict with its key
@@ -260,21 +291,6 @@ def test_visaebench_checkpoint_equals_visaebench_forward(activation, tmp_path):
         z_ref, rec_ref = generic((x - mean) / std)  # ViSAEBench feeds its SAEs normalised activations
     assert info.format == "visaebench" and info.positions == "patches" and info.hook_name == "blocks.11.hook_resid_post"
     assert_same(sae, x, z_ref, rec_ref * std + mean)
-
-
-def offline_hub_snapshot(tmp_path, monkeypatch, repo: str):
-    """A temporary HF cache holding one snapshot of `repo` (its folder is returned, to be filled), read with
-    HF_HUB_OFFLINE=1: huggingface_hub resolves `main` from the cache and never touches the network."""
-    import huggingface_hub.constants as hf_constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    return repo_dir / "snapshots" / commit
 
 
 def test_visaebench_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):

@@ -130,6 +130,8 @@ def load(folder: Path, options: ImportOptions, where: str, repo_id: str | None =
                 "hook_name": f"blocks.{int(cfg.get('layer', DEFAULT_LAYER))}.hook_resid_post"}
     source = {"format": NAME, "library": "visaebench", "file": wfile.name, "config": cfg,
               "input_normalization": "folded" if norm else "none"}
+    if "layer" not in cfg:
+        source["hook_from"] = f"ViSAEBench's default layer {DEFAULT_LAYER} (the config records none)"
     meta = import_metadata(options, recorded, source, where)
     sae = build_sae(architecture, weights, meta, where, apply_b_dec_to_input=False, **extra)
     if norm is not None:
