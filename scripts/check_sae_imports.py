@@ -161,13 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"d_in={a.d_in} d_sae={a.d_sae} k={a.k} n={a.n}; torch {torch.__version__}")
     for name, (lib, fn, extra) in CASES.items():
         try:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
                 (source, sae_id, opts), lat_ref, rec_ref = fn(Path(tmp), a, x, *extra)
                 sae, _ = load_vision_sae(source, sae_id, options=ImportOptions(hook_name="blocks.11.hook_resid_post",
                                                                                **opts))
-                with torch.no_grad():
-                    lat = sae.encode(x)
-                    rec = sae.decode(lat)
+                lat = sae.encode(x)
+                rec = sae.decode(lat)
         except ImportError as e:
             print(f"{name:38s} skipped: {lib} does not import ({e})")
             continue
