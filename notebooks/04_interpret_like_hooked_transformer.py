@@ -262,7 +262,8 @@ save_file({"encoder.weight": unit.W_enc.T.contiguous(), "encoder.bias": unit.b_e
            "W_dec": unit.W_dec.contiguous(), "b_dec": unit.b_dec.contiguous()}, str(export / "sae.safetensors"))
 
 imported, info = load_vision_sae(export, options=ImportOptions(model_name=model.cfg.model_name, positions="cls"))
-print(f"{info.format} files -> SAELens {imported.cfg.architecture()} SAE at {info.hook_name}, positions {info.positions}")
+print(f"{info.format} files -> SAELens {imported.cfg.architecture()} SAE at {info.hook_name}, "
+      f"positions {info.positions}")
 model.add_sae(imported, use_error_term=True)
 try:
     with torch.no_grad():

@@ -2,11 +2,12 @@
 
     python scripts/check_sae_imports.py [--d-in 768] [--d-sae 3072] [--k 64] [--n 512]
 
-For each library that imports (eai-sparsify, overcomplete, saev, visaebench; vit_prisma from its GitHub\nsource, it is not on PyPI), a checkpoint
-with random weights is written with the library's own code (or, where it has none, in the layout its loader
-reads), loaded with `load_vision_sae`, and both forwards run on the same random activations. Prints one
-line per source: max |latents - library|, max |reconstruction - library|, and the largest |value| of each
-for scale. Sources whose library does not import are listed as skipped. Results: docs/sae-sources.md.
+For each library that imports (eai-sparsify, overcomplete, saev, visaebench; vit_prisma from its GitHub
+source, it is not on PyPI), a checkpoint with random weights is written with the library's own code (or,
+where it has none, in the layout its loader reads), loaded with `load_vision_sae`, and both forwards run on
+the same random activations. Prints one line per source: max |latents - library|, max |reconstruction -
+library|, and the largest |value| of each for scale. Sources whose library does not import are listed as
+skipped. Results: docs/sae-sources.md.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:38s} skipped: {lib} does not import ({e})")
             continue
         same = bool(torch.equal(lat != 0, lat_ref != 0))
-        print(f"{name:38s} latents {float((lat - lat_ref).abs().max()):.2e} (max |.| {float(lat_ref.abs().max()):7.2f}, "
+        print(f"{name:38s} latents {float((lat - lat_ref).abs().max()):.2e} "
+              f"(max |.| {float(lat_ref.abs().max()):7.2f}, "
               f"L0 {float((lat_ref != 0).sum(-1).float().mean()):6.1f}, same support {same})  "
               f"recon {float((rec - rec_ref).abs().max()):.2e} (max |.| {float(rec_ref.abs().max()):7.2f})")
 

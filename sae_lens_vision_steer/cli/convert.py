@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     g = p.add_argument_group("what the source's files may not say (each overrides what they say)")
     g.add_argument("--hook", default=None, help="hook on our model the SAE reads, e.g. blocks.11.hook_resid_post")
-    g.add_argument("--model", default=None, help="the model it was trained on, in our naming (ViT-B-32, hf-hub:..., hf:...)")
+    g.add_argument("--model", default=None,
+                   help="the model it was trained on, in our naming (ViT-B-32, hf-hub:..., hf:...)")
     g.add_argument("--pretrained", default=None, help="that model's pretrained tag (openai, ...)")
     g.add_argument("--positions", default=None, choices=["cls", "patches", "all"], help="tokens it was trained on")
     g.add_argument("--input-norm", default=None,

@@ -263,7 +263,8 @@ def visaebench_checkpoint(folder, activation: str, seed: int) -> dict:
     """A checkpoint in the layout `visaebench.hub.load_sae` reads: `sae.pt` (a torch state dict with its key
     names) + `config.json`. ViSAEBench has no writer of its own."""
     g = torch.Generator().manual_seed(seed)
-    state = {"encoder.weight": torch.randn(M, D, generator=g) / D**0.5, "encoder.bias": torch.randn(M, generator=g) * 0.3,
+    state = {"encoder.weight": torch.randn(M, D, generator=g) / D**0.5,
+             "encoder.bias": torch.randn(M, generator=g) * 0.3,
              "decoder.weight": torch.randn(M, D, generator=g) / D**0.5, "decoder.bias": torch.randn(D, generator=g)}
     cfg = {"activation": activation, "input_dim": D, "hidden_dim": M, "k": 8}
     if activation == "batchtopk":
@@ -286,7 +287,8 @@ def test_visaebench_checkpoint_equals_visaebench_forward(activation, tmp_path):
     torch.save({"mean": mean, "std": std}, tmp_path / "norm_stats.pt")  # as visaebench.data.cache writes it
     with pytest.raises(UsageError, match="norm_stats"):
         load_vision_sae(tmp_path, "batchtopk_4x_k8")
-    sae, info = load_vision_sae(tmp_path, "batchtopk_4x_k8", options=ImportOptions(input_norm=tmp_path / "norm_stats.pt"))
+    norm = ImportOptions(input_norm=tmp_path / "norm_stats.pt")
+    sae, info = load_vision_sae(tmp_path, "batchtopk_4x_k8", options=norm)
     with torch.no_grad():
         z_ref, rec_ref = generic((x - mean) / std)  # ViSAEBench feeds its SAEs normalised activations
     assert info.format == "visaebench" and info.positions == "patches" and info.hook_name == "blocks.11.hook_resid_post"

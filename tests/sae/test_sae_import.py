@@ -29,7 +29,8 @@ def by_hand(x: torch.Tensor, w: dict) -> torch.Tensor:
 
 
 def test_unknown_and_undetectable_formats_list_the_supported_ones(tmp_path):
-    with pytest.raises(UnknownNameError, match="unknown SAE format 'nope'.*saelens.*sparsify.*prisma.*visaebench.*saev.*overcomplete"):
+    listed = "unknown SAE format 'nope'.*saelens.*sparsify.*prisma.*visaebench.*saev.*overcomplete"
+    with pytest.raises(UnknownNameError, match=listed):
         load_vision_sae(tmp_path, format="nope")
     (tmp_path / "notes.txt").write_text("no SAE here")
     with pytest.raises(FileNotFoundError, match="no SAE of a known format.*supported: saelens"):

@@ -132,7 +132,8 @@ def read_input_norm(spec: Any, d_in: int, where: str) -> tuple[torch.Tensor, flo
         else:
             spec = torch_load(path)
     if not isinstance(spec, dict) or "mean" not in spec or not ({"std", "scale"} & set(spec)):
-        raise UsageError(f"{where}: input_norm must be 'none', or hold 'mean' and 'std' (or 'scale'); got {spec!r:.200}")
+        raise UsageError(f"{where}: input_norm must be 'none', or hold 'mean' and 'std' (or 'scale'); "
+                         f"got {spec!r:.200}")
     mean = torch.as_tensor(spec["mean"], dtype=torch.float64)
     mean = mean.expand(d_in) if mean.ndim == 0 else mean.reshape(-1)
     scale = float(torch.as_tensor(spec.get("std", spec.get("scale"))).reshape(()))

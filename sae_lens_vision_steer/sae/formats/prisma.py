@@ -14,7 +14,8 @@ Mapping: `standard` + `relu` -> SAELens `standard`; `standard` + `topk` (top k, 
 `gated` + `relu` -> `gated`; always `apply_b_dec_to_input=True`. `normalize_activations`
 `layer_norm` / `constant_norm_rescale` are SAELens' own run-time normalisations (the same code): kept
 as they are, exact, but the reconstruction is then not an affine map of the latents in the model's
-activation space, so VS2 and the reconstruction baselines refuse such SAEs (`steering.hooks.check_affine_decoder`). Positions:
+activation space, so VS2 and the reconstruction baselines refuse such SAEs by name
+(`steering.hooks.check_affine_decoder`). Positions:
 `cls_token_only` -> `cls`, `use_patches_only` -> `patches`, else `all`. Refused: transcoders,
 `tanh-relu`, gated + topk, `jumprelu` (ViT-Prisma's loader has no such class).
 """

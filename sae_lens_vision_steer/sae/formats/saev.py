@@ -5,12 +5,12 @@ per run (`layer_23/<run>/sae.pt`). Weights: `W_enc [d, M]`, `b_enc [M]`, `W_dec 
 (a BatchTopK SAE adds `activation.threshold`). The header changed over time; what the SAE computed
 changed with it (traced through saev's history):
 
-| header | encoder | activations | input |
-|---|---|---|---|
-| no `schema` (saev <= 0.1, the published CLIP/DINOv2/BioCLIP SAEs) | `(x - b_dec) W_enc + b_enc` | ReLU | `(x - mean) / scale` from the training data if `scale_mean`/`scale_norm` (default on) |
-| schema 1 (2025-04 .. 07) | `(x - b_dec) W_enc + b_enc` | `cls` or `cfg.activation` | as above |
-| schema 2 (2025-07 .. 10) | with `- b_dec` until 2025-09-05, without after | | raw |
-| schema 3-5 | `x W_enc + b_enc` | | raw |
+- no `schema` (saev <= 0.1, the published CLIP/DINOv2/BioCLIP SAEs): `relu((x - b_dec) W_enc + b_enc)`, on
+  activations the data loader may have normalised as `(x - mean) / scale` (`scale_mean` / `scale_norm`, on by
+  default), with statistics of the training data that are not in the file;
+- schema 1 (2025-04 .. 07): the same encoder; the activation from `cls` or `cfg.activation`;
+- schema 2 (2025-07 .. 10): `- b_dec` until 2025-09-05, not after; raw activations;
+- schema 3-5: `act(x W_enc + b_enc)`, raw activations.
 
 Mapping: ReLU -> SAELens `standard`; BatchTopK (at inference `x if x > threshold else 0`, `x > 0` when the
 threshold is <= 0) -> `jumprelu` with that threshold on every latent. Refused: saev's TopK (it keeps the

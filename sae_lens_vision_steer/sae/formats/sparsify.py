@@ -68,8 +68,10 @@ def load(folder: Path, options: ImportOptions, where: str, repo_id: str | None =
     run = json.loads((folder.parent / RUN_CONFIG).read_text()) if (folder.parent / RUN_CONFIG).is_file() else {}
     model = run.get("model")
     recorded = {"hook_name": hook_for_hookpoint(folder.name), "model_name": f"hf:{model}" if model else None}
-    source = {"format": NAME, "library": "eai-sparsify", "hookpoint": folder.name, "file": f"{folder.name}/{WEIGHTS_FILE}",
+    source = {"format": NAME, "library": "eai-sparsify", "hookpoint": folder.name,
+              "file": f"{folder.name}/{WEIGHTS_FILE}",
               "hook_hint": f"; its hookpoint is {folder.name!r}"}
     meta = import_metadata(options, recorded, source, where)
-    weights = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+    weights = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"],
+               "b_dec": raw["b_dec"]}
     return build_sae("topk", weights, meta, where, k=int(cfg["k"]), apply_b_dec_to_input=True)
