@@ -23,6 +23,8 @@ from .metadata import no_language_model_advice, vision_metadata
 README = "README.md"
 # Formats whose Hub repos hold one SAE at the root (no sae_id needed).
 ROOT_LEVEL_FORMATS = ("prisma", "saev")
+# Formats whose files do not record the input normalisation their library applied (ImportOptions.input_norm).
+INPUT_NORM_FORMATS = ("saev", "visaebench")
 SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*(/[A-Za-z0-9][A-Za-z0-9._+=-]*)*$")
 
 
@@ -138,6 +140,10 @@ def load_vision_sae(
     path, resolved_id, fmt = _resolve(root, sae_id, format, where)
     module = FORMATS[fmt]
     label = where if resolved_id is None else f"{where} ({resolved_id})"
+    if opts.input_norm is not None and fmt not in INPUT_NORM_FORMATS:  # nothing the user passes is ignored
+        raise UsageError(f"{label}: input_norm applies to {INPUT_NORM_FORMATS} SAEs, not to {fmt!r} ones")
+    if opts.constructor is not None and fmt != "overcomplete":
+        raise UsageError(f"{label}: constructor applies to overcomplete SAEs, not to {fmt!r} ones")
     with no_language_model_advice():
         sae = module.load(path, opts, label, repo_id=repo_id)
     sae = sae.to(device=device, dtype=str_to_dtype(dtype)) if dtype else sae.to(device)

@@ -412,7 +412,8 @@ def test_prisma_repo_replica_equals_prisma_forward(tmp_path):
 
 def test_prisma_refusals_and_pickles(tmp_path):
     for name, change, match in (("tc", {"is_transcoder": True}, "transcoder"),
-                                ("tanh", {"activation_fn_str": "tanh-relu"}, "tanh-relu")):
+                                ("tanh", {"activation_fn_str": "tanh-relu"}, "tanh-relu"),
+                                ("head", {"hook_point_head_index": 3}, "one attention head")):
         write_prisma(tmp_path / name, PRISMA_CONFIG | change, prisma_state(13))
         with pytest.raises(InputError, match=match):
             load_vision_sae(tmp_path / name)

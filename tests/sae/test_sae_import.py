@@ -62,6 +62,8 @@ def test_a_hook_the_files_do_not_name_must_be_given(tmp_path):
         load_vision_sae(tmp_path / "model.embed")
     with pytest.raises(UsageError, match="positions must be one of"):
         load_vision_sae(tmp_path / "model.embed", options=ImportOptions(hook_name=HOOK, positions="middle"))
+    with pytest.raises(UsageError, match="input_norm applies to .*saev.*visaebench.*not to 'sparsify'"):
+        load_vision_sae(tmp_path / "model.embed", options=ImportOptions(hook_name=HOOK, input_norm="none"))
 
 
 @torch.no_grad()

@@ -74,6 +74,8 @@ def load(folder: Path, options: ImportOptions, where: str, repo_id: str | None =
     refused = []
     if cfg.get("is_transcoder"):
         refused.append("a transcoder")
+    if cfg.get("hook_point_head_index") is not None:
+        refused.append(f"an SAE on one attention head (hook_point_head_index {cfg['hook_point_head_index']})")
     if (arch, act) not in (("standard", "relu"), ("standard", "topk"), ("gated", "relu")):
         refused.append(f"architecture {arch!r} with activation {act!r}")
     if norm not in ("none", *RUNTIME_NORMS):
