@@ -11,6 +11,8 @@ DESCRIPTION = (HELP + ". The folder then works with every command that takes --s
                "publish) and with plain SAE.load_from_disk. A checkpoint that SAELens cannot represent exactly is "
                "refused with the reason (docs/sae-sources.md).")
 FORMATS = "auto, saelens, sparsify, prisma, visaebench, saev, overcomplete"
+# The library arguments (ImportOptions, import_sae) whose flags differ (see common.ARGUMENT_FLAGS).
+ARGUMENT_FLAGS = {"hook_name": "--hook", "model_name": "--model", "source": "--source", "out_dir": "--out"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

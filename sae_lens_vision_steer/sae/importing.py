@@ -31,7 +31,7 @@ def import_sae(source: str | Path, out_dir: str | Path, sae_id: str | None = Non
     `save_model` to `out_dir` (which must not exist or be empty); all files appear at once."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"output folder {out} exists and is not empty; give a new or empty folder")
+        raise UsageError(f"out_dir {out} exists and is not empty; give a new or empty folder", arguments=("out_dir",))
     sae, info = load_vision_sae(source, sae_id, format, options=options, revision=revision)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

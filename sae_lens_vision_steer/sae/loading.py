@@ -75,7 +75,8 @@ def _local_root(source: str | Path, sae_id: str | None, revision: str | None, fm
     if isinstance(source, str) and text.count("/") == 1 and not text.startswith((".", "/", "~")):
         if sae_id is None and fmt not in ROOT_LEVEL_FORMATS:
             raise UsageError(f"loading from the Hub repo {text!r} needs sae_id (the SAE's folder in the repo), or "
-                             f"format= one of {ROOT_LEVEL_FORMATS} for a repo holding one SAE at its root")
+                             f"format= one of {ROOT_LEVEL_FORMATS} for a repo holding one SAE at its root",
+                             arguments=("sae_id", "format"))
         if sae_id is not None:
             check_sae_id(sae_id)
         from huggingface_hub import snapshot_download
@@ -109,7 +110,7 @@ def _resolve(root: Path, sae_id: str | None, fmt: str, where: str) -> tuple[Path
             return path / rel, rel if sae_id is None else f"{sae_id}/{rel}", detected
         if len(found) > 1:
             raise UsageError(f"{where} holds several SAEs {sorted(found)}; pass sae_id"
-                             + (f" (below {sae_id!r})" if sae_id else ""))
+                             + (f" (below {sae_id!r})" if sae_id else ""), arguments=("sae_id",))
     raise MissingInputError(f"{where} holds no SAE of a known format (overcomplete needs format='overcomplete' "
                             f"with its constructor arguments); supported: {supported()}")
 
@@ -141,9 +142,11 @@ def load_vision_sae(
     module = FORMATS[fmt]
     label = where if resolved_id is None else f"{where} ({resolved_id})"
     if opts.input_norm is not None and fmt not in INPUT_NORM_FORMATS:  # nothing the user passes is ignored
-        raise UsageError(f"{label}: input_norm applies to {INPUT_NORM_FORMATS} SAEs, not to {fmt!r} ones")
+        raise UsageError(f"{label}: input_norm applies to {INPUT_NORM_FORMATS} SAEs, not to {fmt!r} ones",
+                         arguments=("input_norm",))
     if opts.constructor is not None and fmt != "overcomplete":
-        raise UsageError(f"{label}: constructor applies to overcomplete SAEs, not to {fmt!r} ones")
+        raise UsageError(f"{label}: constructor applies to overcomplete SAEs, not to {fmt!r} ones",
+                         arguments=("constructor",))
     with no_language_model_advice():
         sae = module.load(path, opts, label, repo_id=repo_id)
     sae = sae.to(device=device, dtype=str_to_dtype(dtype)) if dtype else sae.to(device)

@@ -35,7 +35,12 @@ def test_convert_then_load_and_credit(tmp_path, capsys):
             "`vision_model.encoder.layers.1/sae.safetensors`) |") in card
 
     assert main(["convert", "--source", str(tmp_path / "run"), "--out", str(out)]) == EXIT_USAGE  # not empty
-    assert "exists and is not empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "out_dir (--out)" in err and "exists and is not empty" in err
+    write_sparsify(tmp_path / "embed" / "model.embed")  # a hookpoint that names no block: the hook is asked for
+    rc = main(["convert", "--source", str(tmp_path / "embed" / "model.embed"), "--out", str(tmp_path / "o")])
+    assert rc == EXIT_USAGE
+    assert "pass hook_name (--hook)" in capsys.readouterr().err
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "sae.pt").write_bytes(b"not a checkpoint")
     rc = main(["convert", "--source", str(tmp_path / "junk" / "sae.pt"), "--format", "overcomplete",

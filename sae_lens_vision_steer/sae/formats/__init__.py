@@ -25,7 +25,8 @@ def supported() -> str:
 
 def format_module(name: str) -> ModuleType:
     if name not in FORMATS:
-        raise UnknownNameError(f"unknown SAE format {name!r}; supported: 'auto' or {supported()}")
+        raise UnknownNameError(f"unknown SAE format {name!r}; supported: 'auto' or {supported()}",
+                               arguments=("format",))
     return FORMATS[name]
 
 

@@ -19,6 +19,7 @@ import torch
 from sae_lens import SAE
 
 from ...core.errors import InputError, MissingInputError, UsageError
+from ...core.positions import POSITION_NAMES, seqpos_slice
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def torch_load(path: Path, allow_pickle: bool = False, stubs: dict[str, type] | 
             raise InputError(f"{path} cannot be read as a torch file ({_last_line(e)})") from None
         if not allow_pickle:
             raise InputError(f"{path} needs full unpickling (it holds a pickled {needs.group(1)}), which can run code "
-                             "from the file; it was not loaded. Pass allow_pickle=True only if you trust it") from None
+                             "from the file; it was not loaded. Pass allow_pickle=True only if you trust it",
+                             arguments=("allow_pickle",)) from None
     except (RuntimeError, EOFError) as e:  # a damaged or truncated torch file
         raise InputError(f"{path} cannot be read as a torch file ({_last_line(e)})") from None
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -133,13 +135,13 @@ def read_input_norm(spec: Any, d_in: int, where: str) -> tuple[torch.Tensor, flo
             spec = torch_load(path)
     if not isinstance(spec, dict) or "mean" not in spec or not ({"std", "scale"} & set(spec)):
         raise UsageError(f"{where}: input_norm must be 'none', or hold 'mean' and 'std' (or 'scale'); "
-                         f"got {spec!r:.200}")
+                         f"got {spec!r:.200}", arguments=("input_norm",))
     mean = torch.as_tensor(spec["mean"], dtype=torch.float64)
     mean = mean.expand(d_in) if mean.ndim == 0 else mean.reshape(-1)
     scale = float(torch.as_tensor(spec.get("std", spec.get("scale"))).reshape(()))
     if mean.shape[0] != d_in or not math.isfinite(scale) or scale <= 0:
         raise UsageError(f"{where}: input_norm needs a mean of {d_in} values and a positive std; "
-                         f"got {mean.shape[0]} values and std {scale}")
+                         f"got {mean.shape[0]} values and std {scale}", arguments=("input_norm",))
     return mean, scale
 
 
@@ -152,10 +154,6 @@ def fold_input_norm(sae: SAE, norm: tuple[torch.Tensor, float]) -> None:
     sae.to(torch.float32)
 
 
-POSITIONS = ("cls", "patches", "all")
-SEQPOS_SLICES = {"cls": [0, 1], "patches": [1, None], "all": [None]}
-
-
 def import_metadata(options: ImportOptions, recorded: dict[str, Any], source: dict[str, Any],
                     where: str) -> dict[str, Any]:
     """Our vision metadata for an imported SAE: what the source records, overridden by `options`, and
@@ -164,14 +162,16 @@ def import_metadata(options: ImportOptions, recorded: dict[str, Any], source: di
              "positions": options.positions}
     meta = {k: v for k, v in recorded.items() if v is not None}
     meta.update({k: v for k, v in given.items() if v is not None})
-    if meta.get("positions") not in (None, *POSITIONS):
-        raise UsageError(f"{where}: positions must be one of {POSITIONS}, got {meta['positions']!r}")
+    if meta.get("positions") not in (None, *POSITION_NAMES):
+        raise UsageError(f"{where}: positions must be one of {POSITION_NAMES}, got {meta['positions']!r}",
+                         arguments=("positions",))
     if not meta.get("hook_name"):
         raise UsageError(f"{where}: the {source['format']} files do not say which hook of our model the SAE reads; "
-                         "pass hook_name (e.g. 'blocks.11.hook_resid_post')" + source.get("hook_hint", ""))
+                         "pass hook_name (e.g. 'blocks.11.hook_resid_post')" + source.get("hook_hint", ""),
+                         arguments=("hook_name",))
     source = {k: v for k, v in source.items() if k != "hook_hint"}
     meta["source"] = source
     meta["model_class_name"] = "HookedCLIP"
     if meta.get("positions"):
-        meta["seqpos_slice"] = SEQPOS_SLICES[meta["positions"]]
+        meta["seqpos_slice"] = seqpos_slice(meta["positions"])  # a tower's register tokens are not recorded
     return meta

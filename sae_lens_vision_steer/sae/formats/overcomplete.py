@@ -63,7 +63,7 @@ def constructor(path: Path, options: ImportOptions) -> dict[str, Any]:
     if not (folder / CONSTRUCTOR_FILE).is_file():
         raise UsageError(f"{path}: overcomplete does not save its constructor arguments; pass constructor="
                          f"{{'class': 'TopKSAE', 'input_shape': ..., 'nb_concepts': ..., 'top_k': ...}} or write "
-                         f"them to {CONSTRUCTOR_FILE} next to the weights")
+                         f"them to {CONSTRUCTOR_FILE} next to the weights", arguments=("constructor",))
     return json.loads((folder / CONSTRUCTOR_FILE).read_text())
 
 
@@ -109,7 +109,8 @@ def load(path: Path, options: ImportOptions, where: str, repo_id: str | None = N
     elif cls == "BatchTopKSAE":
         if args.get("running_threshold") is None:
             raise UsageError(f"{where}: BatchTopKSAE's inference threshold (running_threshold) is not in the state "
-                             "dict; add it to the constructor arguments (float(sae.running_threshold))")
+                             "dict; add it to the constructor arguments (float(sae.running_threshold))",
+                             arguments=("constructor",))
         weights["threshold"] = threshold_at_or_above(torch.full((d_sae,), float(args["running_threshold"])))
     source = {"format": NAME, "library": "overcomplete", "class": cls, "file": wfile.name}
     meta = import_metadata(options, {}, source, where)

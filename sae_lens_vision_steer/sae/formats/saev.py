@@ -100,7 +100,8 @@ def load(path: Path, options: ImportOptions, where: str, repo_id: str | None = N
         raise UsageError(f"{where}: this saev checkpoint (schema {schema or 'none'}) was trained on activations "
                          "that saev's data loader may have normalised as (x - mean) / scale (scale_mean, scale_norm, "
                          "on by default); the statistics are not in the file. Pass input_norm={'mean': ..., "
-                         "'std': ...} from the activation folder, or input_norm='none' if it did not normalise")
+                         "'std': ...} from the activation folder, or input_norm='none' if it did not normalise",
+                         arguments=("input_norm",))
     if options.input_norm is not None:
         norm = read_input_norm(options.input_norm, d_in, where)
     weights = {k: state[k] for k in expected}

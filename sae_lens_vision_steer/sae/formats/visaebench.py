@@ -123,7 +123,8 @@ def load(folder: Path, options: ImportOptions, where: str, repo_id: str | None =
     if options.input_norm is None:
         raise UsageError(f"{where}: ViSAEBench feeds its SAEs (x - mean) / std with statistics of the evaluation "
                          "activations, which are not stored with the SAE. Pass input_norm= the norm_stats.pt of "
-                         "ViSAEBench's activation cache (or {'mean': ..., 'std': ...}), or 'none'")
+                         "ViSAEBench's activation cache (or {'mean': ..., 'std': ...}), or 'none'",
+                         arguments=("input_norm",))
     norm = read_input_norm(options.input_norm, d_in, where)
     backbone = (repo_id or "").split("/")[-1].removesuffix("-saes")
     recorded = {"model_name": BACKBONES.get(backbone), "positions": "patches",
