@@ -393,7 +393,8 @@ def test_prisma_repo_replica_equals_prisma_forward(tmp_path):
                                  "normalize_activations": "none", "cls_token_only": False, "use_patches_only": True}
     state = prisma_state(12, gated=True)
     write_prisma(tmp_path / "gated", gated_cfg, state)
-    sae, info = load_vision_sae(tmp_path / "gated")
+    with pytest.warns(UserWarning, match="centres the weights writing to the residual stream"):
+        sae, info = load_vision_sae(tmp_path / "gated")  # no run-time layer norm: the centring caveat is said
     z_ref, rec_ref = prisma_forward(gated_cfg, state, x)
     assert sae.cfg.architecture() == "gated" and info.positions == "patches"
     check_affine_decoder(sae)  # an affine decoder: steerable

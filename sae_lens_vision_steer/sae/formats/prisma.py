@@ -11,7 +11,14 @@
 not run, and ViT-Prisma need not be installed).
 
 Mapping: `standard` + `relu` -> SAELens `standard`; `standard` + `topk` (top k, then ReLU) -> `topk`;
-`gated` + `relu` -> `gated`; always `apply_b_dec_to_input=True`. `normalize_activations`
+`gated` + `relu` -> `gated`; always `apply_b_dec_to_input=True`.
+
+The model's activations: ViT-Prisma 2.0 trains on `HookedViT.from_pretrained(...)`, whose defaults
+(`center_writing_weights=True`, base_transformer.py) centre the weights that write to the residual stream
+(not the patch embedding). Its hook values then differ from the original tower's, which ours are, by a
+per-token multiple of the all-ones vector; the config does not record whether that was on. An SAE with
+run-time `layer_norm` subtracts the mean first and is unaffected; for any other the loader says so (a
+warning, and `source.residual_centering` in the metadata). `normalize_activations`
 `layer_norm` / `constant_norm_rescale` are SAELens' own run-time normalisations (the same code): kept
 as they are, exact, but the reconstruction is then not an affine map of the latents in the model's
 activation space, so VS2 and the reconstruction baselines refuse such SAEs by name
@@ -23,6 +30,7 @@ activation space, so VS2 and the reconstruction baselines refuse such SAEs by na
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,9 @@ DESCRIPTION = "ViT-Prisma: config.json (VisionModelSAERunnerConfig) + a *.pt wei
 CONFIG = "config.json"
 CONFIG_CLASS = "vit_prisma.sae.config.VisionModelSAERunnerConfig"
 RUNTIME_NORMS = ("layer_norm", "constant_norm_rescale")
+CENTERING_NOTE = ("ViT-Prisma's HookedViT centres the weights writing to the residual stream by default; if this SAE "
+                  "was trained that way, its inputs differed from this model's by a per-token multiple of the "
+                  "all-ones vector (the config does not record it; only a run-time layer_norm removes it)")
 
 
 def _config(folder: Path) -> dict[str, Any] | None:
@@ -93,7 +104,10 @@ def load(folder: Path, options: ImportOptions, where: str, repo_id: str | None =
     recorded = {"hook_name": f"blocks.{cfg['hook_point_layer']}.{cfg.get('layer_subtype', 'hook_resid_post')}",
                 "model_name": model_name(cfg.get("model_name")), "positions": positions}
     source = {"format": NAME, "library": "vit-prisma", "file": pts[0].name, "model_name": cfg.get("model_name"),
-              "normalize_activations": norm}
+              "normalize_activations": norm,
+              "residual_centering": CENTERING_NOTE if norm != "layer_norm" else "no effect (run-time layer norm)"}
+    if norm != "layer_norm":
+        warnings.warn(f"{where}: {CENTERING_NOTE}", stacklevel=4)
     meta = import_metadata(options, recorded, source, where)
     extra: dict[str, Any] = {"apply_b_dec_to_input": True, "normalize_activations": norm}
     architecture = "gated" if arch == "gated" else ("topk" if act == "topk" else "standard")
