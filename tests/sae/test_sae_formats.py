@@ -3,72 +3,21 @@ is written with that library's save code (random weights), read with `load_visio
 reconstructions on the same activations are compared with the library's forward (max |diff| <= 1e-5).
 
 Libraries: eai-sparsify, overcomplete, saev, visaebench (the `[dev]` extra); a test skips, with the reason,
-when its library does not import. ViT-Prisma's SAE code is not on PyPI (vit-prisma 0.1.4 has no `sae`
-package), so its tests write a replica of its files (names and config keys from ViT-Prisma 2.0's
-`sae/config.py` and `sae/sae.py`), in a folder and as a Hub repo in a temporary HF cache read with
-HF_HUB_OFFLINE=1, and compare with its forward written out here; if `vit_prisma.sae` imports (installed
-from its GitHub source), its own forward is compared too.
+when its library does not import. Formats whose code is not on PyPI (ViT-Prisma's SAEs, saev's current
+format) and the Hub layouts: tests/sae/test_sae_format_replicas.py.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
+from sae_files import D, M, N, acts, assert_same, randomise, visaebench_checkpoint
 
 from sae_lens_vision_steer.core.errors import InputError, UsageError
 from sae_lens_vision_steer.sae.formats import ImportOptions
 from sae_lens_vision_steer.sae.loading import load_vision_sae
-from sae_lens_vision_steer.steering.hooks import check_affine_decoder
-
-TOL = 1e-5
-D, M, N = 32, 128, 48
-
-
-def acts(seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, D, generator=g) * scale
-
-
-def ours(sae, x):
-    with torch.no_grad():
-        lat = sae.encode(x)
-        return lat, sae.decode(lat)
-
-
-def assert_same(sae, x, lat_ref, rec_ref, min_l0: float = 1.0):
-    lat, rec = ours(sae, x)
-    assert (lat_ref != 0).sum(-1).float().mean() >= min_l0  # the comparison is not between two zero tensors
-    assert (lat - lat_ref).abs().max() <= TOL and (rec - rec_ref).abs().max() <= TOL
-    assert torch.equal(lat != 0, lat_ref != 0)
-
-
-def randomise(module: torch.nn.Module, seed: int, names: tuple[str, ...]) -> None:
-    """Give the parameters the library initialises to zero (biases) random values, so a mapping that drops
-    or misplaces them fails."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if any(name.endswith(n) for n in names):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def offline_hub_snapshot(tmp_path, monkeypatch, repo: str):
-    """A temporary HF cache holding one snapshot of `repo` (its folder is returned, to be filled), read with
-    HF_HUB_OFFLINE=1: huggingface_hub resolves `main` from the cache and never touches the network."""
-    import huggingface_hub.constants as hf_constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    return repo_dir / "snapshots" / commit
 
 
 # ------------------------------------------------------------------------------------------- sparsify
@@ -190,93 +139,7 @@ def test_saev_checkpoint_equals_saev_forward(tmp_path):
     assert_same(sae, x, f_ref, rec_n * scale + mean)
 
 
-def write_saev_head(path, activation: dict, state: dict, schema: int = 5) -> None:
-    """A replica of saev's current `nn.dump` (src/saev/nn/modeling.py, SCHEMA_VERSION = 5): the header line
-    `{"schema", "cfg": {..., "activation": {"cls", "params"}}, "commit", "lib"}`, then torch.save(state)."""
-    cfg = {"d_model": D, "d_sae": M, "activation": activation, "reinit_blend": 0.8, "reinit_enc_dec_tranpose": True,
-           "remove_parallel_grads": True, "normalize_w_dec": True}
-    with open(path, "wb") as f:
-        f.write((json.dumps({"schema": schema, "cfg": cfg, "commit": "unknown", "lib": "1.0.0"}) + "\n").encode())
-        torch.save(state, f)
-
-
-def saev_state(seed: int, **extra) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    state = {"W_dec": torch.randn(M, D, generator=g) / D**0.5, "b_dec": torch.randn(D, generator=g) * 0.3,
-             "W_enc": torch.randn(D, M, generator=g) / D**0.5, "b_enc": torch.randn(M, generator=g) * 0.3}
-    return state | extra
-
-
-def test_saev_current_format_replica(tmp_path):
-    """saev's current format (schema 5) is not on PyPI (saev 0.1.0 is the old code): a replica of its files,
-    compared with its forward as written in src/saev/nn/modeling.py: h = x W_enc + b_enc (no b_dec
-    subtraction since 2025-09), ReLU or, at inference, BatchTopK's `h if h > threshold else 0`."""
-    x, opts = acts(3), ImportOptions(hook_name="blocks.1.hook_resid_post")
-    relu = {"cls": "Relu", "params": {"key": "relu", "sparsity": {"cls": "L1Sparsity", "params": {}}}}
-    state = saev_state(4)
-    write_saev_head(tmp_path / "relu.pt", relu, state)
-    h = x @ state["W_enc"] + state["b_enc"]
-    sae, info = load_vision_sae(tmp_path / "relu.pt", options=opts)
-    assert info.format == "saev" and not sae.cfg.apply_b_dec_to_input
-    assert_same(sae, x, h.relu(), h.relu() @ state["W_dec"] + state["b_dec"])
-
-    btk = {"cls": "BatchTopK", "params": {"key": "batch-top-k", "top_k": 8, "momentum": 0.1}}
-    state = saev_state(5, **{"activation.threshold": torch.tensor(0.4)})
-    write_saev_head(tmp_path / "btk.pt", btk, state)
-    h = x @ state["W_enc"] + state["b_enc"]
-    f = torch.where(h > 0.4, h, torch.zeros_like(h))
-    sae, _ = load_vision_sae(tmp_path / "btk.pt", options=opts)
-    assert sae.cfg.architecture() == "jumprelu"
-    assert_same(sae, x, f, f @ state["W_dec"] + state["b_dec"])
-
-    write_saev_head(tmp_path / "topk.pt", {"cls": "TopK", "params": {"key": "top-k", "top_k": 8}}, saev_state(6))
-    with pytest.raises(InputError, match="with their sign"):
-        load_vision_sae(tmp_path / "topk.pt", options=opts)
-    write_saev_head(tmp_path / "s2.pt", relu, saev_state(7), schema=2)
-    with pytest.raises(InputError, match="2025-09-05"):
-        load_vision_sae(tmp_path / "s2.pt", options=opts)
-    bad = saev_state(8)
-    bad["W_dec"] = bad["W_dec"][:, :-1]
-    write_saev_head(tmp_path / "bad.pt", relu, bad)
-    with pytest.raises(InputError, match=r"W_dec has shape \[128, 31\], the config implies \[128, 32\]"):
-        load_vision_sae(tmp_path / "bad.pt", options=opts)
-
-
-def test_saev_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):
-    """saev's CLIP/DINOv2 repos hold `sae.pt` at the root (osunlp/SAE_CLIP_24K_ViT-B-16_IN1K, saev's docs):
-    a replica in a temporary HF cache, read with HF_HUB_OFFLINE=1; `format="saev"` needs no sae_id."""
-    repo = "osunlp/SAE_CLIP_24K_ViT-B-16_IN1K"
-    state = saev_state(17)
-    relu = {"cls": "Relu", "params": {"key": "relu"}}
-    snapshot = offline_hub_snapshot(tmp_path, monkeypatch, repo)
-    snapshot.mkdir(parents=True)
-    write_saev_head(snapshot / "sae.pt", relu, state)
-    sae, info = load_vision_sae(repo, format="saev", options=ImportOptions(hook_name="blocks.10.hook_resid_post"))
-    x = acts(7)
-    h = (x @ state["W_enc"] + state["b_enc"]).relu()
-    assert info.format == "saev" and info.sae_id is None and info.hook_name == "blocks.10.hook_resid_post"
-    assert_same(sae, x, h, h @ state["W_dec"] + state["b_dec"])
-
-
 # ------------------------------------------------------------------------------------------- ViSAEBench
-def visaebench_checkpoint(folder, activation: str, seed: int) -> dict:
-    """A checkpoint in the layout `visaebench.hub.load_sae` reads: `sae.pt` (a torch state dict with its key
-    names) + `config.json`. ViSAEBench has no writer of its own."""
-    g = torch.Generator().manual_seed(seed)
-    state = {"encoder.weight": torch.randn(M, D, generator=g) / D**0.5,
-             "encoder.bias": torch.randn(M, generator=g) * 0.3,
-             "decoder.weight": torch.randn(M, D, generator=g) / D**0.5, "decoder.bias": torch.randn(D, generator=g)}
-    cfg = {"activation": activation, "input_dim": D, "hidden_dim": M, "k": 8}
-    if activation == "batchtopk":
-        state["_running_threshold"] = torch.tensor(0.35)
-    if activation == "jumprelu":
-        state["jump_thresholds"] = torch.rand(M, generator=g) * 0.5
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / "sae.pt")
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return state
-
-
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
 def test_visaebench_checkpoint_equals_visaebench_forward(activation, tmp_path):
     hub = pytest.importorskip("visaebench.hub", reason="visaebench is not installed (pip install -e .[dev])")
@@ -293,151 +156,3 @@ def test_visaebench_checkpoint_equals_visaebench_forward(activation, tmp_path):
         z_ref, rec_ref = generic((x - mean) / std)  # ViSAEBench feeds its SAEs normalised activations
     assert info.format == "visaebench" and info.positions == "patches" and info.hook_name == "blocks.11.hook_resid_post"
     assert_same(sae, x, z_ref, rec_ref * std + mean)
-
-
-def test_visaebench_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):
-    """The Hub layout `visaebench/clip-vitb16-saes/batchtopk_16x_k128/` (visaebench/hub/loader.py) in a
-    temporary HF cache: the backbone's model and the patch positions come from the repo."""
-    repo = "visaebench/clip-vitb16-saes"
-    visaebench_checkpoint(offline_hub_snapshot(tmp_path, monkeypatch, repo) / "batchtopk_16x_k128", "topk", seed=10)
-    sae, info = load_vision_sae(repo, "batchtopk_16x_k128", options=ImportOptions(input_norm="none"))
-    assert info.model_name == "hf:openai/clip-vit-base-patch16" and info.positions == "patches"
-    assert info.format == "visaebench" and sae.cfg.metadata.source["library"] == "visaebench"
-
-
-# ------------------------------------------------------------------------------------------- ViT-Prisma
-PRISMA_CONFIG = {  # keys as VisionModelSAERunnerConfig.save_config writes them (ViT-Prisma 2.0, sae/config.py)
-    "model_class_name": "HookedViT", "model_name": "open-clip:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
-    "vit_model_cfg": None, "model_path": None, "hook_point_layer": 1, "layer_subtype": "hook_resid_post",
-    "hook_point_head_index": None, "context_size": 50, "use_cached_activations": False, "use_patches_only": False,
-    "cached_activations_path": None, "image_size": 224, "architecture": "standard",
-    "b_dec_init_method": "geometric_median", "expansion_factor": M // D, "from_pretrained_path": None,
-    "is_transcoder": False, "transcoder_with_skip_connection": True, "out_hook_point_layer": 9,
-    "layer_out_subtype": "hook_mlp_out", "d_out": 768, "_device": "cpu", "seed": 42, "_dtype": "float32",
-    "d_in": D, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 8}, "cls_token_only": True,
-    "max_grad_norm": 1.0, "initialization_method": "independent", "normalize_activations": "layer_norm",
-}
-
-
-def write_prisma(folder, cfg: dict, state: dict, cfg_class: str = "vit_prisma.sae.config.VisionModelSAERunnerConfig"):
-    """A replica of a ViT-Prisma SAE repo: config.json + `n_images_<N>.pt`, written as `save_model` does,
-    `torch.save({"cfg": <config object>, "state_dict": ...})` (the object pickled under ViT-Prisma's class name)."""
-    module_name, cls_name = cfg_class.rsplit(".", 1)
-    cls = type(cls_name, (), {"__module__": module_name})
-    obj = cls()
-    obj.__dict__.update(cfg)
-    parts = module_name.split(".")
-    names = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    saved = {n: sys.modules.get(n) for n in names}
-    for n in names:  # pickle finds the class through sys.modules; stand-in modules only while saving
-        sys.modules[n] = types.ModuleType(n)
-    setattr(sys.modules[module_name], cls_name, cls)
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.save({"cfg": obj, "state_dict": state}, folder / "n_images_2600058.pt")
-    finally:
-        for n, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = mod
-    (folder / "config.json").write_text(json.dumps(cfg, indent=4))
-
-
-def prisma_forward(cfg: dict, state: dict, x: torch.Tensor):
-    """ViT-Prisma 2.0's StandardSparseAutoencoder/GatedSparseAutoencoder encode and decode (sae/sae.py)."""
-    mu = std = None
-    if cfg["normalize_activations"] == "layer_norm":
-        mu = x.mean(-1, keepdim=True)
-        std = (x - mu).std(-1, keepdim=True)
-        x = (x - mu) / (std + 1e-5)
-    sae_in = x - state["b_dec"]
-    if cfg["architecture"] == "gated":
-        gate = (sae_in @ state["W_enc"] + state["b_gate"] > 0).float()
-        z = gate * torch.relu(sae_in @ (state["W_enc"] * state["r_mag"].exp()) + state["b_mag"])
-    else:
-        h = sae_in @ state["W_enc"] + state["b_enc"]
-        if cfg["activation_fn_str"] == "topk":
-            top = torch.topk(h, cfg["activation_fn_kwargs"]["k"], dim=-1)
-            z = torch.zeros_like(h).scatter(-1, top.indices, top.values.relu())
-        else:
-            z = h.relu()
-    out = z @ state["W_dec"] + state["b_dec"]
-    return z, (out * std + mu if mu is not None else out)
-
-
-def prisma_state(seed: int, gated: bool = False) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    state = {"W_dec": torch.randn(M, D, generator=g) / D**0.5, "W_enc": torch.randn(D, M, generator=g) / D**0.5,
-             "b_enc": torch.randn(M, generator=g) * 0.3, "b_dec": torch.randn(D, generator=g) * 0.3}
-    if gated:
-        state |= {"b_gate": torch.randn(M, generator=g) * 0.3, "r_mag": torch.randn(M, generator=g) * 0.1,
-                  "b_mag": torch.randn(M, generator=g) * 0.3}
-    return state
-
-
-def test_prisma_repo_replica_equals_prisma_forward(tmp_path):
-    x = acts(5, scale=3.0)
-    state = prisma_state(11)
-    write_prisma(tmp_path / "topk", PRISMA_CONFIG, state)
-    sae, info = load_vision_sae(tmp_path / "topk")
-    z_ref, rec_ref = prisma_forward(PRISMA_CONFIG, state, x)
-    assert info.format == "prisma" and info.positions == "cls" and info.hook_name == "blocks.1.hook_resid_post"
-    assert info.model_name == "hf-hub:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"
-    assert sae.cfg.normalize_activations == "layer_norm"
-    with pytest.raises(ValueError, match="normalize_activations='layer_norm'"):  # steering refuses it by name
-        check_affine_decoder(sae)
-    assert_same(sae, x, z_ref, rec_ref)
-
-    gated_cfg = PRISMA_CONFIG | {"architecture": "gated", "activation_fn_str": "relu", "activation_fn_kwargs": {},
-                                 "normalize_activations": "none", "cls_token_only": False, "use_patches_only": True}
-    state = prisma_state(12, gated=True)
-    write_prisma(tmp_path / "gated", gated_cfg, state)
-    with pytest.warns(UserWarning, match="centres the weights writing to the residual stream"):
-        sae, info = load_vision_sae(tmp_path / "gated")  # no run-time layer norm: the centring caveat is said
-    z_ref, rec_ref = prisma_forward(gated_cfg, state, x)
-    assert sae.cfg.architecture() == "gated" and info.positions == "patches"
-    check_affine_decoder(sae)  # an affine decoder: steerable
-    assert_same(sae, x, z_ref, rec_ref)
-
-    try:  # ViT-Prisma's own forward, where its SAE code is installed (it is not on PyPI)
-        from vit_prisma.sae.sae import SparseAutoencoder
-    except Exception:  # noqa: BLE001 - any import failure means "not installed here"
-        return
-    prisma = SparseAutoencoder.load_from_pretrained(str(tmp_path / "topk" / "n_images_2600058.pt"))
-    with torch.no_grad():
-        _, z_lib = prisma.encode(x)
-        rec_lib = prisma.decode(z_lib)
-    assert_same(load_vision_sae(tmp_path / "topk")[0], x, z_lib, rec_lib)
-
-
-def test_prisma_refusals_and_pickles(tmp_path):
-    for name, change, match in (("tc", {"is_transcoder": True}, "transcoder"),
-                                ("tanh", {"activation_fn_str": "tanh-relu"}, "tanh-relu"),
-                                ("head", {"hook_point_head_index": 3}, "one attention head")):
-        write_prisma(tmp_path / name, PRISMA_CONFIG | change, prisma_state(13))
-        with pytest.raises(InputError, match=match):
-            load_vision_sae(tmp_path / name)
-    # A weights file that needs another class unpickled is refused, naming the file, unless allow_pickle.
-    write_prisma(tmp_path / "other", PRISMA_CONFIG, prisma_state(14), cfg_class="someone.else.Config")
-    with pytest.raises(InputError, match=r"n_images_2600058\.pt needs full unpickling.*allow_pickle"):
-        load_vision_sae(tmp_path / "other")
-    wrong = prisma_state(15)
-    wrong["W_enc"] = wrong["W_enc"][:, : M // 2]
-    write_prisma(tmp_path / "shape", PRISMA_CONFIG, wrong)
-    with pytest.raises(InputError, match="d_in . expansion_factor = 128"):
-        load_vision_sae(tmp_path / "shape")
-
-
-def test_prisma_hub_repo_from_an_offline_hf_cache(tmp_path, monkeypatch):
-    """ViT-Prisma's Hub repos hold one SAE at the root (config.json + the weights file, as
-    vit_prisma/utils/load_model.py downloads them): a replica in a temporary HF cache, read offline."""
-    repo = "Prisma-Multimodal/sae-top_k-64-cls_only-layer_11-hook_resid_post"
-    state = prisma_state(16)
-    write_prisma(offline_hub_snapshot(tmp_path, monkeypatch, repo), PRISMA_CONFIG | {"hook_point_layer": 11}, state)
-    with pytest.raises(UsageError, match="needs sae_id.*format="):
-        load_vision_sae(repo)
-    sae, info = load_vision_sae(repo, format="prisma")
-    x = acts(6, scale=3.0)
-    assert info.hook_name == "blocks.11.hook_resid_post" and info.source == repo and info.format == "prisma"
-    assert_same(sae, x, *prisma_forward(PRISMA_CONFIG, state, x))
