@@ -49,6 +49,8 @@ BACKBONES = {
     "siglip-vitb16": "hf:google/siglip-base-patch16-224",
 }
 DEFAULT_LAYER = 11
+CONFIG_KEYS = ("activation", "sae_type", "architecture", "input_dim", "hidden_dim", "expansion_factor", "k", "threshold",
+               "layer")
 
 
 def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -129,7 +131,8 @@ def load(folder: Path, options: ImportOptions, where: str, repo_id: str | None =
     backbone = (repo_id or "").split("/")[-1].removesuffix("-saes")
     recorded = {"model_name": BACKBONES.get(backbone), "positions": "patches",
                 "hook_name": f"blocks.{int(cfg.get('layer', DEFAULT_LAYER))}.hook_resid_post"}
-    source = {"format": NAME, "library": "visaebench", "file": wfile.name, "config": cfg,
+    recorded_cfg = {k: cfg[k] for k in CONFIG_KEYS if k in cfg}  # JSON values only: the metadata goes to cfg.json
+    source = {"format": NAME, "library": "visaebench", "file": wfile.name, "config": recorded_cfg,
               "input_normalization": "folded" if norm else "none"}
     if "layer" not in cfg:
         source["hook_from"] = f"ViSAEBench's default layer {DEFAULT_LAYER} (the config records none)"
