@@ -98,21 +98,31 @@ def _resolve(root: Path, sae_id: str | None, fmt: str, where: str) -> tuple[Path
     else:
         path = root
     if fmt != "auto":
-        format_module(fmt)
-        return path, sae_id, fmt
+        module = format_module(fmt)
+        if module.detect(path) or not path.is_dir() or fmt == "overcomplete":  # overcomplete: its load decides
+            return path, sae_id, fmt
+        below = _one_below(path, sae_id, where, fmt)
+        return below or (path, sae_id, fmt)  # none found: the format's own load says what is missing
     detected = detect_format(path)
     if detected:
         return path, sae_id, detected
-    if path.is_dir():  # one SAE further down (a Hub-like snapshot, a run folder) is found without its id
-        found = find_sae_paths(path)
-        if len(found) == 1:
-            (rel, detected), = found.items()
-            return path / rel, rel if sae_id is None else f"{sae_id}/{rel}", detected
-        if len(found) > 1:
-            raise UsageError(f"{where} holds several SAEs {sorted(found)}; pass sae_id"
-                             + (f" (below {sae_id!r})" if sae_id else ""), arguments=("sae_id",))
+    below = _one_below(path, sae_id, where) if path.is_dir() else None
+    if below:
+        return below
     raise MissingInputError(f"{where} holds no SAE of a known format (overcomplete needs format='overcomplete' "
                             f"with its constructor arguments); supported: {supported()}")
+
+
+def _one_below(path: Path, sae_id: str | None, where: str, fmt: str | None = None) -> tuple[Path, str, str] | None:
+    """The one SAE further down `path` (a Hub-like snapshot, a run folder), found without its id."""
+    found = {rel: f for rel, f in find_sae_paths(path).items() if fmt is None or f == fmt}
+    if len(found) > 1:
+        raise UsageError(f"{where} holds several SAEs {sorted(found)}; pass sae_id"
+                         + (f" (below {sae_id!r})" if sae_id else ""), arguments=("sae_id",))
+    if not found:
+        return None
+    (rel, detected), = found.items()
+    return path / rel, rel if sae_id is None else f"{sae_id}/{rel}", detected
 
 
 def load_vision_sae(

@@ -52,6 +52,11 @@ def test_several_saes_need_an_id_and_a_wrong_id_lists_them(tmp_path):
         load_vision_sae(tmp_path)
     with pytest.raises(FileNotFoundError, match="layers.0"):
         load_vision_sae(tmp_path, "layers.7")
+    with pytest.raises(ValueError, match="several SAEs"):
+        load_vision_sae(tmp_path, format="sparsify")
+    write_sparsify(tmp_path / "one" / "run" / "layers.1", seed=2)
+    _, info = load_vision_sae(tmp_path / "one", format="sparsify")  # a given format also finds its one SAE
+    assert info.sae_id == "run/layers.1" and info.format == "sparsify"
     _, info = load_vision_sae(tmp_path, "layers.0")
     assert info.sae_id == "layers.0" and info.hook_name == "blocks.0.hook_resid_post"
 
