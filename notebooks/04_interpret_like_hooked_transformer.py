@@ -233,6 +233,50 @@ print(f"image 0 ({eval_data.classnames[int(labels[0])]}): top latents",
 print(f"mean L0 over the batch: {(acts > 0).sum(-1).float().mean():.2f}")
 
 # %% [markdown]
+# ## An SAE from another library, and its top latents
+#
+# `load_vision_sae` also reads SAEs trained with EleutherAI sparsify, ViT-Prisma, saev, ViSAEBench and
+# overcomplete, as SAELens SAEs with this package's metadata, exactly or not at all
+# ([docs/sae-sources.md](../docs/sae-sources.md)). With network access, for example,
+# `load_vision_sae("Prisma-Multimodal/sae-top_k-64-cls_only-layer_11-hook_resid_post", format="prisma")`
+# reads a ViT-Prisma CLS SAE for `hf-hub:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K`. Offline, this cell
+# writes the SAE above in sparsify's files (`cfg.json` + `sae.safetensors`, as `SparseCoder.save_to_disk`
+# writes them), reads them back as an imported SAE and looks at the same image's top latents.
+
+# %%
+import copy
+import json
+
+from safetensors.torch import save_file
+
+from sae_lens_vision_steer import ImportOptions, load_vision_sae
+
+unit = copy.deepcopy(sae)
+unit.fold_W_dec_norm()  # sparsify takes the top k with unit-norm decoder rows; the latents do not change
+export = RUN_DIR / "sparsify_export" / f"layers.{model.cfg.n_layers - 1}"  # sparsify names folders by module
+export.mkdir(parents=True, exist_ok=True)
+(export / "cfg.json").write_text(json.dumps({
+    "activation": "topk", "expansion_factor": SAE_EXPANSION, "normalize_decoder": True, "num_latents": unit.cfg.d_sae,
+    "k": SAE_K, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": unit.cfg.d_in}))
+save_file({"encoder.weight": unit.W_enc.T.contiguous(), "encoder.bias": unit.b_enc.contiguous(),
+           "W_dec": unit.W_dec.contiguous(), "b_dec": unit.b_dec.contiguous()}, str(export / "sae.safetensors"))
+
+imported, info = load_vision_sae(export, options=ImportOptions(model_name=model.cfg.model_name, positions="cls"))
+print(f"{info.format} files -> SAELens {imported.cfg.architecture()} SAE at {info.hook_name}, "
+      f"positions {info.positions}")
+model.add_sae(imported, use_error_term=True)
+try:
+    with torch.no_grad():
+        _, imported_cache = model.run_with_cache(images, names_filter=lambda n: n.startswith(HOOK))
+finally:
+    model.reset_saes()
+imported_acts = imported_cache[HOOK + ".hook_sae_acts_post"][:, 0]
+imported_values, imported_top = imported_acts[0].topk(5)
+print("imported SAE, image 0: top latents", {int(l): round(float(v), 3) for l, v in zip(imported_top, imported_values)})
+imported_max_diff = (imported_acts - acts).abs().max().item()
+print(f"latents of the imported SAE vs the SAE above: max |diff| {imported_max_diff:.2e}")
+
+# %% [markdown]
 # ## A logit lens over the blocks
 #
 # `accumulated_resid` stacks the residual stream (CLS token) before and in the middle of each block;
@@ -270,7 +314,9 @@ summary = {
     "use_real_weights": USE_REAL_WEIGHTS, "n_images": N_IMAGES, "clean_top1": clean_top1,
     "head_effect": head_effect, "splice_max_diff": splice_max_diff, "top_latents_image0": latents_top.tolist(),
     "lens_labels": lens_labels, "lens_top1": lens_top1, "lens_final_max_diff": lens_final_max_diff,
+    "imported_format": info.format, "imported_top_latents_image0": imported_top.tolist(),
+    "imported_max_diff": imported_max_diff,
 }
-assert splice_max_diff < 1e-4 and lens_final_max_diff < 1e-3
+assert splice_max_diff < 1e-4 and lens_final_max_diff < 1e-3 and imported_max_diff < 1e-4
 save_json(RUN_DIR / "04_summary.json", summary)
 summary

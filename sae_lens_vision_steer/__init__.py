@@ -24,6 +24,7 @@ _EXPORTS = {
     "HookedCLIP": "sae.splice",
     "HookedCLIPConfig": "models.config",
     "VisionSAEInfo": "sae.loading",
+    "ImportOptions": "sae.formats",
     "load_vision_sae": "sae.loading",
     "publish_sae": "hub.publish",
     "train_sae": "training.trainer",
@@ -82,6 +83,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .hub.publish import publish_sae
     from .models.config import HookedCLIPConfig
     from .retrieval.index import build_index
+    from .sae.formats import ImportOptions
     from .sae.loading import VisionSAEInfo, load_vision_sae
     from .sae.splice import HookedCLIP
     from .steering.baselines import SAEReconstruction

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
+from safetensors.torch import save_file
 
 D, S, K = 64, 256, 8
 FINAL = "blocks.1.hook_resid_post"  # the tiny CLIP has 2 blocks
@@ -22,3 +25,19 @@ def make_topk_sae(hook: str | None = FINAL, seed: int = 0, d_in: int = D, mean: 
     if mean:
         sae.cfg.metadata.activation_mean = (0.2 * torch.randn(d_in)).tolist()
     return sae.requires_grad_(False)
+
+
+def write_sparsify(folder, d_in: int = D, seed: int = 0, n_latents: int = 128, k: int = 4,
+                   **cfg_changes) -> dict:
+    """sparsify's `SparseCoder.save_to_disk` layout: cfg.json (SparseCoderConfig + d_in) and sae.safetensors."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {"encoder.weight": torch.randn(n_latents, d_in, generator=g) / d_in**0.5,
+               "encoder.bias": torch.randn(n_latents, generator=g) * 0.1,
+               "W_dec": torch.randn(n_latents, d_in, generator=g) / d_in**0.5,
+               "b_dec": torch.randn(d_in, generator=g) * 0.3}
+    cfg = {"activation": "topk", "expansion_factor": n_latents // d_in, "normalize_decoder": True, "num_latents": 0,
+           "k": k, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d_in} | cfg_changes
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file(weights, str(folder / "sae.safetensors"))
+    return weights

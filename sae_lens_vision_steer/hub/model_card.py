@@ -186,6 +186,11 @@ def sae_card_section(
         ("L0 (mean active latents)", _fmt(metadata.get("mean_l0"), "{:.2f}")),
         ("Dead fraction", "—" if dead is None else f"{dead:.4f} ({dead:.2%} of latents)"),
     ]
+    source = metadata.get("source")
+    if isinstance(source, dict) and source.get("format"):  # an SAE trained elsewhere (sae/formats): credit it
+        file = f", `{source['file']}`" if source.get("file") else ""
+        library = source.get("library") or source["format"]
+        facts.insert(0, ("Trained with", f"{library} (imported from its `{source['format']}` files{file})"))
     lines = [
         f"<!-- vision-steer:begin sae_id={sae_id} -->",
         f"## SAE `{sae_id}`",

@@ -82,7 +82,8 @@ def _load_checked_sae(sae_dir: Path) -> SAE:
     """Load the folder the way the Hub loader will, and check what the card and the steering code need."""
     if not (sae_dir / SAE_CFG_FILENAME).is_file() or not (sae_dir / SAE_WEIGHTS_FILENAME).is_file():
         raise MissingInputError(
-            f"{sae_dir} is not a SAELens SAE folder: it needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
+            f"{sae_dir} is not a SAELens SAE folder: it needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} "
+            "(an SAE from another library: write it as one with `vision-steer convert` / sae.importing.import_sae)"
         )
     sae, _ = load_vision_sae(sae_dir)
     missing = [k for k in ("hook_name", "model_name") if not sae.cfg.metadata.get(k)]

@@ -1,6 +1,7 @@
-"""The one SAE loader: `load_vision_sae` reads a SAELens SAE folder, a Hub-like folder or a Hub repository
-and returns the SAELens `SAE` with its vision metadata (`VisionSAEInfo`). Every command and module that
-reads an SAE goes through it."""
+"""The one SAE loader: `load_vision_sae` reads an SAE of any supported format (a SAELens folder, sparsify,
+ViT-Prisma, saev, ViSAEBench or overcomplete files; `formats/`) from a folder, a file or a Hub repository and
+returns the SAELens `SAE` with its vision metadata (`VisionSAEInfo`). Every command and module that reads an
+SAE goes through it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME, SPARSITY_FILENAME
+from sae_lens.constants import SPARSITY_FILENAME
+from sae_lens.util import str_to_dtype
 from safetensors import safe_open
 
 from ..core.errors import MissingInputError, UsageError
+from .formats import FORMATS, ImportOptions, detect_format, find_sae_paths, format_module, supported
 from .metadata import no_language_model_advice, vision_metadata
 
 README = "README.md"
+# Formats whose Hub repos hold one SAE at the root (no sae_id needed).
+ROOT_LEVEL_FORMATS = ("prisma", "saev")
+# Formats whose files do not record the input normalisation their library applied (ImportOptions.input_norm).
+INPUT_NORM_FORMATS = ("saev", "visaebench")
 SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*(/[A-Za-z0-9][A-Za-z0-9._+=-]*)*$")
 
 
@@ -30,6 +37,7 @@ class VisionSAEInfo:
     folder: Path  # local folder holding cfg.json (in the HF cache for Hub repos)
     revision: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # `sae_metadata.vision_metadata(sae)`
+    format: str = "saelens"  # the source's format (`formats.FORMATS`)
 
     @property
     def hook_name(self) -> str | None:
@@ -58,64 +66,103 @@ def check_sae_id(sae_id: str) -> None:
         raise UsageError(f"sae id {sae_id!r} would clash with the model card")
 
 
-def sae_folders(root: Path) -> list[str]:
-    return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob(SAE_CFG_FILENAME) if p.parent != root)
+def _local_root(source: str | Path, sae_id: str | None, revision: str | None, fmt: str) -> tuple[Path, str, str | None]:
+    """(local folder or file, a description for messages, the Hub repo id or None)."""
+    text = str(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        return path, text, None
+    if isinstance(source, str) and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        if sae_id is None and fmt not in ROOT_LEVEL_FORMATS:
+            raise UsageError(f"loading from the Hub repo {text!r} needs sae_id (the SAE's folder in the repo), or "
+                             f"format= one of {ROOT_LEVEL_FORMATS} for a repo holding one SAE at its root",
+                             arguments=("sae_id", "format"))
+        if sae_id is not None:
+            check_sae_id(sae_id)
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{sae_id}/*"] if sae_id is not None else None
+        root = Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
+        return root, f"Hub repo {text}" + (f"@{revision}" if revision else ""), text
+    raise MissingInputError(f"{text} is neither an existing folder or file nor a Hub repo id (ORG/NAME)")
 
 
-def resolve_sae_folder(root: Path, sae_id: str | None, source: str) -> Path:
+def _resolve(root: Path, sae_id: str | None, fmt: str, where: str) -> tuple[Path, str | None, str]:
+    """(the SAE's folder or file, its id below `root`, its format)."""
     if sae_id is not None:
         check_sae_id(sae_id)
-        folder = root / sae_id
-        if not (folder / SAE_CFG_FILENAME).is_file():
-            found = sae_folders(root)
-            raise MissingInputError(f"no SAE {sae_id!r} in {source}" + (f"; it has {found}" if found else ""))
-        return folder
-    if (root / SAE_CFG_FILENAME).is_file():
-        return root
-    found = sae_folders(root)
-    if len(found) == 1:
-        return root / found[0]
+        path = root / sae_id
+        if not path.exists():
+            found = sorted(find_sae_paths(root))
+            raise MissingInputError(f"no SAE {sae_id!r} in {where}" + (f"; it has {found}" if found else ""))
+    else:
+        path = root
+    if fmt != "auto":
+        module = format_module(fmt)
+        if module.detect(path) or not path.is_dir() or fmt == "overcomplete":  # overcomplete: its load decides
+            return path, sae_id, fmt
+        below = _one_below(path, sae_id, where, fmt)
+        return below or (path, sae_id, fmt)  # none found: the format's own load says what is missing
+    detected = detect_format(path)
+    if detected:
+        return path, sae_id, detected
+    below = _one_below(path, sae_id, where) if path.is_dir() else None
+    if below:
+        return below
+    raise MissingInputError(f"{where} holds no SAE of a known format (overcomplete needs format='overcomplete' "
+                            f"with its constructor arguments); supported: {supported()}")
+
+
+def _one_below(path: Path, sae_id: str | None, where: str, fmt: str | None = None) -> tuple[Path, str, str] | None:
+    """The one SAE further down `path` (a Hub-like snapshot, a run folder), found without its id."""
+    found = {rel: f for rel, f in find_sae_paths(path).items() if fmt is None or f == fmt}
+    if len(found) > 1:
+        raise UsageError(f"{where} holds several SAEs {sorted(found)}; pass sae_id"
+                         + (f" (below {sae_id!r})" if sae_id else ""), arguments=("sae_id",))
     if not found:
-        raise MissingInputError(f"{source} is not a SAELens SAE folder and holds none ({SAE_CFG_FILENAME} not found)")
-    raise UsageError(f"{source} holds several SAEs {found}; pass sae_id")
+        return None
+    (rel, detected), = found.items()
+    return path / rel, rel if sae_id is None else f"{sae_id}/{rel}", detected
 
 
 def load_vision_sae(
-    repo_id_or_path: str | Path,
+    source: str | Path,
     sae_id: str | None = None,
+    format: str = "auto",
+    *,
+    options: ImportOptions | None = None,
     device: str = "cpu",
     revision: str | None = None,
     dtype: str | None = None,
 ) -> tuple[SAE, VisionSAEInfo]:
-    """Load a vision SAE and its metadata from a SAE folder, a Hub-like folder or a Hub repository.
+    """Load a vision SAE, from any supported source, as a SAELens `SAE` with our metadata.
 
-    `repo_id_or_path`: a SAELens SAE folder (`cfg.json` inside); a folder laid out like the Hub
-    (`<root>/<sae_id>/cfg.json`; `sae_id` may be left out if it holds one SAE); or a Hub repo id
-    (`sae_id` required), downloaded with `huggingface_hub.snapshot_download`, which reads the HF cache
-    when `HF_HUB_OFFLINE=1`. `revision`: branch, tag or commit of the Hub repo.
+    `source`: a folder or file, or a Hub repo id (downloaded with `huggingface_hub.snapshot_download`,
+    which reads the HF cache when `HF_HUB_OFFLINE=1`); `sae_id`: the SAE's sub-folder in it (may be left
+    out when it holds one). `format`: `auto` (detected from the files) or one of `formats.FORMATS`:
+    `saelens` (this package's own SAEs), `sparsify`, `prisma`, `saev`, `visaebench`, `overcomplete`.
+    `options`: what the files may not say (hook, model, positions, input normalisation, pickles; see
+    `ImportOptions`). A checkpoint that cannot be represented exactly is refused with the reason.
     """
-    source = str(repo_id_or_path)
-    root = Path(repo_id_or_path).expanduser()
-    if root.exists():
-        if not root.is_dir():
-            raise UsageError(f"{root} is a file; give the SAE folder")
-    elif isinstance(repo_id_or_path, str) and repo_id_or_path.count("/") == 1 and not repo_id_or_path.startswith(
-            (".", "/", "~")):
-        if sae_id is None:
-            raise UsageError(f"loading from the Hub repo {source!r} needs sae_id (the SAE's folder in the repo)")
-        check_sae_id(sae_id)
-        from huggingface_hub import snapshot_download
-
-        root = Path(snapshot_download(repo_id_or_path, revision=revision, allow_patterns=[f"{sae_id}/*"]))
-        source = f"Hub repo {repo_id_or_path}" + (f"@{revision}" if revision else "")
-    else:
-        raise MissingInputError(f"{source} is neither an existing folder nor a Hub repo id (ORG/NAME)")
-    folder = resolve_sae_folder(root, sae_id, source)
+    opts = options or ImportOptions()
+    if format != "auto":
+        format_module(format)  # an unknown format is refused before any download
+    root, where, repo_id = _local_root(source, sae_id, revision, format)
+    path, resolved_id, fmt = _resolve(root, sae_id, format, where)
+    module = FORMATS[fmt]
+    label = where if resolved_id is None else f"{where} ({resolved_id})"
+    if opts.input_norm is not None and fmt not in INPUT_NORM_FORMATS:  # nothing the user passes is ignored
+        raise UsageError(f"{label}: input_norm applies to {INPUT_NORM_FORMATS} SAEs, not to {fmt!r} ones",
+                         arguments=("input_norm",))
+    if opts.constructor is not None and fmt != "overcomplete":
+        raise UsageError(f"{label}: constructor applies to overcomplete SAEs, not to {fmt!r} ones",
+                         arguments=("constructor",))
     with no_language_model_advice():
-        sae = SAE.load_from_disk(folder, device=device, dtype=dtype)
-    resolved_id = sae_id if sae_id is not None else (None if folder == root else folder.relative_to(root).as_posix())
-    info = VisionSAEInfo(source=str(repo_id_or_path), sae_id=resolved_id, folder=folder, revision=revision,
-                         metadata=vision_metadata(sae))
+        sae = module.load(path, opts, label, repo_id=repo_id)
+    sae = sae.to(device=device, dtype=str_to_dtype(dtype)) if dtype else sae.to(device)
+    folder = path if path.is_dir() else path.parent
+    info = VisionSAEInfo(source=str(source), sae_id=resolved_id, folder=folder, revision=revision,
+                         metadata=vision_metadata(sae), format=fmt)
     return sae, info
 
 

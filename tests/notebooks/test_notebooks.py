@@ -257,6 +257,9 @@ def test_04_interpret_like_hooked_transformer(notebook_run):
     s = json.loads((run_dir / "04_summary.json").read_text())
     assert s["use_real_weights"] is False and s["n_images"] == 256
     assert s["splice_max_diff"] < 1e-4  # use_error_term=True leaves the output unchanged
+    # the SAE written in sparsify's files and read back by load_vision_sae: the same latents, the same top ones
+    assert s["imported_format"] == "sparsify" and s["imported_max_diff"] < 1e-4
+    assert s["imported_top_latents_image0"] == s["top_latents_image0"]
     # the lens: 2 entries per block plus the final residual; its last layer is the model's prediction
     vision = json.loads((TINY_CLIP / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
     n_layers, n_heads = vision["layers"], vision["width"] // vision["head_width"]  # 4 and 4
