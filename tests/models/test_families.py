@@ -206,6 +206,7 @@ def test_transformers_repos_load_offline_from_the_hf_cache(tmp_path):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # builds every open_clip config on the meta device (~12 s quiet): the slow tier
 def test_support_table_is_current():
     """docs/support.md is generated from the registry (python scripts/build_support_table.py)."""
     from pathlib import Path

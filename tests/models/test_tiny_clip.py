@@ -101,6 +101,7 @@ def test_zero_shot_far_above_chance(science):
     assert zs > 5.0  # measured 9.0 on these 1,000 images; chance is 0.5%
 
 
+@pytest.mark.slow  # an accuracy check on real images (the slow tier)
 def test_vs2pp_oracle_above_zero_shot(science):
     rows = science["res"].methods
     gain = rows["vs2pp_oracle"].top1 - rows["zeroshot"].top1
@@ -108,6 +109,7 @@ def test_vs2pp_oracle_above_zero_shot(science):
     assert gain > 1.0  # measured +5.3 points; 1 point = 10 of the 1,000 images
 
 
+@pytest.mark.slow  # an accuracy check on real images (the slow tier)
 def test_rec_final_no_better_when_fvu_high(science):
     fvu = science["lossy"].metrics["heldout_fvu"]
     rows = science["res_lossy"].methods
@@ -117,6 +119,7 @@ def test_rec_final_no_better_when_fvu_high(science):
     assert drop >= 0.0  # measured 5.5 points: replacing the CLS by a poor reconstruction hurts
 
 
+@pytest.mark.slow  # an accuracy check on real images (the slow tier)
 def test_pass_lowers_heldout_prototype_distance(science):
     """PASS's codes lie closer to their class prototypes (class-mean codes of the training rows) on the
     held-out images. Measured here, and worth knowing: the scale-free within-class fraction
