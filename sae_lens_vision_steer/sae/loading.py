@@ -14,7 +14,8 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SPARSITY_FILENAME
 from safetensors import safe_open
 
-from ..core.errors import MissingInputError, UsageError
+from ..core.errors import InputError, MissingInputError, UsageError
+from .checks import check_sae_config, check_weights_file, load_checked
 from .metadata import no_language_model_advice, vision_metadata
 
 README = "README.md"
@@ -111,8 +112,10 @@ def load_vision_sae(
     else:
         raise MissingInputError(f"{source} is neither an existing folder nor a Hub repo id (ORG/NAME)")
     folder = resolve_sae_folder(root, sae_id, source)
+    check_sae_config(folder)  # numbers in range, architecture-only model kwargs: before SAELens reads anything
+    check_weights_file(folder)  # a safetensors file, not a pickle under its name
     with no_language_model_advice():
-        sae = SAE.load_from_disk(folder, device=device, dtype=dtype)
+        sae = load_checked(SAE, folder, device, dtype)  # tensors match cfg.json, all finite
     resolved_id = sae_id if sae_id is not None else (None if folder == root else folder.relative_to(root).as_posix())
     info = VisionSAEInfo(source=str(repo_id_or_path), sae_id=resolved_id, folder=folder, revision=revision,
                          metadata=vision_metadata(sae))
@@ -124,8 +127,11 @@ def log_feature_sparsity(info: VisionSAEInfo, device: str = "cpu") -> torch.Tens
     path = info.folder / SPARSITY_FILENAME
     if not path.is_file():
         return None
-    with safe_open(path, framework="pt", device=device) as f:
-        return f.get_tensor("sparsity")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            return f.get_tensor("sparsity")
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types: a damaged or foreign file
+        raise InputError(f"{path} is not a safetensors file holding 'sparsity' ({' '.join(str(e).split())})") from None
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
