@@ -4,7 +4,6 @@ reads an SAE goes through it."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ from sae_lens.constants import SAE_CFG_FILENAME, SPARSITY_FILENAME
 from safetensors import safe_open
 
 from ..core.errors import InputError, MissingInputError, UsageError
+from ..core.names import safe_relative_path
 from .checks import check_sae_config, check_weights_file, load_checked
 from .metadata import no_language_model_advice, vision_metadata
 
 README = "README.md"
-SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*(/[A-Za-z0-9][A-Za-z0-9._+=-]*)*$")
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,8 @@ class VisionSAEInfo:
 
 
 def check_sae_id(sae_id: str) -> None:
-    if not SAE_ID_RE.match(sae_id) or ".." in sae_id:
-        raise UsageError(
-            f"invalid sae id {sae_id!r}: use letters, digits and . _ - + = in '/'-separated parts "
-            "(it becomes a folder in the repository)"
-        )
+    """An SAE id is a folder of a repository: `/`-separated safe names (`core.names.safe_relative_path`)."""
+    safe_relative_path(sae_id, "sae id")
     if sae_id == README:
         raise UsageError(f"sae id {sae_id!r} would clash with the model card")
 
