@@ -119,6 +119,8 @@ def cache_request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], po
         "n_images": len(dataset),
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "n_classes": class_count(dataset),  # labels lie in [0, n_classes): what PASS sizes its prototypes by
+        # The label ids' meaning, in order: a pool or reference cache is checked against the evaluation's.
+        "classnames": [str(c) for c in getattr(dataset, "classnames", None) or []] or None,
         "shard_size": shard_size,
         # A union of data sets (union.py) records its members; a single data set's request is unchanged.
         **({"members": dataset.member_records(),

@@ -19,6 +19,7 @@ import warnings
 from typing import Any
 
 from ..core.errors import InputError, UsageError
+from ..core.fileio import reject_duplicate_keys
 
 # Arguments that decide whether a file may run code when it is loaded: never from a file; from the user
 # only with a warning (unless set to the safe value).
@@ -77,17 +78,6 @@ def family_of(model_name: str | None) -> str:
     if name.lower().startswith("dinov2-") or name.startswith("hf:"):
         return "hf"
     return "timm" if name.startswith("timm:") else "open_clip"
-
-
-def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`json.loads(..., object_pairs_hook=reject_duplicate_keys)`: a key given twice is an error, not the last
-    one silently winning."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise UsageError(f"key {k!r} appears twice")
-        out[k] = v
-    return out
 
 
 def parse_model_kwargs(text: str, source: str) -> dict[str, Any]:
@@ -156,13 +146,22 @@ def _check_image_size(key: str, value: Any, source: str) -> None:
 def check_user_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Model kwargs the user passed explicitly: a name that collides with `from_pretrained`'s own arguments
     is refused; a loading-safety switch set to an unsafe value is allowed, with a warning."""
+    check_kwarg_names(kwargs)
     for key, value in kwargs.items():
-        if key in RESERVED:
-            raise UsageError(f"model kwarg {key!r} collides with from_pretrained's own argument of that name; "
-                             f"pass it as {key}=... (CLI: its own flag), not in the model kwargs")
         if key in SAFETY_SWITCHES and SAFE_VALUES.get(key, object()) != value:
             warnings.warn(f"model kwarg {key}={value!r} changes how model files are loaded (e.g. lets a pickle run "
                           "code); use it only for files you trust", UserWarning, stacklevel=3)
+    return kwargs
+
+
+def check_kwarg_names(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a model kwarg named like one of `from_pretrained`'s own arguments (`device`, `pretrained`, ...):
+    call it before `from_pretrained(name, pretrained=..., device=..., **kwargs)`, where Python itself would
+    stop with a TypeError."""
+    for key in kwargs:
+        if key in RESERVED:
+            raise UsageError(f"model kwarg {key!r} collides with from_pretrained's own argument of that name; "
+                             f"pass it as {key}=... (CLI: its own flag), not in the model kwargs")
     return kwargs
 
 
@@ -172,5 +171,5 @@ def architecture_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in LOADING_SWITCHES and k != "force_quick_gelu"}
 
 
-__all__ = ["FAMILY_OPTIONS", "LOADING_SWITCHES", "SAFETY_SWITCHES", "architecture_kwargs", "check_file_model_kwargs",
-           "check_user_model_kwargs", "family_of", "parse_model_kwargs", "reject_duplicate_keys"]
+__all__ = ["FAMILY_OPTIONS", "LOADING_SWITCHES", "SAFETY_SWITCHES", "architecture_kwargs", "check_file_model_kwargs", "check_kwarg_names",
+           "check_user_model_kwargs", "family_of", "parse_model_kwargs"]
