@@ -43,19 +43,22 @@ def check_pool_cache(cache_dir: str | Path, model, hook_name: str, sae=None, eva
 
 def check_pool_labels(cache, req: dict[str, Any], eval_data, other_dataset: bool = False) -> None:
     """The pool's label ids must mean the evaluation's classes (oracle and pseudo-label methods compare them):
-    the same class names in the same order, and the same data set unless `other_dataset` (the user named a
-    pool of another data set on purpose, `--pool-other-dataset`)."""
+    the same class names in the same order, and the same named data set (`cifar100`, a Hub id) unless
+    `other_dataset` (the user named a pool of another data set on purpose, `--pool-other-dataset`). Image
+    folders are identified by their class names only (their id is a folder name: train and test folders of one
+    data set may be named anything)."""
     where = f"the pool cache {cache.root}"
-    if not other_dataset and req.get("dataset") and req.get("dataset") != eval_data.dataset_id:
-        raise InputError(f"{where} holds data set {req.get('dataset')!r}, the evaluation {eval_data.dataset_id!r}; "
-                         "give the training split of the evaluated data set, or --pool-other-dataset to use another "
-                         "data set's pool on purpose")
+    pool_id, eval_id = req.get("dataset"), eval_data.dataset_id
+    named = not any(str(i).startswith("imagefolder:") for i in (pool_id, eval_id))
+    if not other_dataset and named and pool_id and pool_id != eval_id:
+        raise InputError(f"{where} holds data set {pool_id!r}, the evaluation {eval_id!r}; give the training split of "
+                         "the evaluated data set, or --pool-other-dataset to use another data set's pool on purpose")
     names, wanted = req.get("classnames"), [str(c) for c in eval_data.classnames]
     if names is None:
         if other_dataset:
             raise InputError(f"{where} records no class names (made before caches recorded them): its labels cannot be "
                              "checked against another data set's classes; cache the pool again")
-        return  # an older cache of the same data set: its data-set id was checked above
+        return  # a cache made before class names were recorded: only its data-set id could be checked
     if list(names) != wanted:
         i = next((j for j, (a, b) in enumerate(zip(names, wanted)) if a != b), min(len(names), len(wanted)))
 
