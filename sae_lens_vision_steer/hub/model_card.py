@@ -214,7 +214,7 @@ def sae_card_section(
     else:
         weights = "random initial weights (no pretrained tag)"
     changed = stock_config_differences(model_name, metadata.get("model_config"))
-    arch = ("; architecture changed from the stock config: " + ", ".join(_text(f"{k}={v}") for k, v in changed.items())
+    arch = ("; architecture changed from the stock config: " + ", ".join(_code(f"{k}={v}") for k, v in changed.items())
             if changed else "")
     facts = [
         ("CLIP model", f"open_clip {_code(model_name)}, {weights}{arch}"),
