@@ -109,3 +109,16 @@ def test_duplicate_or_colliding_model_kwargs_are_one_line(tmp_path, capsys, kwar
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_a_pickle_as_a_timm_checkpoint_is_refused_too(tmp_path):
+    """timm reads checkpoint files with torch.load(weights_only=True) and wraps the refusal in a RuntimeError:
+    found along the exception chain, it is the same one-line InputError."""
+    from sae_lens_vision_steer import HookedCLIP
+
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "evil.pth"
+    ckpt.write_bytes(payload_pickle(marker))
+    with pytest.raises(InputError, match=f"pretrained {ckpt}: its weights file cannot be read as data only"):
+        HookedCLIP.from_pretrained("timm:vit_tiny_patch16_224", pretrained=str(ckpt), depth=1, img_size=32)
+    assert not marker.exists()
