@@ -24,8 +24,8 @@ RESULTS_FILE = "results.json"
 
 def read_results_file(path: str | Path, what: str = "results file") -> dict[str, Any]:
     """A `results.json` of `vision-steer eval`, checked before use: a JSON object with a `methods` mapping whose
-    `per_class_acc` lists hold numbers (or null), one per class of `classnames` when it is recorded. Anything
-    else is an `InputError` naming the file and the field."""
+    `per_class_acc` lists hold numbers (or null), one per class of its `classnames` (which must be there when
+    they are). Anything else is an `InputError` naming the file and the field."""
     import json
 
     from ..core.errors import InputError, MissingInputError
@@ -53,7 +53,10 @@ def read_results_file(path: str | Path, what: str = "results file") -> dict[str,
                                                 for v in acc):
             raise InputError(f"{what} {path}: methods[{label!r}].per_class_acc should be a list of numbers, "
                              f"got {str(acc)[:60]!r}")
-        if names is not None and len(acc) != len(names):
+        if names is None:  # values without their classes cannot be matched to anyone's classes
+            raise InputError(f"{what} {path}: methods[{label!r}] has per_class_acc but the file has no "
+                             "'classnames' to say which class each value is")
+        if len(acc) != len(names):
             raise InputError(f"{what} {path}: methods[{label!r}].per_class_acc has {len(acc)} values for "
                              f"{len(names)} classes")
     return results

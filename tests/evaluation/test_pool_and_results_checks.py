@@ -71,11 +71,12 @@ def test_a_named_data_set_pool_of_another_data_set_needs_the_flag(pool_setup, ti
     ("abc", ["a", "b"], "per_class_acc should be a list of numbers"),
     ([1.0], ["a", "b"], "has 1 values for 2 classes"),
     ([1.0, "x"], ["a", "b"], "per_class_acc should be a list of numbers"),
+    ([1.0, 2.0], None, "no 'classnames'"),  # values that cannot be matched to the cache's classes
 ])
 def test_results_file_fields_are_checked(tmp_path, vs2, names, needle):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"methods": {"zeroshot": {"per_class_acc": [0.5, 0.5]}, "vs2": {"per_class_acc": vs2}},
-                                "classnames": names}))
+    path.write_text(json.dumps({"methods": {"vs2": {"per_class_acc": vs2}, "zeroshot": {"per_class_acc": [0.5, 0.5]}},
+                                **({"classnames": names} if names else {})}))
     with pytest.raises(InputError, match=needle) as e:
         read_results_file(path, "--results")
     assert str(path) in str(e.value) and "methods['vs2']" in str(e.value)
