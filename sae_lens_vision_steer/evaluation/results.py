@@ -22,46 +22,6 @@ if TYPE_CHECKING:
 RESULTS_FILE = "results.json"
 
 
-def read_results_file(path: str | Path, what: str = "results file") -> dict[str, Any]:
-    """A `results.json` of `vision-steer eval`, checked before use: a JSON object with a `methods` mapping whose
-    `per_class_acc` lists hold numbers (or null), one per class of its `classnames` (which must be there when
-    they are). Anything else is an `InputError` naming the file and the field."""
-    import json
-
-    from ..core.errors import InputError, MissingInputError
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{what} {path} does not exist")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{what} {path} is not a results.json ({e})") from None
-    methods = results.get("methods") if isinstance(results, dict) else None
-    if not isinstance(methods, dict):
-        raise InputError(f"{what} {path} is not a results.json of `vision-steer eval` (no 'methods' mapping)")
-    names = results.get("classnames")
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise InputError(f"{what} {path}: 'classnames' should be a list of strings")
-    for label, m in methods.items():
-        if not isinstance(m, dict):
-            raise InputError(f"{what} {path}: methods[{label!r}] should be a mapping of scores")
-        acc = m.get("per_class_acc")
-        if acc is None:
-            continue
-        if not isinstance(acc, list) or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                                                for v in acc):
-            raise InputError(f"{what} {path}: methods[{label!r}].per_class_acc should be a list of numbers, "
-                             f"got {str(acc)[:60]!r}")
-        if names is None:  # values without their classes cannot be matched to anyone's classes
-            raise InputError(f"{what} {path}: methods[{label!r}] has per_class_acc but the file has no "
-                             "'classnames' to say which class each value is")
-        if len(acc) != len(names):
-            raise InputError(f"{what} {path}: methods[{label!r}].per_class_acc has {len(acc)} values for "
-                             f"{len(names)} classes")
-    return results
-
-
 def json_default(o: Any) -> Any:
     """JSON for numpy arrays and scalars and paths (NaN becomes null)."""
     if isinstance(o, np.ndarray):
