@@ -73,3 +73,13 @@ def test_plain_values_still_read_as_code():
     card = sae_card_section("me/repo", "a", {"d_in": 768, "d_sae": 6144, "k": 64, "architecture": "topk"}, meta)
     assert "open_clip `ViT-B-32`, pretrained `openai`" in card and "`blocks.11.hook_resid_post`" in card
     assert 'HookedCLIP.from_pretrained("ViT-B-32", pretrained="openai")' in card and "import json" not in card
+
+
+def test_a_local_dir_name_stays_inside_its_code_comment():
+    name = "local-dir:m\n```\n<script>alert(1)</script>\nimport os; os.system('x')"
+    card = sae_card_section("me/repo", "a", {"d_in": 64, "d_sae": 256, "k": 8, "architecture": "topk"},
+                            {"model_name": name, "model_fingerprint": "ab`c\nd", "model_kwargs": {}})
+    code = card.split("```python\n")[1].split("```")[0]
+    tree = ast.parse(code)
+    assert not any(isinstance(n, ast.Import) and n.names[0].name == "os" for n in ast.walk(tree))
+    assert "<script" not in card and card.count("```") % 2 == 0
