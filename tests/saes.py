@@ -41,3 +41,37 @@ def write_sparsify(folder, d_in: int = D, seed: int = 0, n_latents: int = 128, k
     (folder / "cfg.json").write_text(json.dumps(cfg))
     save_file(weights, str(folder / "sae.safetensors"))
     return weights
+
+
+class _WritesMarker:
+    """A pickle payload: unpickling it calls `open(marker, "w")`, which creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def payload_pickle(marker) -> bytes:
+    """A real malicious pickle: loading it with `pickle.load` or `torch.load(weights_only=False)` creates `marker`."""
+    import pickle
+
+    return pickle.dumps(_WritesMarker(marker), protocol=2)
+
+
+def hostile_model_dir(root, marker):
+    """An open_clip `local-dir:` model (the tiny CLIP's config) whose weights file is a payload pickle."""
+    import json
+    from pathlib import Path
+
+    import open_clip
+    from conftest import TINY_CLIP_KWARGS
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = open_clip.get_model_config("ViT-B-32")
+    cfg.update(TINY_CLIP_KWARGS)
+    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    (root / "open_clip_pytorch_model.bin").write_bytes(payload_pickle(marker))
+    return root

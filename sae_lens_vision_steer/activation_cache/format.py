@@ -119,6 +119,8 @@ def cache_request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], po
         "n_images": len(dataset),
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "n_classes": class_count(dataset),  # labels lie in [0, n_classes): what PASS sizes its prototypes by
+        # The label ids' meaning, in order: a pool or reference cache is checked against the evaluation's.
+        "classnames": _classnames(dataset),
         "shard_size": shard_size,
         # A union of data sets (union.py) records its members; a single data set's request is unchanged.
         **({"members": dataset.member_records(),
@@ -133,6 +135,13 @@ def class_count(dataset: ImageDataset) -> int | None:
         return None
     names = getattr(dataset, "classnames", None)
     return len(names) if names else None
+
+
+def _classnames(dataset: ImageDataset) -> list[str] | None:
+    """The data set's class names in label order; None for a union (each member has its own)."""
+    if callable(getattr(dataset, "member_records", None)):
+        return None
+    return [str(c) for c in getattr(dataset, "classnames", None) or []] or None
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

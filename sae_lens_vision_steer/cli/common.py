@@ -147,10 +147,15 @@ def finite_float(text: str) -> float:
 
 
 def json_object(text: str) -> dict[str, Any]:
+    from ..core.errors import UsageError
+    from ..core.fileio import reject_duplicate_keys
+
     try:
-        v = json.loads(text)
+        v = json.loads(text, object_pairs_hook=reject_duplicate_keys)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    except UsageError as e:  # a key given twice: say which, rather than keep the last one
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not isinstance(v, dict):
         raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"vision_cfg\": {...}}'")
     return v
@@ -281,6 +286,7 @@ def load_model(args: argparse.Namespace):
 
     from ..core.identity import weights_from_name
     from ..data import check_data_available
+    from ..models.kwargs import check_kwarg_names
     from ..sae.splice import HookedCLIP
 
     if getattr(args, "dataset", None) and not getattr(args, "stream", False):
@@ -288,7 +294,7 @@ def load_model(args: argparse.Namespace):
 
     if args.model is None:
         resolve_model_args(args)
-    kwargs = dict(args.model_kwargs or {})
+    kwargs = check_kwarg_names(dict(args.model_kwargs or {}))  # {"device": ...} would collide with --device
     if args.random_weights:
         torch.manual_seed(args.seed)
         pretrained = None

@@ -86,6 +86,9 @@ def add_retrieval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-cache", default=None,
                    help="activation cache of the unlabeled training split at the SAE's hook (the retrieval pool; "
                         "not the evaluation split)")
+    g.add_argument("--pool-other-dataset", action="store_true",
+                   help="use a --pool-cache of another data set on purpose (its class names must still be the "
+                        "evaluation's, in the same order)")
     g.add_argument("--n-neighbours", type=positive_int, default=50, help="neighbours retrieved per test image (paper: 50)")
     g.add_argument("--retrieval-backend", default="exact", choices=["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf"],
                    help="exact chunked search, or a FAISS index (pip install faiss-cpu)")
@@ -120,7 +123,8 @@ RETRIEVAL_BACKBONE_KEYS = ("retrieval_backbone", "retrieval_pretrained", "retrie
 
 
 def retrieval_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"pool_cache": args.pool_cache, "n_neighbours": args.n_neighbours,
+    return {"pool_cache": args.pool_cache, "pool_other_dataset": getattr(args, "pool_other_dataset", False),
+            "n_neighbours": args.n_neighbours,
             "retrieval_backend": args.retrieval_backend, "pool_retrieval_embeds": args.pool_retrieval_embeds,
             "query_retrieval_embeds": args.query_retrieval_embeds, "rag_alpha": args.rag_alpha,
             "vs2pp_fallback": args.vs2pp_fallback, **retrieval_backbone_options(args)}
@@ -240,7 +244,7 @@ def request_of(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any
 EVAL_REQUEST_KEYS = (
     "model", "pretrained", "random_weights", "model_kwargs", "seed", "dataset", "data_dir", "split", "limit",
     "skip_bad_images", "sae", "hook", "lam", "gamma", "fvu_threshold", "fvu_quantile", "reference_cache",
-    "gate_methods", "gate_datasets", "templates", "methods", "layer_saes", "pool_cache", "n_neighbours", "retrieval_backend",
+    "gate_methods", "gate_datasets", "templates", "methods", "layer_saes", "pool_cache", "pool_other_dataset", "n_neighbours", "retrieval_backend",
     "pool_retrieval_embeds", "query_retrieval_embeds", "rag_alpha", "vs2pp_fallback",
     "retrieval_backbone", "retrieval_pretrained", "retrieval_random_weights", "retrieval_model_kwargs",
 )

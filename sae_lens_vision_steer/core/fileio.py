@@ -61,15 +61,31 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int = 1, default: Any 
     return write_bytes_atomic(path, (json.dumps(obj, indent=indent, default=default) + "\n").encode())
 
 
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads(..., object_pairs_hook=reject_duplicate_keys)`: a key given twice is an error (`UsageError`
+    naming it), not the last one silently winning."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise UsageError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 def read_json_file(path: str | Path, what: str) -> Any:
-    """A user-given JSON file, or a clear error naming it as `what` (e.g. "--costs", "grid file")."""
+    """A user-given JSON file, or a clear error naming it as `what` (e.g. "--costs", "grid file"); a key given
+    twice in one object is refused."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{what} {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=reject_duplicate_keys)
     except json.JSONDecodeError as e:
         raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not a UTF-8 text file ({e.reason})") from None
+    except UsageError as e:
+        raise UsageError(f"{what} {path}: {e}") from None
 
 
 def remove_temp_files(root: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..core import distributed
-from ..core.errors import MissingInputError, UsageError, VisionSteerError
+from ..core.errors import InputError, MissingInputError, UsageError, VisionSteerError
 from .files import NotRegularFileError, check_names, open_regular_file, shown_path
 from .hub_access import check_hub_dataset_available
 from .resources import classnames_for
@@ -276,8 +276,46 @@ class ImageFolderDataset(ImageDataset):
         return str(self.paths[i])
 
 
+# The CIFAR-100 python release is a set of pickles (as torchvision reads them). A pickle can name any Python
+# callable to run while it is read, so: the folder may hold only the release's own files, and they are read
+# with an unpickler that resolves nothing but the numpy array and scalar constructors the release uses.
+CIFAR_RELEASE_FILES = frozenset({"train", "test", "meta", "file.txt~"})
+CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-100 release file never does")
+        return super().find_class(module, name)
+
+
+def check_cifar_folder(root: Path) -> None:
+    """Refuse a `cifar-100-python` folder holding anything but the release's own files."""
+    extra = sorted(p.name for p in root.iterdir() if p.name not in CIFAR_RELEASE_FILES)
+    if extra:
+        raise InputError(f"{root} holds files that are not part of the CIFAR-100 python release ({', '.join(extra[:5])}); "
+                         f"the folder may hold only {', '.join(sorted(CIFAR_RELEASE_FILES))}")
+
+
+def load_cifar_pickle(path: Path) -> dict:
+    """One release file (`train` / `test`), read without resolving anything but numpy's array constructors."""
+    try:
+        with open_regular_file(path) as fh:  # a FIFO named train: refused, not waited on
+            d = _CifarUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise InputError(f"{path} is not a CIFAR-100 release file ({e})") from None
+    if not isinstance(d, dict) or "data" not in d or "fine_labels" not in d:
+        raise InputError(f"{path} is not a CIFAR-100 release file (no 'data' and 'fine_labels')")
+    return d
+
+
 class Cifar100Pickle(ImageDataset):
-    """The python pickle release (`cifar-100-python/{train,test,meta}`)."""
+    """The python pickle release (`cifar-100-python/{train,test,meta}`), read safely (see `load_cifar_pickle`)."""
 
     def __init__(self, root: str | Path, split: str = "test", transform=None, skip_bad_images: bool = False):
         super().__init__(transform, skip_bad_images)
@@ -289,8 +327,8 @@ class Cifar100Pickle(ImageDataset):
         f = root / split
         if split not in ("train", "test") or not f.is_file():
             raise MissingInputError(f"CIFAR-100 split {split!r} not found: expected {f} ('train' or 'test')")
-        with open(f, "rb") as fh:
-            d = pickle.load(fh, encoding="latin1")
+        check_cifar_folder(root)
+        d = load_cifar_pickle(f)
         self.images_NHWC = d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         self.labels = np.asarray(d["fine_labels"], dtype=np.int64)
         self.classnames = classnames_for("cifar100")

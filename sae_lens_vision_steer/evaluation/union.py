@@ -12,7 +12,6 @@ Each member's `results.json` is the one `vision-steer eval` writes for that data
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..core.errors import UsageError
 from ..core.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..core.names import slug
 from ..data.base import ImageDataset
 from .results import EvaluationResult, json_default
 
@@ -29,7 +29,7 @@ SUMMARY_FILE = "summary.json"
 
 def member_folder_name(dataset_id: str) -> str:
     """A member's subfolder: `cifar100`, `owner_repo`, `imagefolder_photos`."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_id).strip("_") or "dataset"
+    return slug(dataset_id, "dataset")  # a safe folder name: never `..` or a dot-file
 
 
 @dataclass

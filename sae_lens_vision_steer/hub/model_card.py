@@ -7,6 +7,7 @@ adds its own section and keeps the others.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -61,14 +62,53 @@ _EVAL_SETTINGS = ("dataset", "split", "n_images", "templates", "lam", "gamma", "
 
 
 def _fmt(value: Any, spec: str = "{}") -> str:
+    """A number formatted with `spec` ("{}": any value as escaped text, "`{}`": as code); a value that is not a
+    number where one is expected (hostile or damaged metadata) is shown as escaped text, never formatted."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return spec.format(value)
+    if spec == "{}":
+        return _text(value)
+    if spec == "`{}`":
+        return _code(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return spec.format(value)
+    return _text(value)
+
+
+# Characters that end a string, a code span, a fenced block, an HTML tag or our section markers, and those that
+# are not printable (bidi overrides that make code read differently than it runs, control characters): written
+# as escapes inside the example code, and as their escape text in prose.
+_CODE_UNSAFE = set("`<>&")
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/@+=, -]+")  # shown as a code span as it is: nothing to escape
+
+
+def _escape_char(c: str) -> str:
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
 
 
 def _py(value: Any) -> str:
-    """A Python literal for the example code, with double quotes for strings (as the code around it)."""
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    """A Python literal for the example code: strings JSON-encoded (double quotes, one line, no character that
+    could close the code block, start markup or hide what the code does), None/True/False/numbers as Python
+    writes them, anything else as its JSON text."""
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return "".join(_escape_char(c) if c in _CODE_UNSAFE or not c.isprintable() else c for c in text)
+    if value is None or isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
+        return repr(value)
+    return _py(json.dumps(value, sort_keys=True))
+
+
+def _text(value: Any) -> str:
+    """Prose: any string from metadata as plain text (one line, HTML-escaped, Markdown punctuation backslashed,
+    unprintable characters as their escape text)."""
+    text = "".join(c if c.isprintable() else _escape_char(c) for c in " ".join(str(value).split()))
+    return re.sub(r"([\\`*_\[\]~])", r"\\\1", html.escape(text, quote=True))
+
+
+def _code(value: Any) -> str:
+    """A value as an inline code span when it is plain (letters, digits, spaces, `_.:/@+=,-`), else as escaped prose."""
+    text = str(value)
+    return f"`{text}`" if _PLAIN.fullmatch(text) else _text(text)
 
 
 def _cell(text: Any) -> str:
@@ -103,7 +143,7 @@ def eval_table(results: Mapping[str, Any]) -> str:
     header = "| Method | " + " | ".join(h for _, h, _ in _EVAL_COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(_EVAL_COLUMNS)
     rows = [
-        f"| {_cell(name)} | " + " | ".join(_fmt(m.get(k), spec) for k, _, spec in _EVAL_COLUMNS) + " |"
+        f"| {_cell(_text(name))} | " + " | ".join(_fmt(m.get(k), spec) for k, _, spec in _EVAL_COLUMNS) + " |"
         for name, m in results["methods"].items()
     ]
     return "\n".join([header, rule, *rows])
@@ -114,7 +154,7 @@ def _eval_settings(results: Mapping[str, Any]) -> str:
     shown = {k: config[k] for k in _EVAL_SETTINGS if isinstance(config.get(k), (str, int, float))}
     if str(shown.get("dataset", "")).startswith("imagefolder:"):  # keep local paths out of a public card
         shown["dataset"] = "imagefolder " + Path(shown["dataset"].split(":", 1)[1]).name
-    parts = [f"`{k}={v}`" for k, v in shown.items() if len(str(v)) <= 80]
+    parts = [_code(f"{k}={v}") for k, v in shown.items() if len(str(v)) <= 80]
     n_classes = len(results.get("classnames") or [])
     if n_classes:
         parts.append(f"{n_classes} classes")
@@ -131,8 +171,9 @@ def _local_dir_note(model_name: Any, fingerprint: Any) -> list[str]:
     """A comment above the card's load line for a `local-dir:` model: the folder is the user's own."""
     if not (isinstance(model_name, str) and model_name.startswith("local-dir:")):
         return []
-    return [f"# {model_name}: a local open_clip folder (any path to it works: the SAE checks the weights"
-            + (f", fingerprint {fingerprint}" if fingerprint else "") + ")"]
+    quoted = _py(model_name)[1:-1]  # escaped as in a string: no newline or fence can leave the comment
+    return [f"# {quoted}: a local open_clip folder (any path to it works: the SAE checks the weights"
+            + (f", fingerprint {_py(str(fingerprint))[1:-1]}" if fingerprint else "") + ")"]
 
 
 def sae_card_section(
@@ -153,38 +194,41 @@ def sae_card_section(
     split = metadata.get("split")
     if isinstance(data, str) and data.startswith("imagefolder:"):  # keep local paths out of a public card
         data = f"imagefolder {Path(data.split(':', 1)[1]).name}"
-    data_text = "not recorded" if data is None else f"`{data}`" + (f", split `{split}`" if split else "")
+    data_text = "not recorded" if data is None else _code(data) + (f", split {_code(split)}" if split else "")
     members = metadata.get("dataset_members")
     if members:  # a union of training splits (union.py): name every member
         data_text = f"union of {len(members)} data sets: " + ", ".join(
-            f"`{_portable_data_name(m.get('dataset'))}` (split `{m.get('split')}`"
+            f"{_code(_portable_data_name(m.get('dataset')))} (split {_code(m.get('split'))}"
             + (f", {m['n_images']:,} images)" if isinstance(m.get("n_images"), int) else ")") for m in members)
     objective = metadata.get("objective")
     w_aux = metadata.get("w_aux")
     pretrained = metadata.get("pretrained")
     model_name = metadata.get("model_name")
     kwargs = metadata.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"metadata model_kwargs should be a mapping, got {type(kwargs).__name__}")
     if weights_from_name(model_name) and kwargs.get("load_weights") is not False:
         weights = "weights that come with the name"
     elif pretrained:
-        weights = f"pretrained `{pretrained}`"
+        weights = f"pretrained {_code(pretrained)}"
     else:
         weights = "random initial weights (no pretrained tag)"
     changed = stock_config_differences(model_name, metadata.get("model_config"))
-    arch = ("; architecture changed from the stock config: " + ", ".join(f"{k}={v}" for k, v in changed.items())
+    arch = ("; architecture changed from the stock config: " + ", ".join(_code(f"{k}={v}") for k, v in changed.items())
             if changed else "")
     facts = [
-        ("CLIP model", f"open_clip `{model_name}`, {weights}{arch}"),
-        ("Hook", f"`{metadata.get('hook_name')}` (a `HookedCLIP` hook point)"),
+        ("CLIP model", f"open_clip {_code(model_name)}, {weights}{arch}"),
+        ("Hook", f"{_code(metadata.get('hook_name'))} (a `HookedCLIP` hook point)"),
         ("Positions", _fmt(metadata.get("positions"), "`{}`")),
-        ("d_in / d_sae / k", f"{sae_cfg.get('d_in')} / {sae_cfg.get('d_sae')} / {_fmt(sae_cfg.get('k'))}"),
-        ("Architecture", f"`{sae_cfg.get('architecture')}`"
-         + (f", objective `{objective}`" if objective else "") + (f", w_aux {w_aux}" if w_aux is not None else "")),
+        ("d_in / d_sae / k", f"{_fmt(sae_cfg.get('d_in'))} / {_fmt(sae_cfg.get('d_sae'))} / {_fmt(sae_cfg.get('k'))}"),
+        ("Architecture", _code(sae_cfg.get("architecture"))
+         + (f", objective {_code(objective)}" if objective else "") + (f", w_aux {_text(w_aux)}" if w_aux is not None else "")),
         ("Training data", data_text),
         ("Training samples seen", _fmt(n_samples, "{:,}")),
         ("Held-out FVU", _fmt(metadata.get("heldout_fvu"), "{:.4f}")),
         ("L0 (mean active latents)", _fmt(metadata.get("mean_l0"), "{:.2f}")),
-        ("Dead fraction", "—" if dead is None else f"{dead:.4f} ({dead:.2%} of latents)"),
+        ("Dead fraction", f"{dead:.4f} ({dead:.2%} of latents)" if isinstance(dead, (int, float))
+         and not isinstance(dead, bool) else _fmt(dead)),
     ]
     source = metadata.get("source")
     if isinstance(source, dict) and source.get("format"):  # an SAE trained elsewhere (sae/formats): credit it
@@ -220,6 +264,7 @@ def sae_card_section(
         "```",
         "",
         "```python",
+        *(["import json", ""] if kwargs else []),
         "import torch",
         "from PIL import Image",
         "from sae_lens_vision_steer import HookedCLIP, ZeroShotClassifier, load_vision_sae",
@@ -227,8 +272,9 @@ def sae_card_section(
         "",
         f"sae, info = load_vision_sae({_py(repo_id)}, {_py(sae_id)}{rev_arg})",
         *_local_dir_note(model_name, metadata.get("model_fingerprint")),
+        *([f"model_kwargs = json.loads({_py(json.dumps(kwargs, sort_keys=True))})"] if kwargs else []),
         f"model = HookedCLIP.from_pretrained({_py(model_name)}, pretrained={_py(pretrained)}"
-        + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")",
+        + (", **model_kwargs" if kwargs else "") + ")",
         f"steer = VS2Steering(sae, lam={PAPER_LAM}, gamma={PAPER_GAMMA})",
         "",
         'classifier = ZeroShotClassifier(model, ["cat", "dog", "car"])',

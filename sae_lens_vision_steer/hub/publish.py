@@ -35,6 +35,7 @@ from sae_lens.constants import (
 from safetensors import safe_open
 
 from ..core.errors import MissingInputError, UsageError
+from ..core.names import inside
 from ..sae.loading import check_sae_id, load_vision_sae
 from ..sae.metadata import portable_metadata, vision_metadata
 from .model_card import (
@@ -141,7 +142,8 @@ def _check_results_match(results: dict[str, Any], sae: SAE, path: Path) -> None:
 def _stage(root: Path, sae_dir: Path, sae_id: str, card: str) -> list[str]:
     """Write the repository files under `root` (same relative paths as on the Hub); return those paths."""
     paths = []
-    (root / sae_id).mkdir(parents=True, exist_ok=True)
+    check_sae_id(sae_id)
+    inside(root, root / sae_id, "staged SAE folder").mkdir(parents=True, exist_ok=True)
     for name in SAE_FILES:
         src = sae_dir / name
         cfg = json.loads(src.read_text()) if name == SAE_CFG_FILENAME else None

@@ -37,6 +37,7 @@ from ..core.positions import POOLED_HOOKS
 from . import registry
 from .components import MLP, Attention, LayerNorm, TransformerBlock
 from .config import HookedCLIPConfig
+from .kwargs import architecture_kwargs, check_user_model_kwargs
 from .tower import Tower
 
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
@@ -91,8 +92,9 @@ class HookedViT(HookedRootModule):
         network is built with QuickGELU even if the name lacks `-quickgelu`, so that `ViT-B-32` +
         `openai` is the same network as `ViT-B-32-quickgelu` + `openai`.
         """
+        check_user_model_kwargs(kwargs)  # a loading-safety switch set here is the caller's explicit choice: warned
         model, preprocess, tokenizer = registry.load(model_name, pretrained, device, **kwargs)
-        arch_kwargs = {k: v for k, v in kwargs.items() if k != "force_quick_gelu"}
+        arch_kwargs = architecture_kwargs(kwargs)  # loading switches are this call's choice, never recorded
         return cls(model, model_name=model_name, pretrained=pretrained, preprocess=preprocess, tokenizer=tokenizer,
                    use_attn_result=use_attn_result, model_kwargs=arch_kwargs)
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
+import pickle
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..core.errors import MissingInputError, UnknownNameError
+from ..core.errors import InputError, MissingInputError, UnknownNameError
 from .families import (  # noqa: F401  (the registry's API)
     FAMILIES,
     Family,
@@ -45,9 +47,22 @@ def resolve_alias(model_name: str) -> str:
 
 
 def load(model_name: str, pretrained: str | None, device: str | torch.device, **kwargs: Any):
-    """(library model, preprocess or None, tokenizer or None); unsupported towers are refused first."""
-    model_name = resolve_alias(model_name)
+    """(library model, preprocess or None, tokenizer or None); unsupported towers are refused first. Pickle
+    checkpoints are read with `torch.load(weights_only=True)` only (the libraries' default, made explicit for
+    open_clip); one that needs more (a pickle that would run code) is refused as an `InputError`."""
+    try:
+        return _load(resolve_alias(model_name), pretrained, device, **kwargs)
+    except Exception as e:
+        refused = refused_checkpoint(e, pretrained)
+        if refused is None:
+            raise
+        what = f"pretrained {pretrained}" if pretrained and os.path.isfile(pretrained) else f"model {model_name}"
+        raise InputError(f"{what}: its weights file cannot be read as data only ({refused}); pickle checkpoints are "
+                         "loaded with torch.load(weights_only=True), which refuses one that would run code. Use a "
+                         "safetensors file, or a plain state-dict checkpoint") from None
 
+
+def _load(model_name: str, pretrained: str | None, device: str | torch.device, **kwargs: Any):
     if model_name.startswith("hf:"):
         from .families import hf
 
@@ -59,6 +74,26 @@ def load(model_name: str, pretrained: str | None, device: str | torch.device, **
     check_open_clip_name(model_name, pretrained)
     model, preprocess = open_clip_vit.create(model_name, pretrained, device, **kwargs)
     return model, preprocess, None
+
+
+def refused_checkpoint(e: BaseException, pretrained: str | None) -> str | None:
+    """The first line of the reason a checkpoint was refused by `torch.load(weights_only=True)` (or was not a
+    checkpoint at all), found along the exception's chain; None for any other error."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 10:
+        if isinstance(cur, pickle.UnpicklingError):
+            lines = [ln.strip() for ln in str(cur).splitlines() if ln.strip()] or [type(cur).__name__]
+            why = next((ln for ln in lines if ln.startswith("Unsupported")), None)  # torch's reason, if it gave one
+            if why is None:
+                why = lines[0] if len(lines) == 1 else "torch.load(weights_only=True) refused it"
+            return why[:300]
+        text = str(cur)
+        if (isinstance(cur, RuntimeError) and pretrained and os.path.isfile(pretrained)
+                and ("magic number" in text or "PytorchStreamReader" in text)):
+            return f"not a torch checkpoint: {text.splitlines()[0][:200]}"
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return None
 
 
 def nearest(word: str, names: list[str], n: int = 3) -> list[str]:

@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 from ..core.errors import UnknownNameError, UsageError
 from ..core.fileio import read_json_file
+from ..core.names import safe_component
+from ..models.kwargs import check_file_model_kwargs, parse_model_kwargs
 
 MAIN_DATASETS = ("cifar100", "cub200", "tiny-imagenet")
 OOD = ("aircraft", "food101", "flowers102", "caltech101", "sun397", "eurosat")
@@ -35,6 +37,7 @@ EXPANSIONS = (4, 8, 16)
 KS = (64, 128, 256, 512)
 NEIGHBOURS = (10, 25, 50, 100)
 PAPER_W_AUX = 0.8
+OBJECTIVES = ("topk", "pass")
 
 
 def digest(obj: Any) -> str:
@@ -189,23 +192,56 @@ class Grid:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any] | str | Path) -> "Grid":
+        source = "grid"
         if not isinstance(obj, dict):
+            source = f"grid file {obj}"
             obj = read_json_file(obj, "grid file")
         try:
-            backbones = tuple(Backbone(**b) for b in obj["backbones"])
+            backbones = tuple(Backbone(**_json_kwargs(b)) for b in obj["backbones"])
             datasets = tuple(DataSource(**d) for d in obj["datasets"])
             entries = tuple(_entry(e) for e in obj["entries"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-            raise UsageError(f"grid file: {what} (expected backbones, datasets and entries with the fields of "
+            raise UsageError(f"{source}: {what} (expected backbones, datasets and entries with the fields of "
                              "reproduce/grid.py)") from None
         grid = cls(backbones, datasets, entries)
+        grid.check(source)
         for c in grid.cells:  # every name must resolve
             grid.backbone(c.backbone), grid.data(c.dataset)
             for n in (c.gate_on, c.sae and c.sae.train_on):
                 if n:
                     grid.data(n)
         return grid
+
+
+    def check(self, source: str = "grid") -> None:
+        """What a grid file could use against us: names that become folders (`core.names.safe_component`:
+        no `..`, no `/`, no leading dot), model kwargs that are not architecture options (a loading-safety
+        switch such as `weights_only` included), an unknown SAE objective. Refused naming `source`."""
+        try:
+            for b in self.backbones:
+                safe_component(b.name, "backbone name")
+            for d in self.datasets:
+                safe_component(d.name, "data-set name")
+                for split in (d.train_split, d.eval_split):
+                    if split is not None:
+                        safe_component(split, f"split of data set {d.name!r}")
+            for c in self.cells:
+                if c.sae is not None and c.sae.objective not in OBJECTIVES:
+                    raise UsageError(f"SAE objective {c.sae.objective!r} is not one of {list(OBJECTIVES)}")
+        except UsageError as e:
+            raise UsageError(f"{source}: {e}") from None
+        for i, b in enumerate(self.backbones):
+            check_file_model_kwargs(parse_model_kwargs(b.model_kwargs, f"{source}: backbones[{i}].model_kwargs"),
+                                    b.model, f"{source}: backbones[{i}] ({b.name}).model_kwargs")
+
+
+def _json_kwargs(b: dict[str, Any]) -> dict[str, Any]:
+    """A backbone's `model_kwargs` may be written as a JSON object in the file; the dataclass keeps a string."""
+    b = dict(b)
+    if isinstance(b.get("model_kwargs"), dict):
+        b["model_kwargs"] = json.dumps(b["model_kwargs"], sort_keys=True)
+    return b
 
 
 def _entry(e: dict[str, Any]) -> Entry:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..core.errors import UsageError
+from ..core.names import safe_component
 from .grid import Cell, Grid, SAESpec, Sizes, digest
 
 TPT_LIKE = ("tpt", "ctpt")
@@ -33,7 +34,8 @@ class CacheJob:
 
     @property
     def folder(self) -> str:
-        return f"caches/{self.backbone}/{self.data}/{self.split}-L{self.layer_from_end}-{self.key[:8]}"
+        return "/".join(("caches", safe_component(self.backbone, "backbone name"), safe_component(self.data, "data-set name"),
+                         f"{safe_component(self.split, 'split')}-L{self.layer_from_end}-{self.key[:8]}"))
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,9 @@ class SAEJob:
 
     @property
     def folder(self) -> str:
-        return f"saes/{self.backbone}/{self.cache.data}/{self.spec.objective}-L{self.spec.layer_from_end}-{self.key[:8]}"
+        return "/".join(("saes", safe_component(self.backbone, "backbone name"),
+                         safe_component(self.cache.data, "data-set name"),
+                         f"{safe_component(self.spec.objective, 'objective')}-L{self.spec.layer_from_end}-{self.key[:8]}"))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ not stop the others.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 import traceback
@@ -23,7 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.fileio import write_json_atomic
+from ..core.errors import OutputError
+from ..core.fileio import describe_os_error, write_json_atomic
+from ..core.names import inside
 from .grid import Cell, Grid, Sizes
 from .plan import (
     CacheJob,
@@ -37,6 +40,7 @@ from .plan import (
 )
 
 STATE_DIR = "cells"
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk, not the cell: the whole run stops
 
 
 @dataclass
@@ -52,8 +56,13 @@ class Workspace:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def at(self, relative: str) -> Path:
+        """`root/relative`, asserted to stay under root once `..` is resolved (names are checked when the grid
+        is read; this is the last line of defence)."""
+        return inside(self.root, self.root / relative, "reproduce output")
+
     def state_path(self, key: str) -> Path:
-        return self.root / STATE_DIR / f"{key}.json"
+        return self.at(f"{STATE_DIR}/{key}.json")
 
     def state(self, key: str) -> dict[str, Any] | None:
         try:
@@ -128,19 +137,29 @@ class GridRunner:
     def _run_group(self, plan: Plan, group: EvalGroup, cells: list[Cell], keys: dict[Cell, str]) -> None:
         try:
             records = self._evaluate(plan, group, cells, keys)
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, OutputError):
+            raise  # Ctrl-C, or an output that cannot be written (exit 5): every later cell would fail the same way
+        except OSError as e:
+            if e.errno in OUTPUT_ERRNOS:  # a full or read-only disk fails every cell after it: stop (exit 5)
+                raise OutputError(f"cannot write under {self.ws.root}"
+                                  + (f" ({e.filename})" if e.filename else "") + f": {describe_os_error(e)}; free "
+                                  "some space and run the same command again (finished cells are kept)") from None
+            self._record_failure(cells, keys, e)
+            return
         except Exception as e:  # one group's failure is reported on its cells; the others go on
-            err = f"{type(e).__name__}: {' '.join(str(e).split())}"
-            if not isinstance(e, (ValueError, KeyError, OSError, RuntimeError, ImportError)):
-                err += " | " + traceback.format_exc(limit=3).splitlines()[-1]
-            for c in cells:
-                self._fail(c, err, keys[c])
+            self._record_failure(cells, keys, e)
             return
         self.report.computed["groups"] += 1
         for c in cells:
             self.ws.write_state(keys[c], c, "done", **records[c])
             self.report.computed["cells"] += 1
+
+    def _record_failure(self, cells: list[Cell], keys: dict[Cell, str], e: Exception) -> None:
+        err = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if not isinstance(e, (ValueError, KeyError, OSError, RuntimeError, ImportError)):
+            err += " | " + traceback.format_exc(limit=3).splitlines()[-1]
+        for c in cells:
+            self._fail(c, err, keys[c])
 
     # ------------------------------------------------------------------ work
     def model(self, backbone: str):
@@ -177,7 +196,7 @@ class GridRunner:
         src = self.grid.data(job.data)
         data = load_image_dataset(list(src.members) if src.is_union else src.dataset, job.split, src.data_dir,
                                   model.preprocess, job.limit)
-        store, reused = cache_stage(model, data, self.hook(model, job.layer_from_end), self.ws.root / job.folder,
+        store, reused = cache_stage(model, data, self.hook(model, job.layer_from_end), self.ws.at(job.folder),
                                     batch_size=self.sizes.batch_size, num_workers=self.num_workers,
                                     show_progress=self.show)
         (self.report.reused if reused else self.report.computed)["caches"] += 1
@@ -199,7 +218,7 @@ class GridRunner:
                              total_training_samples=sizes["samples"], buffer_size=sizes.get("buffer"), seed=b.seed,
                              device=self.device)
         hook = self.hook(self.model(job.backbone), job.spec.layer_from_end)
-        trained, reused = train_stage(cache, hook, config, self.ws.root / job.folder, objective=job.spec.objective,
+        trained, reused = train_stage(cache, hook, config, self.ws.at(job.folder), objective=job.spec.objective,
                                       w_aux=job.spec.w_aux if job.spec.objective == "pass" else None,
                                       show_progress=self.show)
         (self.report.reused if reused else self.report.computed)["saes"] += 1
@@ -235,7 +254,7 @@ class GridRunner:
             result = evaluate_stage(model, data, sae, specs, batch_size=self.sizes.batch_size, num_workers=self.num_workers,
                               show_progress=self.show, options=options, gate_methods=(), text_cache=self.text_cache,
                               config={"reproduce_group": group.key})
-        result.save(self.ws.root / "groups" / group.key, plots=False)
+        result.save(self.ws.at(f"groups/{group.key}"), plots=False)
         text = result.timing.get("text_cache")
         (self.report.reused if text == "hit" else self.report.computed)["text"] += 1
         zs = result.methods["zeroshot"].top1
@@ -247,7 +266,7 @@ class GridRunner:
                    "fvu_threshold": taus.get(c), "n_images": result.config["n_images"], "group": group.key,
                    "backbone_passes": result.timing["n_backbone_passes"], "text_cache": text}
             if sae is not None:
-                rec["sae"] = str(self.ws.root / group.sae.folder)
+                rec["sae"] = str(self.ws.at(group.sae.folder))
                 rec["sae_heldout_fvu"] = metrics.get("heldout_fvu")
                 rec["fvu"] = self._fvu_on(plan, group, c, sae, metrics)
             out[c] = rec

@@ -83,10 +83,11 @@ def load_retrieval_backbone(name: str, pretrained: str | None = None, device: st
     `random_weights=True` builds seeded random weights (offline smoke runs only).
     """
     from ..core.identity import weights_from_name
+    from ..models.kwargs import check_kwarg_names
     from ..sae.splice import HookedCLIP
 
     resolved = resolve_backbone_name(name)
-    kwargs = dict(model_kwargs or {})
+    kwargs = check_kwarg_names(dict(model_kwargs or {}))
     if random_weights:
         if pretrained:
             raise UsageError("give --retrieval-pretrained or --retrieval-random-weights, not both")

@@ -5,7 +5,6 @@ SAE goes through it."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,9 @@ from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.util import str_to_dtype
 from safetensors import safe_open
 
-from ..core.errors import MissingInputError, UsageError
+from ..core.errors import InputError, MissingInputError, UsageError
+from ..core.names import safe_relative_path
+from .checks import check_finite
 from .formats import FORMATS, ImportOptions, detect_format, find_sae_paths, format_module, supported
 from .metadata import no_language_model_advice, vision_metadata
 
@@ -25,7 +26,6 @@ README = "README.md"
 ROOT_LEVEL_FORMATS = ("prisma", "saev")
 # Formats whose files do not record the input normalisation their library applied (ImportOptions.input_norm).
 INPUT_NORM_FORMATS = ("saev", "visaebench")
-SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*(/[A-Za-z0-9][A-Za-z0-9._+=-]*)*$")
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,8 @@ class VisionSAEInfo:
 
 
 def check_sae_id(sae_id: str) -> None:
-    if not SAE_ID_RE.match(sae_id) or ".." in sae_id:
-        raise UsageError(
-            f"invalid sae id {sae_id!r}: use letters, digits and . _ - + = in '/'-separated parts "
-            "(it becomes a folder in the repository)"
-        )
+    """An SAE id is a folder of a repository: `/`-separated safe names (`core.names.safe_relative_path`)."""
+    safe_relative_path(sae_id, "sae id")
     if sae_id == README:
         raise UsageError(f"sae id {sae_id!r} would clash with the model card")
 
@@ -159,6 +156,7 @@ def load_vision_sae(
                          arguments=("constructor",))
     with no_language_model_advice():
         sae = module.load(path, opts, label, repo_id=repo_id)
+    check_finite(sae, label)  # NaN or inf weights give numbers that mean nothing, whatever the format
     sae = sae.to(device=device, dtype=str_to_dtype(dtype)) if dtype else sae.to(device)
     folder = path if path.is_dir() else path.parent
     info = VisionSAEInfo(source=str(source), sae_id=resolved_id, folder=folder, revision=revision,
@@ -171,8 +169,11 @@ def log_feature_sparsity(info: VisionSAEInfo, device: str = "cpu") -> torch.Tens
     path = info.folder / SPARSITY_FILENAME
     if not path.is_file():
         return None
-    with safe_open(path, framework="pt", device=device) as f:
-        return f.get_tensor("sparsity")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            return f.get_tensor("sparsity")
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types: a damaged or foreign file
+        raise InputError(f"{path} is not a safetensors file holding 'sparsity' ({' '.join(str(e).split())})") from None
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:

@@ -205,7 +205,7 @@ def test_paper_numbers_are_the_notes_tables():
 def test_bad_requests_are_refused_with_the_reason(tmp_path, capsys):
     cases = [(["--only", "nonsense"], 2, "unknown table(s) ['nonsense']; the grid declares ['headline'"),
              (["--grid", str(tmp_path / "nope.json")], 3, "grid file"),
-             (["--grid", str(tmp_path / "bad.json")], 2, "grid file: missing field 'datasets'"),
+             (["--grid", str(tmp_path / "bad.json")], 2, "bad.json: missing field 'datasets'"),
              (["--only", "tta", "--costs", str(tmp_path / "costs.json")], 2, "'image_seconds_per_image'")]
     (tmp_path / "bad.json").write_text('{"backbones": []}')
     (tmp_path / "costs.json").write_text('{"image_seconds_per_image": {"ViT-B-32": -1}}')

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core.errors import MissingInputError, UnknownNameError, UsageError
+from ...core.errors import MissingInputError, UsageError
 from ...retrieval.index import DEFAULT_N_NEIGHBOURS, Neighbours
 from ...sae.metadata import activation_mean
 from ...steering.vs2 import PAPER_GAMMA, PAPER_LAM
@@ -57,20 +57,22 @@ from ...steering.vs2pp import (
 )
 from ...training.fvu import per_sample_fvu
 from ..registry import MethodContext, MethodOutput, register_method
+from .pool import check_pool_cache
 
 
 # ---------------------------------------------------------------------------------- the pool
 @torch.no_grad()
 def load_pool_from_cache(cache_dir: str | Path, model, classifier, hook_name: str, sae=None,
                          retrieval_embeds: np.ndarray | None = None, backend: str = "exact",
-                         batch_size: int = 1024, eval_data=None, **index_kwargs: Any) -> RetrievalPool:
+                         batch_size: int = 1024, eval_data=None, other_dataset: bool = False,
+                         **index_kwargs: Any) -> RetrievalPool:
     """A `RetrievalPool` from an activation cache of the pool images (CLS rows at the SAE's hook).
 
     CLIP embeddings come from the cache's `hook_image_embed` when it holds one, else from
     `model.head` on the final block's CLS. The model must be the one that made the cache (checked by
     weight fingerprint): pseudo-labels and retrieval embeddings are computed with it.
     """
-    cache = check_pool_cache(cache_dir, model, hook_name, sae, eval_data)
+    cache = check_pool_cache(cache_dir, model, hook_name, sae, eval_data, other_dataset)
     acts = cache.load(hook_name)
     final = model.steer_hook
     if "hook_image_embed" in cache.hook_names:
@@ -87,34 +89,6 @@ def load_pool_from_cache(cache_dir: str | Path, model, classifier, hook_name: st
     return build_retrieval_pool(classifier, clip, sae=sae, acts_PD=acts if sae is not None else None,
                                 labels_P=cache.labels, retrieval_embeds_PE=retrieval_embeds, backend=backend,
                                 batch_size=batch_size, **index_kwargs)
-
-
-def check_pool_cache(cache_dir: str | Path, model, hook_name: str, sae=None, eval_data=None):
-    """Open the pool cache and refuse one that cannot serve as VS2++'s pool: not one CLS row per image,
-    another hook or model (weight fingerprint), or the evaluation split itself (each query would
-    retrieve itself). Returns the opened `ActivationStore`."""
-    from ...activation_cache import ActivationStore, model_fingerprint
-
-    cache = ActivationStore.open(cache_dir)
-    if cache.positions != "cls":
-        raise UsageError(f"the pool cache {cache_dir} holds positions={cache.positions!r}; VS2++ needs one CLS row "
-                         "per image (cache with positions='cls')")
-    req = cache.metadata.get("request", {})
-    wanted = req.get("model_fingerprint")
-    if wanted and wanted != model_fingerprint(model):
-        raise UsageError(f"the pool cache {cache_dir} was made with other model weights than the model loaded "
-                         f"({cache.metadata.get('model_name')}/{cache.metadata.get('pretrained')}); pseudo-labels "
-                         "and embeddings would not match")
-    if hook_name not in cache.hook_names:
-        raise UnknownNameError(f"the pool cache {cache_dir} holds {cache.hook_names}, not the SAE's hook {hook_name!r}")
-    if sae is not None and cache.d_in(hook_name) != sae.cfg.d_in:
-        raise UsageError(f"the pool cache {cache_dir} has width {cache.d_in(hook_name)} at {hook_name!r}, the SAE's "
-                         f"d_in is {sae.cfg.d_in}")
-    if eval_data is not None and (req.get("dataset"), req.get("split")) == (eval_data.dataset_id, eval_data.split):
-        raise UsageError(f"the pool cache {cache_dir} was made from the evaluation split itself "
-                         f"({eval_data.dataset_id}/{eval_data.split}): each image would retrieve itself. Cache the "
-                         "training split for --pool-cache")
-    return cache
 
 
 def _check_pool_options(ctx: MethodContext) -> None:
@@ -137,7 +111,7 @@ def _check_pool_options(ctx: MethodContext) -> None:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise UsageError(f"n_neighbours must be a positive whole number, got {n!r}", arguments=("n_neighbours",))
     hook = ctx.hook_name or ctx.model.steer_hook
-    check_pool_cache(pool_dir, ctx.model, hook, ctx.sae, ctx.data)
+    check_pool_cache(pool_dir, ctx.model, hook, ctx.sae, ctx.data, bool(ctx.options.get("pool_other_dataset")))
     if ctx.options.get("retrieval_backbone") is not None:
         _retrieval_backbone(ctx)  # loads the backbone and checks its cache folder, before the backbone pass
 
@@ -206,7 +180,8 @@ def _pool(ctx: MethodContext, method: str, with_sae: bool) -> RetrievalPool:
             pool_dir, ctx.model, ctx.classifier,
             ctx.hook_name or ctx.model.steer_hook, sae=ctx.sae,
             retrieval_embeds=embeds,
-            backend=ctx.options.get("retrieval_backend") or "exact", eval_data=ctx.data)
+            backend=ctx.options.get("retrieval_backend") or "exact", eval_data=ctx.data,
+            other_dataset=bool(ctx.options.get("pool_other_dataset")))
         if ctx.options.get("retrieval_backbone") is not None:  # name the embedding in every output
             ctx.scratch["vs2pp_pool"] = dataclasses.replace(
                 ctx.scratch["vs2pp_pool"], retrieval_embedding=ctx.scratch["retrieval_features"]["retrieval_backbone"])

@@ -56,6 +56,7 @@ def create(model_name: str, pretrained: str | None, device: str | torch.device, 
     """`open_clip.create_model_and_transforms`, with QuickGELU forced when the pretrained tag needs it."""
     if tag_wants_quick_gelu(model_name, pretrained):
         kwargs.setdefault("force_quick_gelu", True)
+    kwargs.setdefault("weights_only", True)  # open_clip's default today; explicit, whatever the version
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, **kwargs
