@@ -85,7 +85,7 @@ def test_saved_sae_loads_with_sae_lens_alone(trained, cache):
         torch.testing.assert_close(sae(x), reconstruct(sae, x)[0], rtol=1e-5, atol=1e-5)
     meta = sae.cfg.metadata
     for key in VISION_METADATA_KEYS:
-        if key not in ("w_aux", "dataset_members"):  # PASS-only and union-only keys
+        if key not in ("w_aux", "dataset_members", "source"):  # PASS-only, union-only and imported-only keys
             assert key in meta, key
     assert (meta.hook_name, meta.model_name, meta.pretrained, meta.positions) == (HOOK, "ViT-B-32", None, "cls")
     assert (meta.dataset, meta.split, meta.objective) == ("tiny-imagenet", "train", "topk")
