@@ -1,9 +1,11 @@
-"""`vision-steer train`: train a top-k SAE on an activation cache with SAELens (resumable)."""
+"""`vision-steer train`: train an SAE (any SAELens training architecture) or a transcoder on an activation
+cache with SAELens (resumable)."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from ..core.errors import UsageError
 from .common import (
@@ -15,7 +17,7 @@ from .common import (
     positive_int,
 )
 
-HELP = "train a top-k SAE on cached activations"
+HELP = "train an SAE (top-k by default, any SAELens architecture) or a transcoder on cached activations"
 DESCRIPTION = (HELP + ". Paper settings (final block hook_resid_post, CLS): ViT-B-32 expansion 4, k 64; "
                "ViT-B-16 expansion 4, k 256; ViT-L-14 expansion 10, k 128, applied from the cache's model "
                "unless --k/--expansion/--preset say otherwise (as `vision-steer run` does). "
@@ -24,7 +26,17 @@ DESCRIPTION = (HELP + ". Paper settings (final block hook_resid_post, CLS): ViT-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", required=True, help="activation cache folder (from `vision-steer cache`)")
-    p.add_argument("--hook", default=None, help="hook to train on (default: the cache's first hook)")
+    p.add_argument("--hook", "--hook-in", dest="hook", default=None,
+                   help="hook to train on, a transcoder's input hook (default: the cache's first hook)")
+    p.add_argument("--hook-out", default=None,
+                   help="train a transcoder from --hook-in to this hook of the same cache (e.g. --hook-in "
+                        "blocks.3.ln2.hook_normalized --hook-out blocks.3.hook_mlp_out)")
+    p.add_argument("--architecture", default=None,
+                   help="SAELens training architecture: topk (default), batchtopk, matryoshka_batchtopk, jumprelu, "
+                        "standard, gated, ... (any name in SAELens' registry); transcoder (default with --hook-out)")
+    p.add_argument("--sae-cfg", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a field of the architecture's SAELens training config (repeatable; VALUE is JSON or "
+                        "a string), e.g. --sae-cfg l1_coefficient=5 --sae-cfg matryoshka_widths=[64,256]")
     p.add_argument("--preset", default=None, choices=["ViT-B-32", "ViT-B-16", "ViT-L-14"],
                    help="the paper's k and expansion for this backbone (default: the cache's model; "
                         "explicit --k/--expansion win)")
@@ -84,6 +96,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--objective pass needs one class space, but {args.cache} is a union of data sets "
                          f"({cache.metadata['dataset']}) whose labels are per data set; train topk on the union, "
                          "or PASS on one data set's cache")
+    architecture = args.architecture or ("transcoder" if args.hook_out else "topk")
+    if args.objective == "pass" and args.architecture not in (None, "topk"):
+        raise UsageError(f"--objective pass trains a top-k SAE; it cannot be combined with --architecture {args.architecture}")
+    extra = {} if args.objective == "pass" else {"architecture": architecture}
+    sae_cfg = parse_sae_cfg(args.sae_cfg)
+    if sae_cfg:
+        extra["sae_cfg_kwargs"] = sae_cfg
     k, expansion, source = sae_size(cache.metadata.get("model_name"), args.k, args.expansion, args.preset)
     if args.k is None or args.expansion is None:
         print(f"k={k}, expansion {expansion} ({source})")
@@ -93,11 +112,15 @@ def run(args: argparse.Namespace) -> int:
                 total_training_samples=args.samples, epochs=args.epochs, seed=args.seed, device=args.device,
                 log_to_wandb=args.wandb, out_dir=args.out, holdout_fraction=args.holdout_fraction,
                 n_checkpoints=args.n_checkpoints, resume=args.resume, overwrite=args.overwrite,
-                show_progress=not args.no_progress)
+                show_progress=not args.no_progress, hook_name_out=args.hook_out, **extra)
     m, meta = res.metrics, res.sae.cfg.metadata
-    print(f"SAE {res.out_dir}: {meta.get('hook_name')} of {meta.get('model_name')}"
-          f"{'/' + str(meta.get('pretrained')) if meta.get('pretrained') else ''}, "
-          f"d_in {res.sae.cfg.d_in}, d_sae {res.sae.cfg.d_sae}, k {k}, {m['n_training_samples']} samples"
+    print(f"SAE {res.out_dir}: {meta.get('hook_name')}"
+          + (f" -> {meta.get('hook_name_out')}" if meta.get("hook_name_out") else "")
+          + f" of {meta.get('model_name')}{'/' + str(meta.get('pretrained')) if meta.get('pretrained') else ''}"
+          + f", {res.sae.cfg.architecture()} (trained as {meta.get('objective')}), "
+          f"d_in {res.sae.cfg.d_in}, d_sae {res.sae.cfg.d_sae}"
+          + (f", k {k}" if getattr(res.sae.cfg, "k", None) is not None else "")
+          + f", {m['n_training_samples']} samples"
           + (f", objective pass (w_aux {meta.get('w_aux')})" if meta.get("objective") == "pass" else ""))
     fvu = m.get("heldout_fvu")
     print(f"held-out FVU {fvu:.4f}" if fvu is not None else "held-out FVU n/a (no held-out images)",
@@ -110,6 +133,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"loader {lps:.0f} samples/s" + (f" ({lps / sps:.1f}x the trainer)" if sps else "")
               + f", trainer waited {m.get('loader_wait_seconds', 0):.1f} s for data")
     return 0
+
+
+def parse_sae_cfg(items: list[str]) -> dict[str, Any]:
+    """`["l1_coefficient=5", "matryoshka_widths=[64,256]"]` -> `{"l1_coefficient": 5, ...}` (JSON, else a string)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--sae-cfg takes FIELD=VALUE, got {item!r}")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
 
 
 def _fmt(v: float | None) -> str:

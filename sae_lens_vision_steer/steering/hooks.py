@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from sae_lens import SAE
 
-from ..core.errors import UsageError
+from ..core.errors import UnsupportedError, UsageError
 from ..core.positions import POOLED_HOOKS, Positions, check_positions, position_index
 from ..sae.metadata import check_sae_fits_hook, check_sae_positions, sae_hook_name
 from ..sae.splice import HookedCLIP
@@ -26,9 +26,35 @@ HookFn = Callable[..., torch.Tensor]
 # decoder is not affine in the code and `decode(c) - b_dec` is not the code's contribution.
 _RUNTIME_NORMALISATIONS = ("layer_norm", "constant_norm_rescale")
 
+# SAELens architectures (inference names; the training names of BatchTopK variants, whose inference form is
+# JumpReLU) whose `decode(c)` is `lin(c) + b_dec` on the hook they read.
+AFFINE_DECODER_ARCHITECTURES = ("abstopk", "batchtopk", "gated", "jumprelu", "matryoshka_batchtopk", "standard",
+                                "topk")
+# Refused, with the reason.
+NON_AFFINE_ARCHITECTURES = {
+    "transcoder": "a transcoder's decoder writes another hook (hook_name_out), not the token it read",
+    "skip_transcoder": "a skip transcoder writes another hook and adds a linear skip term of its input",
+    "jumprelu_transcoder": "a transcoder's decoder writes another hook (hook_name_out), not the token it read",
+    "jumprelu_skip_transcoder": "a skip transcoder writes another hook and adds a linear skip term of its input",
+    "temporal": "a temporal SAE reconstructs from codes predicted from the other tokens, so its output is not "
+                "affine in the token's own code",
+    "matching_pursuit": "this matching-pursuit SAE adds no b_dec (apply_b_dec_to_input=False), so "
+                        "decode(c) - b_dec is not the code's contribution",
+}
+
 
 def check_affine_decoder(sae: SAE) -> None:
-    """VS2 and the reconstruction baselines use `decode(c) = lin(c) + b_dec`; refuse SAEs where that fails."""
+    """VS2 and the reconstruction baselines use `decode(c) = lin(c) + b_dec`; refuse SAEs where that fails:
+    architectures other than `AFFINE_DECODER_ARCHITECTURES` are refused by name (with the reason where known)."""
+    arch = sae.cfg.architecture()
+    if arch == "matching_pursuit" and sae.cfg.apply_b_dec_to_input:
+        pass  # decode(c) = c W_dec + b_dec
+    elif arch in NON_AFFINE_ARCHITECTURES:
+        raise UnsupportedError(f"steering refuses {arch!r} SAEs: {NON_AFFINE_ARCHITECTURES[arch]}")
+    elif arch not in AFFINE_DECODER_ARCHITECTURES:
+        raise UnsupportedError(f"steering does not know whether a {arch!r} SAE has an affine decoder "
+                               f"(decode(c) = c W_dec + b_dec on the hook it reads); it accepts "
+                               f"{list(AFFINE_DECODER_ARCHITECTURES)}")
     norm = getattr(sae.cfg, "normalize_activations", "none")
     if norm in _RUNTIME_NORMALISATIONS:
         raise UsageError(

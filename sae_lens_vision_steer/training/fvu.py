@@ -123,26 +123,31 @@ def fvu_distribution(
 @torch.no_grad()
 def evaluate_sae_on_cache(sae: SAE, cache: ActivationStore, hook: str, train_mask: np.ndarray,
                           heldout_mask: np.ndarray, batch_size: int = 4096,
-                          show_progress: bool = False) -> dict[str, Any]:
+                          show_progress: bool = False, target_hook: str | None = None) -> dict[str, Any]:
     """Held-out FVU (`1 - explained variance` = sum ||x - x_rec||^2 / sum ||x - mean_heldout||^2), held-out
-    mean L0, train FVU, and latent firing frequencies over the training rows (dead = never fires)."""
+    mean L0, train FVU, and latent firing frequencies over the training rows (dead = never fires).
+    `target_hook` (a transcoder): the SAE reads `hook` and is scored against the same rows of `target_hook`."""
     d_sae = sae.cfg.d_sae
     fires = torch.zeros(d_sae, dtype=torch.float64)
-    acc = {name: {"sse": 0.0, "sum": torch.zeros(cache.d_in(hook), dtype=torch.float64), "sumsq": 0.0, "n": 0, "l0": 0.0}
+    target = target_hook or hook
+    acc = {name: {"sse": 0.0, "sum": torch.zeros(cache.d_in(target), dtype=torch.float64), "sumsq": 0.0, "n": 0, "l0": 0.0}
            for name in ("train", "heldout")}
     dev = sae.W_dec.device
     for s, (first, count) in enumerate(tqdm(cache.shard_offsets, desc="Evaluating SAE", disable=not show_progress)):
-        acts = None
+        acts = ys = None
         for name, mask in (("train", train_mask), ("heldout", heldout_mask)):
             sel = mask[first:first + count]
             if not sel.any():
                 continue
             acts = cache.read_shard(s, hook)["acts"] if acts is None else acts
+            ys = (cache.read_shard(s, target)["acts"] if target != hook else acts) if ys is None else ys
             a = acc[name]
-            for x in acts[torch.from_numpy(sel)].split(batch_size):
+            sel_t = torch.from_numpy(sel)
+            for x, y in zip(acts[sel_t].split(batch_size), ys[sel_t].split(batch_size)):
                 x = x.to(dev, sae.W_dec.dtype)
                 codes = sae.encode(x)
                 recon = sae.decode(codes)
+                x = y.to(dev, sae.W_dec.dtype)  # what the decoder should reproduce
                 x64 = x.double()
                 a["sse"] += float((x - recon).double().pow(2).sum())
                 a["sum"] += x64.sum(0).cpu()

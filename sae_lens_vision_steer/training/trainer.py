@@ -36,13 +36,13 @@ import torch
 from sae_lens import SAE, SAETrainer
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.constants import SPARSITY_FILENAME
-from sae_lens.registry import get_sae_training_class
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from safetensors.torch import save_file
 
 from .._version import __version__
 from ..activation_cache import ActivationStore
-from ..core.errors import ConflictError, UsageError
+from ..core.errors import ConflictError, UnknownNameError, UsageError
 from ..core.fileio import (
     check_writable_dir,
     exclusive_writer,
@@ -60,6 +60,7 @@ from .batches import (  # noqa: F401
     rows_mask,
 )
 from .fvu import evaluate_sae_on_cache, fvu_distribution, per_sample_fvu_on_cache  # noqa: F401 (re-exported)
+from .transcoder import is_transcoder_config, paired_batches
 
 
 # ---------------------------------------------------------------------------------- presets
@@ -158,6 +159,8 @@ class TrainRunConfig:
     with_labels: bool
     device: str
     sae_cfg_kwargs: dict[str, Any] = field(default_factory=dict)
+    hook_name_out: str | None = None  # a transcoder's output hook
+    d_out: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,12 +248,27 @@ def _run_config_diff(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]
                                 "saved run")
 
 
+def check_architecture(name: str) -> None:
+    """Refuse a training architecture SAELens' registry does not know, with SAELens' list."""
+    if name not in SAE_TRAINING_CLASS_REGISTRY:
+        raise UnknownNameError(f"SAELens has no training architecture {name!r}; its registry holds "
+                               f"{sorted(SAE_TRAINING_CLASS_REGISTRY)}")
+
+
 def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingSAE:
+    check_architecture(cfg.architecture)
     sae_cls, cfg_cls = get_sae_training_class(cfg.architecture)
     valid = {f.name for f in dataclasses.fields(cfg_cls)}
+    transcoder = is_transcoder_config(cfg_cls)
+    if transcoder != (cfg.hook_name_out is not None):
+        raise UsageError(f"architecture {cfg.architecture!r} " + (
+            "is a transcoder: give its output hook (hook_name_out, --hook-out)" if transcoder else
+            "maps a hook onto itself; a transcoder (hook_name_out, --hook-out) needs architecture='transcoder'"))
+    d_sae = cfg.d_in * cfg.expansion_factor
     kwargs: dict[str, Any] = dict(
-        d_in=cfg.d_in, d_sae=cfg.d_in * cfg.expansion_factor, dtype="float32", device=cfg.device,
-        apply_b_dec_to_input=True,  # encode (x - b_dec): the paper's TopK(W_enc (x - b_pre))
+        d_in=cfg.d_in, d_sae=d_sae, dtype="float32", device=cfg.device,
+        # encode (x - b_dec): the paper's TopK(W_enc (x - b_pre)); a transcoder's b_dec is in the output space
+        apply_b_dec_to_input=not transcoder,
         normalize_activations="none",
         # SAELens' default is the 0.1 "heuristic" init; Gao et al. / sparsify use unit-norm decoder rows
         # with W_enc = W_dec^T. Explicit here so that a SAELens default change does not change our SAEs.
@@ -263,11 +281,19 @@ def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingS
         kwargs["aux_loss_coefficient"] = cfg.aux_loss_coefficient  # aux-k loss on dead latents: kept on
     if "rescale_acts_by_decoder_norm" in valid:
         kwargs["rescale_acts_by_decoder_norm"] = True  # top-k on unit-norm decoder rows (sparsify)
+    if "matryoshka_widths" in valid:  # SAELens has no default: nested prefixes of 1/4, 1/2 and all latents
+        kwargs["matryoshka_widths"] = sorted({w for w in (d_sae // 4, d_sae // 2, d_sae) if w > 0})
+    if transcoder:
+        kwargs["d_out"] = cfg.d_out
     unknown = set(cfg.sae_cfg_kwargs) - valid
     if unknown:
         raise UsageError(f"{cfg_cls.__name__} has no fields {sorted(unknown)}; valid fields: {sorted(valid)}")
     kwargs.update(cfg.sae_cfg_kwargs)
-    return sae_cls(cfg_cls(**kwargs))
+    try:
+        sae_cfg = cfg_cls(**kwargs)
+    except (ValueError, TypeError) as e:  # SAELens' own config checks: a bad setting, not a bug
+        raise UsageError(f"{cfg_cls.__name__} refused the settings: {e}") from e
+    return sae_cls(sae_cfg)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,6 +305,9 @@ class TrainConfig:
     - Learning rate: linear warm-up (default 5% of steps) then linear decay to 0 (as sparsify, which the
       paper used); `lr_decay_steps` defaults to all steps after the warm-up.
     - `holdout_fraction` of the images (chosen by `holdout_seed`) are left out for evaluation.
+    - `decoder_init_norm`: the norm of the initial decoder rows; `"auto"`: 1.0 (unit-norm rows, Gao et al.,
+      with `W_enc = W_dec^T` where SAELens ties them) for an SAE, 0.1 (SAELens' own default) for a
+      transcoder, whose input and output are different spaces.
     - `architecture` names a SAELens-registered training SAE class (`register_sae_training_class`) and
       `sae_cfg_kwargs` its extra config fields (e.g. `w_aux`); `with_labels=True` makes the data provider
       yield `(acts, labels)`, for a `trainer_cls` that uses them.
@@ -299,7 +328,7 @@ class TrainConfig:
     holdout_fraction: float = 0.1
     holdout_seed: int = 0
     dead_feature_window: int = DEFAULT_DEAD_FEATURE_WINDOW
-    decoder_init_norm: float | None = 1.0
+    decoder_init_norm: float | str | None = "auto"
     aux_loss_coefficient: float = 1.0
     buffer_size: int | None = None
     n_checkpoints: int = 10
@@ -309,6 +338,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.total_training_samples is not None and self.epochs is not None:
             raise UsageError("give total_training_samples or epochs, not both")
+        check_architecture(self.architecture)
+        d = self.decoder_init_norm
+        if not (d is None or d == "auto" or (isinstance(d, (int, float)) and not isinstance(d, bool)
+                                            and math.isfinite(d) and d > 0)):
+            raise UsageError(f"decoder_init_norm must be a positive number, None or 'auto', got {d!r}")
         check_training_args(**self.checked())
 
     def checked(self) -> dict[str, Any]:
@@ -324,6 +358,7 @@ def train_sae(
     config: TrainConfig | None = None,
     *,
     out_dir: str | Path = "sae",
+    hook_name_out: str | None = None,
     trainer_cls: type[SAETrainer] = SAETrainer,
     resume: bool = False,
     overwrite: bool = False,
@@ -336,6 +371,8 @@ def train_sae(
     `config` says what to train (`TrainConfig`); `**fields` are `TrainConfig` fields, given instead of or on
     top of `config` (`train_sae(store, hook, k=16, epochs=2)`). `hook_name`: default the store's first hook.
     `b_dec` starts at the mean of the training activations (SAELens starts it at zero).
+    `hook_name_out` (with `architecture="transcoder"`): train a transcoder from `hook_name` to this hook of
+    the same store (same rows); its `b_dec` starts at the output hook's mean.
     `resume=True`: continue from the newest checkpoint in `out_dir/checkpoints`, or return the finished SAE
     if the run already ended (the request must match the saved run). Without `resume`, a folder holding a
     run is refused unless `overwrite=True`. Saved to `out_dir` (`cfg.json`, `sae_weights.safetensors`,
@@ -350,8 +387,13 @@ def train_sae(
     if c.with_labels and trainer_cls is SAETrainer:
         raise UsageError("SAETrainer trains on activation tensors; with_labels=True needs a trainer_cls that "
                          "takes (acts, labels) batches")
+    if hook_name_out is not None and c.with_labels:
+        raise UsageError("a transcoder trains on (input, output) activation pairs; with_labels=True is not supported")
     cache = open_store(cache_dir)
     hook = cache.resolve_hook(hook_name)
+    hook_out = cache.resolve_hook(hook_name_out) if hook_name_out is not None else None
+    if hook_out == hook:
+        raise UsageError(f"a transcoder's output hook must differ from its input hook ({hook!r})")
     check_training_args(**c.checked(), d_in=cache.d_in(hook))
     train_rows, held_rows = holdout_split(cache, c.holdout_fraction, c.holdout_seed)
     if c.holdout_fraction > 0 and len(held_rows) < 2:
@@ -378,9 +420,11 @@ def train_sae(
         d_in=cache.d_in(hook), lr=c.lr, lr_warm_up_steps=warm, lr_decay_steps=decay, batch_size=c.batch_size,
         total_training_samples=total_training_samples, seed=c.seed, holdout_fraction=c.holdout_fraction,
         holdout_seed=c.holdout_seed, dead_feature_window=c.dead_feature_window,
-        decoder_init_norm=c.decoder_init_norm, aux_loss_coefficient=c.aux_loss_coefficient,
+        decoder_init_norm=(0.1 if hook_out else 1.0) if c.decoder_init_norm == "auto" else c.decoder_init_norm,
+        aux_loss_coefficient=c.aux_loss_coefficient,
         buffer_size=c.buffer_size, with_labels=c.with_labels, device=c.device,
         sae_cfg_kwargs=dict(c.sae_cfg_kwargs or {}),
+        hook_name_out=hook_out, d_out=cache.d_in(hook_out) if hook_out is not None else None,
     )
     run = RunControl(resume=resume, overwrite=overwrite, log_to_wandb=c.log_to_wandb, trainer_cls=trainer_cls,
                      show_progress=show_progress, t_start=t_start, n_checkpoints=c.n_checkpoints)
@@ -433,8 +477,10 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
 
     train_mask = rows_mask(cache, train_rows)
     heldout_mask = rows_mask(cache, held_rows)
-    train_mean = mean_of_rows(cache, hook, train_mask)
+    train_mean = mean_of_rows(cache, cfg.hook_name_out or hook, train_mask)  # of what the decoder writes
     metadata = SAEMetadata(**training_metadata(req, hook, architecture, train_mean.tolist()))
+    if cfg.hook_name_out is not None:
+        metadata.hook_name_out = cfg.hook_name_out
     if "w_aux" in cfg.sae_cfg_kwargs:
         metadata.w_aux = cfg.sae_cfg_kwargs["w_aux"]
 
@@ -456,9 +502,14 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
     if resume_from is not None:
         skip = json.loads((resume_from / CHECKPOINT_DONE).read_text())["n_training_samples"] // batch_size
     loader_stats = LoaderStats()  # the stream is produced in a DataLoader worker, LOADER_PREFETCH batches ahead
-    batches = activation_batches(cache, hook, batch_size, rows=train_mask, seed=seed, buffer_size=buffer_size,
-                                 with_labels=with_labels, skip_batches=skip, prefetch=LOADER_PREFETCH,
+    if cfg.hook_name_out is not None:  # a transcoder: input and output rows side by side
+        batches = paired_batches(cache, hook, cfg.hook_name_out, batch_size, rows=train_mask, seed=seed,
+                                 buffer_size=buffer_size, skip_batches=skip, prefetch=LOADER_PREFETCH,
                                  stats=loader_stats)
+    else:
+        batches = activation_batches(cache, hook, batch_size, rows=train_mask, seed=seed, buffer_size=buffer_size,
+                                     with_labels=with_labels, skip_batches=skip, prefetch=LOADER_PREFETCH,
+                                     stats=loader_stats)
     provider = _CheckpointingProvider(batches)
     trainer_ref: list[SAETrainer] = []
     trainer = trainer_cls(cfg=trainer_cfg, sae=sae, data_provider=provider,
@@ -490,7 +541,7 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
     shutil.rmtree(tmp, ignore_errors=True)
     sae.save_inference_model(tmp)
     metrics = evaluate_sae_on_cache(SAE.load_from_disk(tmp, device=device), cache, hook, train_mask, heldout_mask,
-                                    show_progress=show_progress)
+                                    show_progress=show_progress, target_hook=cfg.hook_name_out)
     sparsity = metrics.pop("log_feature_sparsity")
     sae.cfg.metadata.n_training_samples = total_training_samples
     sae.cfg.metadata.heldout_fvu = metrics["heldout_fvu"]
