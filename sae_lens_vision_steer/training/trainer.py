@@ -289,11 +289,10 @@ def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingS
     if unknown:
         raise UsageError(f"{cfg_cls.__name__} has no fields {sorted(unknown)}; valid fields: {sorted(valid)}")
     kwargs.update(cfg.sae_cfg_kwargs)
-    try:
-        sae_cfg = cfg_cls(**kwargs)
-    except (ValueError, TypeError) as e:  # SAELens' own config checks: a bad setting, not a bug
-        raise UsageError(f"{cfg_cls.__name__} refused the settings: {e}") from e
-    return sae_cls(sae_cfg)
+    try:  # SAELens checks its settings in the config and in the SAE's constructor: a bad setting, not a bug
+        return sae_cls(cfg_cls(**kwargs))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"SAELens' {cfg.architecture!r} architecture refused the settings: {e}") from e
 
 
 @dataclass(frozen=True, kw_only=True)
