@@ -1,6 +1,6 @@
 """`vision-steer` command line. Each subcommand lives in its own module of this package and defines
 `HELP`, `add_arguments(parser)` and `run(args)` (and optionally `interrupted(args)`: what a Ctrl-C
-left saved); modules are found automatically. User errors end in one line and a distinct exit code
+left saved); modules are found automatically (module `sae_eval` is command `sae-eval`). User errors end in one line and a distinct exit code
 (see `common.EXIT_CODES`); set VISION_STEER_DEBUG=1 for the traceback."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from ..core.errors import UsageError
 
 # Listed first, in this order, in `--help`; any other subcommand module follows alphabetically.
-ORDER = ["run", "zeroshot", "cache", "train", "eval", "sweep", "reproduce", "features", "publish"]
+ORDER = ["run", "zeroshot", "cache", "train", "eval", "sae_eval", "sweep", "reproduce", "features", "publish"]
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _subcommands():
         mod = importlib.import_module(f"{__name__}.{name}")
-        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+        p = sub.add_parser(name.replace("_", "-"), help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=_HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run, _interrupted=getattr(mod, "interrupted", None),
