@@ -176,6 +176,25 @@ def _local_dir_note(model_name: Any, fingerprint: Any) -> list[str]:
             + (f", fingerprint {_py(str(fingerprint))[1:-1]}" if fingerprint else "") + ")"]
 
 
+def sae_eval_table(records: Mapping[str, Any]) -> str:
+    """The figures `vision-steer sae-eval` recorded in the SAE's metadata (`sae_eval`, one row per data set)."""
+    rows = []
+    for key, r in records.items():
+        kl = r.get("kl_recovered")
+        rows.append(f"| {_cell(key)} | {_fmt(r.get('n_images'))} | {_fmt(r.get('fvu'), '{:.4f}')} | "
+                    f"{_fmt(r.get('explained_variance'), '{:.4f}')} | {_fmt(r.get('l0'), '{:.2f}')} | "
+                    f"{_fmt(r.get('dead_fraction'), '{:.4f}')} | {_fmt(r.get('top1_clean'), '{:.2f}')} | "
+                    f"{_fmt(r.get('delta_top1'), '{:+.2f}')} | {'—' if kl is None else f'{kl:.4f}'} "
+                    f"({_cell(r.get('baseline'))}-ablation) |")
+    return "\n".join([
+        "### SAE yardstick (`vision-steer sae-eval`)", "",
+        "Mean-centred FVU and explained variance, L0 and dead fraction over the images; top-1 of plain zero-shot "
+        "CLIP and its change with the reconstruction spliced in (error term off); fraction of the zero-shot KL "
+        "recovered against the named ablation (SAELens' `kl_div_score`, on CLIP's scaled logits).", "",
+        "| Data | Images | FVU | Explained var. | L0 | Dead | Zero-shot top-1 | Δ top-1 | KL recovered |",
+        "|---|---|---|---|---|---|---|---|---|", *rows])
+
+
 def sae_card_section(
     repo_id: str,
     sae_id: str,
@@ -244,6 +263,8 @@ def sae_card_section(
         *(f"| {_cell(k)} | {_cell(v)} |" for k, v in facts),
         "",
     ]
+    if metadata.get("sae_eval"):
+        lines += [sae_eval_table(metadata["sae_eval"]), ""]
     if eval_results is not None:
         settings = _eval_settings(eval_results)
         lines += [

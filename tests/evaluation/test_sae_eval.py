@@ -15,6 +15,7 @@ from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.core.errors import UsageError
 from sae_lens_vision_steer.data import load_image_dataset
 from sae_lens_vision_steer.evaluation.sae_eval import evaluate_saes, record_in_sae_folder
+from sae_lens_vision_steer.hub.model_card import sae_card_section
 from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
 LN2, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
@@ -133,6 +134,9 @@ def test_record_in_sae_folder_is_read_by_plain_sae_lens(tiny_clip, data, classif
         f"/{data.split}")
     assert rec[key]["fvu"] == pytest.approx(res.rows[0].fvu) and rec[key]["baseline"] == "zero"
     assert "/" not in key.split(":", 1)[-1].rsplit("/", 1)[0]  # no local path
+    card = sae_card_section("me/saes", "cls", {"d_in": 64, "d_sae": 256, "k": 8, "architecture": "topk"},
+                            loaded.cfg.metadata.to_dict())
+    assert "SAE yardstick" in card and f"{res.rows[0].fvu:.4f}" in card and "zero-ablation" in card
     written = res.save(tmp_path / "out")
     assert json.loads(written["json"].read_text())["rows"][0]["l0"] == pytest.approx(res.rows[0].l0)
     assert written["plot"].stat().st_size > 0 and "KL recovered" in written["markdown"].read_text()
