@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     p.add_argument("--baseline", default="zero", choices=["zero", "mean"],
                    help="ablation the KL recovered is measured against: zeros, or the mean over the images")
+    p.add_argument("--visaebench", default=None, metavar="NAMES",
+                   help="also run these ViSAEBench metrics on each SAE's activations (comma-separated: fvu, "
+                        "downstream_preservation, sparse_probing; needs `pip install visaebench`)")
     p.add_argument("--templates", default=None, help="template set (default: the data set's CLIP set)")
     add_text_cache_args(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/sae_eval_<dataset>_<split>)")
@@ -43,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 REQUEST_KEYS = ("sae", "model", "pretrained", "random_weights", "model_kwargs", "seed", "dataset", "data_dir", "split",
-                "limit", "skip_bad_images", "baseline", "templates")
+                "limit", "skip_bad_images", "baseline", "templates", "visaebench")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,11 +67,16 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(args, model)
     res = evaluate_saes(model, data, saes, labels=paths if len(paths) > 1 else None, baseline=args.baseline,
                         templates=args.templates, batch_size=args.batch_size, num_workers=args.num_workers,
-                        show_progress=not args.no_progress, text_cache=resolve_text_cache(args))
+                        show_progress=not args.no_progress, text_cache=resolve_text_cache(args),
+                        visaebench=split_list(args.visaebench))
     c = res.config
     print(f"{c['dataset']}/{c['split']}: {c['n_images']} images, zero-shot top-1 {c['top1_clean']:.2f}%, "
           f"KL recovered against {c['baseline']}-ablation")
     print(res.table())
+    for row in res.rows:
+        for name, m in (row.visaebench or {}).items():
+            print(f"ViSAEBench {name} ({row.label}): {m['value']:.4f} "
+                  f"({'higher' if m['higher_is_better'] else 'lower'} is better)")
     written = res.save(folder.path, plot=not args.no_plots)
     for p in written.values():
         folder.add(p)

@@ -75,9 +75,11 @@ class SAEEvalRow:
     kl_reconstruction: float
     kl_ablation: float
     kl_recovered: float | None
+    visaebench: dict[str, Any] | None = None  # ViSAEBench's own metrics, when asked for
 
     def metrics(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (*METRICS, "top1_ablation", "baseline", "n_images", "n_tokens")}
+        return {k: getattr(self, k) for k in (*METRICS, "top1_ablation", "baseline", "n_images", "n_tokens")} | (
+            {"visaebench": {n: v["value"] for n, v in self.visaebench.items()}} if self.visaebench else {})
 
 
 @dataclass
@@ -166,8 +168,9 @@ def _select(act: torch.Tensor, idx: Any) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_one(model: HookedCLIP, data: ImageDataset, sae: SAE, classifier: ZeroShotClassifier, *,
                  baseline: str = "zero", label: str | None = None, batch_size: int = 64, num_workers: int = 2,
-                 show_progress: bool = True) -> SAEEvalRow:
-    """The yardstick for one SAE (see the module docstring)."""
+                 show_progress: bool = True, collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> SAEEvalRow:
+    """The yardstick for one SAE (see the module docstring). `collect`: a list that receives the SAE's input
+    tokens `[B, P, D]` (CPU) and the labels, batch by batch, for metrics that need the activations."""
     if baseline not in BASELINES:
         raise UsageError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
     hook_in = sae_hook_name(sae)
@@ -202,6 +205,8 @@ def evaluate_one(model: HookedCLIP, data: ImageDataset, sae: SAE, classifier: Ze
         images = batch.images.to(model.device)
         embeds, cache = model.run_with_cache(images, names_filter=list(dict.fromkeys([hook_in, hook_out])))
         x_in, target = _select(cache[hook_in], idx), _select(cache[hook_out], idx)
+        if collect is not None:
+            collect.append(((x_in if x_in.ndim == 3 else x_in[:, None]).float().cpu(), batch.labels.cpu()))
         codes = sae.encode(x_in.to(dev, dtype))
         rec = sae.decode(codes)
         d_out = target.shape[-1]
@@ -251,8 +256,11 @@ def evaluate_saes(model: HookedCLIP, data: ImageDataset, saes: SAE | Sequence[SA
                   labels: Sequence[str] | None = None, baseline: str = "zero",
                   templates: str | Sequence[str] | None = None, classifier: ZeroShotClassifier | None = None,
                   batch_size: int = 64, num_workers: int = 2, show_progress: bool = True,
-                  text_cache: str | Path | None = None) -> SAEEvalResult:
-    """The yardstick for each SAE on the same images (one row per SAE, i.e. per hook)."""
+                  text_cache: str | Path | None = None, visaebench: Sequence[str] = ()) -> SAEEvalResult:
+    """The yardstick for each SAE on the same images (one row per SAE, i.e. per hook). `visaebench`: names
+    of ViSAEBench metrics to run too on each SAE's activations (`evaluation/visaebench.py`)."""
+    from .visaebench import check_visaebench_names, visaebench_metrics
+
     from ..data.ood import dataset_templates
     from ..data.resources import DEFAULT_TEMPLATES
 
@@ -261,6 +269,7 @@ def evaluate_saes(model: HookedCLIP, data: ImageDataset, saes: SAE | Sequence[SA
         raise UsageError("need at least one SAE")
     if baseline not in BASELINES:
         raise UsageError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+    vsb = check_visaebench_names(visaebench)
     names = list(labels) if labels is not None else [sae_hook_name(s) for s in sae_list]
     if len(names) != len(sae_list):
         raise UsageError(f"{len(sae_list)} SAEs but {len(names)} labels")
@@ -269,8 +278,16 @@ def evaluate_saes(model: HookedCLIP, data: ImageDataset, saes: SAE | Sequence[SA
         templates = templates or dataset_templates(data, DEFAULT_TEMPLATES.get(data.dataset_id, "single"))
         classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show_progress,
                                         text_cache=text_cache)
-    rows = [evaluate_one(model, data, s, classifier, baseline=baseline, label=n, batch_size=batch_size,
-                         num_workers=num_workers, show_progress=show_progress) for s, n in zip(sae_list, names)]
+    rows = []
+    for sae, name in zip(sae_list, names):
+        acts: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if vsb else None
+        row = evaluate_one(model, data, sae, classifier, baseline=baseline, label=name, batch_size=batch_size,
+                           num_workers=num_workers, show_progress=show_progress, collect=acts)
+        if vsb:
+            x = torch.cat([a for a, _ in acts])
+            y = torch.cat([lab for _, lab in acts]).numpy()
+            row.visaebench = visaebench_metrics(sae, x, y, vsb, device=str(sae.W_dec.device))
+        rows.append(row)
     identity = model_identity(model)
     config = {"model": identity.pop("model_name"), **identity, "dataset": data.dataset_id, "split": data.split,
               "n_images": rows[0].n_images, "baseline": baseline, "top1_clean": rows[0].top1_clean,

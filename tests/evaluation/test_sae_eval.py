@@ -155,3 +155,32 @@ def test_cli_sae_eval(tiny_clip, image_dir, tmp_path, capsys):
     assert saved["config"]["baseline"] == "mean" and saved["rows"][0]["n_images"] == 12
     meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
     assert list(meta["sae_eval"].values())[0]["fvu"] == pytest.approx(saved["rows"][0]["fvu"])
+
+
+def test_visaebench_metrics_needing_other_data_are_refused_by_name(tiny_clip, data, classifier):
+    with pytest.raises(UsageError, match="segmentation masks"):
+        evaluate_saes(tiny_clip, data, cls_sae(), classifier=classifier, visaebench=["localization"], num_workers=0)
+    with pytest.raises(UsageError, match="'fvu'"):
+        evaluate_saes(tiny_clip, data, cls_sae(), classifier=classifier, visaebench=["nope"], num_workers=0)
+
+
+def test_visaebench_own_metrics_on_our_activations(tiny_clip, data, classifier):
+    """ViSAEBench's code itself (optional dependency: skipped when it is not installed)."""
+    pytest.importorskip("visaebench")
+    sae = cls_sae()
+    row = evaluate_saes(tiny_clip, data, sae, classifier=classifier, num_workers=0, show_progress=False,
+                        visaebench=["fvu", "sparse_probing"]).rows[0]
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        _, cache = tiny_clip.run_with_cache(images, names_filter=[FINAL])
+        x = cache[FINAL][:, 0].double()
+        res = x - sae(x.float()).double()
+    # ViSAEBench 0.1.0's FVU, as its code computes it: (E||r||^2 - (E sum_d r_d)^2) / (E||x||^2 - (E sum_d x_d)^2)
+    # over tokens (the squared *sum over dimensions* of the mean, not ||E x||^2 as in SAELens' formula).
+    def v(t):
+        return t.pow(2).sum(-1).mean() - t.sum(-1).mean() ** 2
+
+    expected = float(v(res) / v(x))
+    assert row.visaebench["fvu"]["value"] == pytest.approx(expected, rel=1e-4)
+    assert row.visaebench["fvu"]["metadata"]["l0"] == pytest.approx(row.l0)
+    assert 0.0 <= row.visaebench["sparse_probing"]["value"] <= 1.0
