@@ -24,6 +24,10 @@ DESCRIPTION = (HELP + ". Paper settings (final block hook_resid_post, CLS): ViT-
                "With --resume an interrupted run continues from its last checkpoint (Ctrl-C saves one).")
 
 
+# The library arguments whose flags differ here (see common.ARGUMENT_FLAGS).
+ARGUMENT_FLAGS = {"hook_name_out": "--hook-out", "sae_cfg_kwargs": "--sae-cfg", "decoder_init_norm": None}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", required=True, help="activation cache folder (from `vision-steer cache`)")
     p.add_argument("--hook", "--hook-in", dest="hook", default=None,

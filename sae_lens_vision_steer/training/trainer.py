@@ -251,8 +251,8 @@ def _run_config_diff(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]
 def check_architecture(name: str) -> None:
     """Refuse a training architecture SAELens' registry does not know, with SAELens' list."""
     if name not in SAE_TRAINING_CLASS_REGISTRY:
-        raise UnknownNameError(f"SAELens has no training architecture {name!r}; its registry holds "
-                               f"{sorted(SAE_TRAINING_CLASS_REGISTRY)}")
+        raise UnknownNameError(f"SAELens has no training architecture={name!r}; its registry holds "
+                               f"{sorted(SAE_TRAINING_CLASS_REGISTRY)}", arguments=("architecture",))
 
 
 def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingSAE:
@@ -262,8 +262,9 @@ def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingS
     transcoder = is_transcoder_config(cfg_cls)
     if transcoder != (cfg.hook_name_out is not None):
         raise UsageError(f"architecture {cfg.architecture!r} " + (
-            "is a transcoder: give its output hook (hook_name_out, --hook-out)" if transcoder else
-            "maps a hook onto itself; a transcoder (hook_name_out, --hook-out) needs architecture='transcoder'"))
+            "is a transcoder: give its output hook, hook_name_out" if transcoder else
+            "maps a hook onto itself; a transcoder (an output hook, hook_name_out) needs architecture='transcoder'"),
+            arguments=("hook_name_out", "architecture"))
     d_sae = cfg.d_in * cfg.expansion_factor
     kwargs: dict[str, Any] = dict(
         d_in=cfg.d_in, d_sae=d_sae, dtype="float32", device=cfg.device,
@@ -287,12 +288,14 @@ def _build_training_sae(cfg: TrainRunConfig, metadata: SAEMetadata) -> TrainingS
         kwargs["d_out"] = cfg.d_out
     unknown = set(cfg.sae_cfg_kwargs) - valid
     if unknown:
-        raise UsageError(f"{cfg_cls.__name__} has no fields {sorted(unknown)}; valid fields: {sorted(valid)}")
+        raise UsageError(f"{cfg_cls.__name__} has no fields {sorted(unknown)} (sae_cfg_kwargs); valid fields: "
+                         f"{sorted(valid)}", arguments=("sae_cfg_kwargs",))
     kwargs.update(cfg.sae_cfg_kwargs)
     try:  # SAELens checks its settings in the config and in the SAE's constructor: a bad setting, not a bug
         return sae_cls(cfg_cls(**kwargs))
     except (ValueError, TypeError) as e:
-        raise UsageError(f"SAELens' {cfg.architecture!r} architecture refused the settings: {e}") from e
+        raise UsageError(f"SAELens' {cfg.architecture!r} architecture refused the settings (sae_cfg_kwargs): {e}",
+                         arguments=("sae_cfg_kwargs",)) from e
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,7 +344,8 @@ class TrainConfig:
         d = self.decoder_init_norm
         if not (d is None or d == "auto" or (isinstance(d, (int, float)) and not isinstance(d, bool)
                                             and math.isfinite(d) and d > 0)):
-            raise UsageError(f"decoder_init_norm must be a positive number, None or 'auto', got {d!r}")
+            raise UsageError(f"decoder_init_norm must be a positive number, None or 'auto', got {d!r}",
+                             arguments=("decoder_init_norm",))
         check_training_args(**self.checked())
 
     def checked(self) -> dict[str, Any]:
@@ -387,12 +391,19 @@ def train_sae(
         raise UsageError("SAETrainer trains on activation tensors; with_labels=True needs a trainer_cls that "
                          "takes (acts, labels) batches")
     if hook_name_out is not None and c.with_labels:
-        raise UsageError("a transcoder trains on (input, output) activation pairs; with_labels=True is not supported")
+        raise UsageError("a transcoder (hook_name_out) trains on (input, output) activation pairs; with_labels=True "
+                         "is not supported", arguments=("hook_name_out",))
     cache = open_store(cache_dir)
     hook = cache.resolve_hook(hook_name)
-    hook_out = cache.resolve_hook(hook_name_out) if hook_name_out is not None else None
+    hook_out = None
+    if hook_name_out is not None:
+        if hook_name_out not in cache.hook_names:
+            raise UnknownNameError(f"the transcoder's output hook, hook_name_out={hook_name_out!r}, is not in the "
+                                   f"cache at {cache.root}; it holds {cache.hook_names}", arguments=("hook_name_out",))
+        hook_out = hook_name_out
     if hook_out == hook:
-        raise UsageError(f"a transcoder's output hook must differ from its input hook ({hook!r})")
+        raise UsageError(f"a transcoder's output hook, hook_name_out, must differ from its input hook ({hook!r})",
+                         arguments=("hook_name_out",))
     check_training_args(**c.checked(), d_in=cache.d_in(hook))
     train_rows, held_rows = holdout_split(cache, c.holdout_fraction, c.holdout_seed)
     if c.holdout_fraction > 0 and len(held_rows) < 2:

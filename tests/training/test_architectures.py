@@ -157,3 +157,11 @@ def test_steering_refuses_non_affine_architectures_by_name():
     with pytest.raises(UnsupportedError, match="'matching_pursuit'"):
         check_affine_decoder(make("matching_pursuit", apply_b_dec_to_input=False))
     check_affine_decoder(make("matching_pursuit", apply_b_dec_to_input=True))  # decode = c W_dec + b_dec
+
+
+def test_cli_missing_output_hook_names_the_flag(store, tmp_path, capsys):
+    rc = main(["train", "--cache", str(store.root), "--hook-in", LN2, "--hook-out", "blocks.1.hook_attn_out",
+               "--out", str(tmp_path / "x")])
+    assert rc == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "blocks.1.hook_attn_out" in err and "(--hook-out)" in err and MLP_OUT in err
