@@ -23,7 +23,8 @@ complete cache verifies every file's sha256; `repair=True` recomputes only the d
 sums stored in the shards, so a resumed run's metadata equals an uninterrupted run's.
 
 Modules: `format` (constants, errors, fingerprints, the identifying request), `writer`
-(`cache_activations`), `reader` (`ActivationStore`), `union` (the member data sets of a union's store).
+(`cache_activations`), `reader` (`ActivationStore`), `memmap` (`ShardMaps`: one hook's shards
+memory-mapped for the training loader, checked once), `union` (the member data sets of a union's store).
 """
 
 from .format import (
@@ -47,13 +48,14 @@ from .format import (
     rows_per_image,
     select_positions,
 )
+from .memmap import ShardMaps
 from .reader import ActivationStore
 from .writer import cache_activations, damaged_files
 
 __all__ = [
     "CACHE_DTYPES", "DEFAULT_SHARD_SIZE", "FORMAT_VERSION", "HEAD_HOOKS", "IDENTITY_FIELDS", "METADATA_FILE",
     "POSITIONS", "SHARD_PATTERN", "ActivationStore", "CacheError", "CacheMismatchError", "CorruptCacheError",
-    "NonFiniteActivationsError", "Positions", "cache_activations", "damaged_files", "dataset_fingerprint",
+    "NonFiniteActivationsError", "Positions", "ShardMaps", "cache_activations", "damaged_files", "dataset_fingerprint",
     "describe_mismatch", "model_fingerprint", "read_metadata", "rows_per_image", "select_positions",
 ]
 

@@ -5,8 +5,9 @@ Keys (all optional for SAEs trained elsewhere): `hook_name`, `model_name`, `pret
 `model_fingerprint`, `positions`, `dataset` (a portable id), `dataset_path`, `split`,
 `dataset_members` (a union's data sets: id, path, split, image count; `union.py`),
 `n_training_samples`, `activation_mean` (list of `d_in` floats), `heldout_fvu`, `mean_l0`,
-`dead_fraction`, `objective` (`topk` or `pass`), `w_aux`, `source` (an imported SAE's origin: format, library,
-file; `formats/`).
+`dead_fraction`, `evaluation` (how many training and held-out rows of how many those three figures come
+from), `objective` (`topk` or `pass`), `w_aux`, `source` (an imported SAE's origin: format, library, file;
+`formats/`).
 
 SAELens' own metadata fields are filled where they mean something for images: `model_class_name`
 (`HookedCLIP`), `model_from_pretrained_kwargs` (= `model_kwargs`), `dataset_path`, `context_size`
@@ -33,7 +34,7 @@ VISION_METADATA_KEYS = (
     "hook_name", "model_name", "pretrained", "act_fn", "model_fingerprint", "model_kwargs", "model_config", "positions",
     "dataset",
     "dataset_path", "split", "dataset_members", "n_training_samples", "activation_mean", "heldout_fvu", "mean_l0", "dead_fraction",
-    "objective", "w_aux", "source",
+    "evaluation", "objective", "w_aux", "source",
 )
 # The cache request's model fields copied into the SAE metadata (see identity.model_identity).
 MODEL_FIELDS = ("model_name", "pretrained", "act_fn", "model_kwargs", "model_config", "model_fingerprint", "model_dir")

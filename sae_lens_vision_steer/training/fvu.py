@@ -2,7 +2,8 @@
 
 - `per_sample_fvu_on_cache` / `fvu_distribution`: per-row FVU `||x - sae(x)||^2 / ||x - mu||^2` and
   its quantiles (thresholds for VS2's gate);
-- `evaluate_sae_on_cache`: held-out FVU, L0 and dead latents of a trained SAE.
+- `evaluate_sae_on_cache`: held-out FVU, L0 and dead latents of a trained SAE (on all rows, or a bounded
+  sample of them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from ..activation_cache import ActivationStore
+from ..activation_cache import ActivationStore, ShardMaps
 from ..core.errors import UsageError
 from ..sae.metadata import activation_mean, check_sae_positions, sae_hook_name
 from .batches import open_store, rows_mask
@@ -120,31 +121,46 @@ def fvu_distribution(
     }
 
 
+def sample_rows(mask: np.ndarray, max_rows: int | None, seed: int) -> np.ndarray:
+    """The selected rows, ascending; at most `max_rows` of them, drawn without replacement by `seed`."""
+    rows = np.flatnonzero(mask)
+    if max_rows is not None and len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_rows, replace=False))
+    return rows
+
+
 @torch.no_grad()
-def evaluate_sae_on_cache(sae: SAE, cache: ActivationStore, hook: str, train_mask: np.ndarray,
-                          heldout_mask: np.ndarray, batch_size: int = 4096,
-                          show_progress: bool = False, target_hook: str | None = None) -> dict[str, Any]:
+def evaluate_sae_on_cache(sae: SAE, cache: ActivationStore | ShardMaps, hook: str, train_mask: np.ndarray,
+                          heldout_mask: np.ndarray, batch_size: int = 4096, show_progress: bool = False,
+                          max_rows: int | None = None, seed: int = 0, target_hook: str | None = None) -> dict[str, Any]:
     """Held-out FVU (`1 - explained variance` = sum ||x - x_rec||^2 / sum ||x - mean_heldout||^2), held-out
     mean L0, train FVU, and latent firing frequencies over the training rows (dead = never fires).
-    `target_hook` (a transcoder): the SAE reads `hook` and is scored against the same rows of `target_hook`."""
+    `target_hook` (a transcoder): the SAE reads `hook` and is scored against the same rows of `target_hook`.
+
+    `max_rows`: evaluate at most that many training rows and that many held-out rows, drawn by `seed`
+    (`train_sae` uses 50,000: the closing evaluation then costs the same whatever the store's size); the
+    `evaluation` entry of the result says how many rows of how many each figure comes from. `cache` may be
+    the hook's `ShardMaps` (already checked); rows are gathered from the memory-mapped shards.
+    """
+    maps = cache if isinstance(cache, ShardMaps) else ShardMaps(cache, hook)
+    target = target_hook or hook
+    out_maps = maps if target == maps.hook else ShardMaps(maps.cache, target)
     d_sae = sae.cfg.d_sae
     fires = torch.zeros(d_sae, dtype=torch.float64)
-    target = target_hook or hook
-    acc = {name: {"sse": 0.0, "sum": torch.zeros(cache.d_in(target), dtype=torch.float64), "sumsq": 0.0, "n": 0, "l0": 0.0}
+    acc = {name: {"sse": 0.0, "sum": torch.zeros(out_maps.d_in, dtype=torch.float64), "sumsq": 0.0, "n": 0, "l0": 0.0}
            for name in ("train", "heldout")}
     dev = sae.W_dec.device
-    for s, (first, count) in enumerate(tqdm(cache.shard_offsets, desc="Evaluating SAE", disable=not show_progress)):
-        acts = ys = None
-        for name, mask in (("train", train_mask), ("heldout", heldout_mask)):
-            sel = mask[first:first + count]
-            if not sel.any():
-                continue
-            acts = cache.read_shard(s, hook)["acts"] if acts is None else acts
-            ys = (cache.read_shard(s, target)["acts"] if target != hook else acts) if ys is None else ys
+    chosen = {"train": sample_rows(train_mask, max_rows, seed), "heldout": sample_rows(heldout_mask, max_rows, seed + 1)}
+    size = min(batch_size, max(1, max(len(r) for r in chosen.values())))
+    buf, out_buf = maps.empty(size), (out_maps.empty(size) if out_maps is not maps else None)
+    total = sum(-(-len(r) // batch_size) for r in chosen.values())
+    with tqdm(total=total, desc="Evaluating SAE", disable=not show_progress) as bar:
+        for name, rows in chosen.items():
             a = acc[name]
-            sel_t = torch.from_numpy(sel)
-            for x, y in zip(acts[sel_t].split(batch_size), ys[sel_t].split(batch_size)):
-                x = x.to(dev, sae.W_dec.dtype)
+            for i in range(0, len(rows), batch_size):
+                part = rows[i:i + batch_size]
+                x = maps.as_torch(maps.gather(part, out=buf)).to(dev).to(sae.W_dec.dtype)
+                y = x if out_buf is None else out_maps.as_torch(out_maps.gather(part, out=out_buf))
                 codes = sae.encode(x)
                 recon = sae.decode(codes)
                 x = y.to(dev, sae.W_dec.dtype)  # what the decoder should reproduce
@@ -157,6 +173,8 @@ def evaluate_sae_on_cache(sae: SAE, cache: ActivationStore, hook: str, train_mas
                 a["l0"] += float(active.sum())
                 if name == "train":
                     fires += active.sum(0).double().cpu()
+                bar.update()
+            maps.release()
     out: dict[str, Any] = {}
     for name, a in acc.items():
         if a["n"] == 0:
@@ -175,4 +193,12 @@ def evaluate_sae_on_cache(sae: SAE, cache: ActivationStore, hook: str, train_mas
     freq = fires / n_train
     out["dead_fraction"] = float((fires == 0).double().mean())
     out["log_feature_sparsity"] = torch.log10(freq + 1e-10).float()  # SAELens' sparsity.safetensors convention
+    out["evaluation"] = {
+        "max_rows": max_rows, "seed": seed,
+        "train_rows": len(chosen["train"]), "train_rows_total": int(train_mask.sum()),
+        "heldout_rows": len(chosen["heldout"]), "heldout_rows_total": int(heldout_mask.sum()),
+        "dead_fraction_from": ("the saved SAE on all training rows" if len(chosen["train"]) == int(train_mask.sum())
+                               else f"the saved SAE on {len(chosen['train'])} training rows drawn at random "
+                                    "(a latent firing more rarely than that may count as dead)"),
+    }
     return out

@@ -1,7 +1,7 @@
 """Top-k SAE training on an activation cache, with SAELens' `SAETrainer`.
 
-- `activation_batches` (in `training_data`): the data provider: fixed-size batches shuffled across
-  shards in a bounded buffer (SAELens' `mixing_buffer`), deterministic for a seed.
+- `activation_batches` (in `batches`): the data provider: fixed-size batches from the memory-mapped shards
+  in a global block shuffle, deterministic for a seed; the trainer is fed it directly, as plain SAELens is.
 - `train_sae`: builds a SAELens training SAE by architecture name (`topk` by default; other
   registered training classes, such as a PASS SAE, plug in through `architecture=` and
   `sae_cfg_kwargs=`), trains it with `SAETrainer`, evaluates it on held-out images and saves it with
@@ -10,7 +10,7 @@
 
 Resume: `train_sae(..., resume=True)` continues from the newest complete checkpoint in
 `out_dir/checkpoints` (SAELens' own checkpoint files: SAE weights, optimizer, LR scheduler and
-dead-latent counters). The data stream is replayed to the same batch, so a resumed run ends with the
+dead-latent counters). The data stream starts again at the same batch, so a resumed run ends with the
 same weights as an uninterrupted one (same machine and torch build). A finished run is returned as is.
 One run per folder at a time (a second writer is refused); arguments are checked before any work.
 """
@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,11 +53,13 @@ from ..core.requests import describe_differences, request_differences
 from ..sae.metadata import no_language_model_advice, training_metadata
 from .batches import (  # noqa: F401
     LoaderStats,
+    StopRequested,
     activation_batches,
     holdout_split,
     mean_of_rows,
     open_store,
     rows_mask,
+    shard_maps,
 )
 from .fvu import evaluate_sae_on_cache, fvu_distribution, per_sample_fvu_on_cache  # noqa: F401 (re-exported)
 from .transcoder import is_transcoder_config, paired_batches
@@ -83,7 +85,7 @@ DEFAULT_DEAD_FEATURE_WINDOW = 100
 RUN_FILE = "training_run.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_DONE = "checkpoint_complete.json"
-LOADER_PREFETCH = 8  # batches the loader's worker keeps ready ahead of the trainer
+DEFAULT_EVAL_ROWS = 50_000  # the closing evaluation's sample of training rows (and of held-out rows)
 
 
 def default_hook_name(n_layers: int) -> str:
@@ -173,35 +175,19 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-class _CheckpointingProvider:
-    """Wraps the data provider so that a Ctrl-C (SIGINT) or SIGTERM during training saves a checkpoint
-    between two steps, where the trainer state is consistent, and then stops with KeyboardInterrupt."""
-
-    def __init__(self, batches: Iterator[Any]):
-        self.batches = batches
-        self.trainer: SAETrainer | None = None
-        self.stop_requested = False
-
-    def __iter__(self) -> "_CheckpointingProvider":
-        return self
-
-    def __next__(self) -> Any:
-        if self.stop_requested and self.trainer is not None:
-            self.trainer.save_checkpoint(checkpoint_name=str(self.trainer.n_training_samples))
-            raise KeyboardInterrupt("training interrupted; checkpoint saved, run again with resume to continue")
-        return next(self.batches)
-
-
 @contextlib.contextmanager
-def _graceful_interrupts(provider: _CheckpointingProvider):
+def _graceful_interrupts(stop: threading.Event):
+    """A Ctrl-C (SIGINT) or SIGTERM during training sets `stop`: the data provider then raises
+    `StopRequested` from its next `next()`, between two steps, where the trainer state is consistent (a
+    second signal stops at once)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def request_stop(signum, frame):  # second signal: stop at once
-        if provider.stop_requested:
+    def request_stop(signum, frame):
+        if stop.is_set():
             raise KeyboardInterrupt
-        provider.stop_requested = True
+        stop.set()
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -310,6 +296,8 @@ class TrainConfig:
     - `decoder_init_norm`: the norm of the initial decoder rows; `"auto"`: 1.0 (unit-norm rows, Gao et al.,
       with `W_enc = W_dec^T` where SAELens ties them) for an SAE, 0.1 (SAELens' own default) for a
       transcoder, whose input and output are different spaces.
+    - The closing evaluation (held-out FVU, L0, dead latents) runs on at most `eval_rows` training rows and
+      as many held-out rows, drawn at random (None: every row); the metrics say which.
     - `architecture` names a SAELens-registered training SAE class (`register_sae_training_class`) and
       `sae_cfg_kwargs` its extra config fields (e.g. `w_aux`); `with_labels=True` makes the data provider
       yield `(acts, labels)`, for a `trainer_cls` that uses them.
@@ -336,6 +324,7 @@ class TrainConfig:
     n_checkpoints: int = 10
     with_labels: bool = False
     log_to_wandb: bool = False
+    eval_rows: int | None = DEFAULT_EVAL_ROWS
 
     def __post_init__(self) -> None:
         if self.total_training_samples is not None and self.epochs is not None:
@@ -437,7 +426,8 @@ def train_sae(
         hook_name_out=hook_out, d_out=cache.d_in(hook_out) if hook_out is not None else None,
     )
     run = RunControl(resume=resume, overwrite=overwrite, log_to_wandb=c.log_to_wandb, trainer_cls=trainer_cls,
-                     show_progress=show_progress, t_start=t_start, n_checkpoints=c.n_checkpoints)
+                     show_progress=show_progress, t_start=t_start, n_checkpoints=c.n_checkpoints,
+                     eval_rows=c.eval_rows)
     out = check_writable_dir(out_dir, "SAE folder")
     with exclusive_writer(out, "SAE training run", ConflictError), no_language_model_advice():
         return _train_locked(cache, hook, cfg, req, out, train_rows, held_rows, run)
@@ -454,6 +444,7 @@ class RunControl:
     show_progress: bool
     t_start: float
     n_checkpoints: int
+    eval_rows: int | None = DEFAULT_EVAL_ROWS
 
 
 def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: dict[str, Any], out: Path,
@@ -487,7 +478,11 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
 
     train_mask = rows_mask(cache, train_rows)
     heldout_mask = rows_mask(cache, held_rows)
-    train_mean = mean_of_rows(cache, cfg.hook_name_out or hook, train_mask)  # of what the decoder writes
+    t_open = time.perf_counter()
+    maps = shard_maps(cache, hook)  # memory-mapped shards, checked once here (sha256, finite values)
+    out_maps = shard_maps(cache, cfg.hook_name_out) if cfg.hook_name_out is not None else maps
+    open_seconds = time.perf_counter() - t_open
+    train_mean = mean_of_rows(out_maps, out_maps.hook, train_mask)  # of what the decoder writes
     metadata = SAEMetadata(**training_metadata(req, hook, architecture, train_mean.tolist()))
     if cfg.hook_name_out is not None:
         metadata.hook_name_out = cfg.hook_name_out
@@ -511,21 +506,20 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
     skip = 0
     if resume_from is not None:
         skip = json.loads((resume_from / CHECKPOINT_DONE).read_text())["n_training_samples"] // batch_size
-    loader_stats = LoaderStats()  # the stream is produced in a DataLoader worker, LOADER_PREFETCH batches ahead
+    # The trainer is fed the loader itself, as plain SAELens is fed its data provider: nothing in between.
+    loader_stats, stop = LoaderStats(), threading.Event()
     if cfg.hook_name_out is not None:  # a transcoder: input and output rows side by side
-        batches = paired_batches(cache, hook, cfg.hook_name_out, batch_size, rows=train_mask, seed=seed,
-                                 buffer_size=buffer_size, skip_batches=skip, prefetch=LOADER_PREFETCH,
-                                 stats=loader_stats)
+        batches = paired_batches(cache, hook, cfg.hook_name_out, batch_size, maps=(maps, out_maps), rows=train_mask,
+                                 seed=seed, buffer_size=buffer_size, skip_batches=skip, device=device,
+                                 stats=loader_stats, stop=stop)
     else:
-        batches = activation_batches(cache, hook, batch_size, rows=train_mask, seed=seed, buffer_size=buffer_size,
-                                     with_labels=with_labels, skip_batches=skip, prefetch=LOADER_PREFETCH,
-                                     stats=loader_stats)
-    provider = _CheckpointingProvider(batches)
+        batches = activation_batches(maps, hook, batch_size, rows=train_mask, seed=seed, buffer_size=buffer_size,
+                                     with_labels=with_labels, skip_batches=skip, device=device, stats=loader_stats,
+                                     stop=stop)
     trainer_ref: list[SAETrainer] = []
-    trainer = trainer_cls(cfg=trainer_cfg, sae=sae, data_provider=provider,
+    trainer = trainer_cls(cfg=trainer_cfg, sae=sae, data_provider=batches,
                           save_checkpoint_fn=functools.partial(_mark_checkpoint, ckpt_root, trainer_ref))
     trainer_ref.append(trainer)
-    provider.trainer = trainer
     if resume_from is not None:
         trainer.load_trainer_state(resume_from)
         sae.load_weights_from_checkpoint(resume_from)
@@ -539,10 +533,15 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
 
         wandb.init(project="sae_lens_vision_steer", name=out.name, config=cfg.to_dict())
     t_fit = time.perf_counter()
-    with _graceful_interrupts(provider), _trainer_progress(show_progress):
-        trainer.fit()
+    try:
+        with _graceful_interrupts(stop), _trainer_progress(show_progress):
+            trainer.fit()
+    except StopRequested:  # raised by next(batches), before a step: the state is consistent
+        trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
+        raise KeyboardInterrupt("training interrupted; checkpoint saved, run again with resume to continue") from None
+    finally:
+        batches.close()  # stops a prefetching thread now, not when the iterator is collected
     fit_seconds = time.perf_counter() - t_fit
-    batches.close()  # stops the loader's worker now, not when the generator is collected
     if log_to_wandb:
         wandb.finish()
 
@@ -550,13 +549,17 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     sae.save_inference_model(tmp)
-    metrics = evaluate_sae_on_cache(SAE.load_from_disk(tmp, device=device), cache, hook, train_mask, heldout_mask,
-                                    show_progress=show_progress, target_hook=cfg.hook_name_out)
+    t_eval = time.perf_counter()
+    metrics = evaluate_sae_on_cache(SAE.load_from_disk(tmp, device=device), maps, hook, train_mask, heldout_mask,
+                                    show_progress=show_progress, max_rows=run.eval_rows, seed=holdout_seed,
+                                    target_hook=cfg.hook_name_out)
+    eval_seconds = time.perf_counter() - t_eval
     sparsity = metrics.pop("log_feature_sparsity")
     sae.cfg.metadata.n_training_samples = total_training_samples
     sae.cfg.metadata.heldout_fvu = metrics["heldout_fvu"]
     sae.cfg.metadata.mean_l0 = metrics["heldout_mean_l0"] if metrics["heldout_mean_l0"] is not None else metrics["train_mean_l0"]
     sae.cfg.metadata.dead_fraction = metrics["dead_fraction"]
+    sae.cfg.metadata.evaluation = metrics["evaluation"]  # how many rows of how many the figures come from
     sae.cfg.metadata.heldout_fraction = holdout_fraction
     sae.cfg.metadata.holdout_seed = holdout_seed
     sae.cfg.metadata.seed = seed
@@ -575,10 +578,12 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
         "resumed_from_samples": samples_before if resume_from is not None else None,
         "fit_seconds": fit_seconds,
         "train_samples_per_second": trained_now / fit_seconds if fit_seconds > 0 else None,
-        # The loader's own rate (its worker's time per batch, sharing the CPU with the trainer) and the
-        # time the trainer waited for data: the loader keeps up when the wait is a small part of the fit.
+        # The loader's own rate and the time the trainer waited for data (without prefetching: all of the
+        # loader's time); the one-time mapping and checking of the shards; the closing evaluation.
         "loader_samples_per_second": loader_stats.samples_per_second,
         "loader_wait_seconds": loader_stats.wait_seconds,
+        "open_seconds": open_seconds,
+        "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - t_start,
     }
     write_json_atomic(run_path, {"status": "complete", "config": cfg.to_dict(), "metrics": metrics})

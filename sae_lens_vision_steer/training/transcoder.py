@@ -9,8 +9,8 @@ SAELens' `TranscoderConfig`, so `save_inference_model` writes a folder `sae_lens
 reads as a `Transcoder` (the splice runs it with `hook_name_out`).
 
 Data: `paired_batches` zips two `activation_batches` streams of one activation store, one per hook,
-with the same seed and rows. The stream is a function of the seed and the per-hook row counts only,
-which are equal for two hooks of one store, so row i of both batches is the same image token (checked
+with the same seed and rows. The stream is a function of the seed and the rows and shard bounds only,
+which are the same for two hooks of one store, so row i of both batches is the same image token (checked
 by the tests against the model's own MLP); the pair travels as one `[B, d_in + d_out]` tensor, as
 SAELens' `multi_hook_concat_split_iter` packs transcoder input and output.
 """
@@ -29,7 +29,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.saes.transcoder import TranscoderConfig
 from torch import nn
 
-from ..activation_cache import ActivationStore
+from ..activation_cache import ActivationStore, ShardMaps
 from .batches import activation_batches
 
 TRANSCODER_ARCHITECTURE = "transcoder"
@@ -104,13 +104,15 @@ def is_transcoder_config(cfg_cls: type) -> bool:
 
 
 def paired_batches(cache: ActivationStore, hook_in: str, hook_out: str, batch_size: int,
-                   **kwargs: Any) -> Iterator[torch.Tensor]:
-    """`[B, d_in + d_out]` batches: the same rows of `hook_in` and `hook_out`, shuffled alike.
-    `kwargs` are `activation_batches`'s (rows, seed, buffer_size, skip_batches, prefetch, stats); the
-    loader statistics are collected on the input stream only."""
+                   maps: tuple[ShardMaps, ShardMaps] | None = None, **kwargs: Any) -> Iterator[torch.Tensor]:
+    """`[B, d_in + d_out]` batches: the same rows of `hook_in` and `hook_out`, shuffled alike. `maps`: the two
+    hooks' `ShardMaps` when already opened (and checked). `kwargs` are `activation_batches`'s (rows, seed,
+    buffer_size, skip_batches, device, prefetch, stats, stop); the loader statistics are collected on the
+    input stream only."""
     stats = kwargs.pop("stats", None)
-    a = activation_batches(cache, hook_in, batch_size, stats=stats, **kwargs)
-    b = activation_batches(cache, hook_out, batch_size, **kwargs)
+    src_in, src_out = maps if maps is not None else (cache, cache)
+    a = activation_batches(src_in, hook_in, batch_size, stats=stats, **kwargs)
+    b = activation_batches(src_out, hook_out, batch_size, **kwargs)
     try:
         for x_in, x_out in zip(a, b):
             yield torch.cat([x_in, x_out], dim=1)
