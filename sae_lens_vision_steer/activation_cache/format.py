@@ -30,7 +30,10 @@ from ..sae.splice import HookedCLIP
 Positions = PositionName  # the names a store takes (no index lists)
 POSITIONS = POSITION_NAMES
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FORMAT_VERSION = 1
+# 2: the request records `precision` (the backbone's autocast dtype; a version-1 cache was computed in fp32).
+# A reader refuses a cache of a newer version than its own, naming the field (`check_format_version`).
+FORMAT_VERSION = 2
+FORMAT_FIELDS = {2: "precision"}
 METADATA_FILE = "metadata.json"
 SHARD_PATTERN = "shard_{:05d}.safetensors"
 SHARD_NAME_RE = re.compile(r"^shard_\d{5}\.safetensors$")  # our shard names, nothing else
@@ -42,8 +45,11 @@ HEAD_HOOKS = POOLED_HOOKS  # [B, D]: the pooled token only
 # Fields of the request that must agree for a cache to be reused or resumed.
 IDENTITY_FIELDS = (
     "model_name", "pretrained", "act_fn", "model_fingerprint", "model_config", "preprocess", "hook_names", "d_in",
-    "positions", "rows_per_image", "dtype", "dataset", "split", "n_images", "dataset_fingerprint", "shard_size",
+    "positions", "rows_per_image", "dtype", "precision", "dataset", "split", "n_images", "dataset_fingerprint",
+    "shard_size",
 )
+# What an older cache's request, written before a field existed, meant by its absence.
+FIELD_DEFAULTS = {"precision": "fp32"}
 
 
 class CacheError(UsageError):
@@ -112,6 +118,7 @@ def cache_request(model: HookedCLIP, dataset: ImageDataset, hooks: list[str], po
         "positions": positions,
         "rows_per_image": rows_per_image(model, positions),
         "dtype": dtype,
+        "precision": getattr(model, "precision", "fp32"),  # the backbone's autocast dtype (--precision)
         "dataset": data_id["dataset"],
         "dataset_path": data_id["dataset_path"],
         "split": data_id["split"],
@@ -145,9 +152,23 @@ def _classnames(dataset: ImageDataset) -> list[str] | None:
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    # `local-dir:` caches made before model names were recorded portable (the folder's name only)
-    found, wanted = ({**d, "model_name": portable_model_name(d.get("model_name"))} for d in (found, wanted))
+    # `local-dir:` caches made before model names were recorded portable (the folder's name only); fields an
+    # older cache's request lacks mean their default (`FIELD_DEFAULTS`)
+    found, wanted = ({**FIELD_DEFAULTS, **d, "model_name": portable_model_name(d.get("model_name"))}
+                     for d in (found, wanted))
     return describe_differences(request_differences(found, wanted, IDENTITY_FIELDS), "cache", max_len=200)
+
+
+def check_format_version(meta: dict[str, Any], where: Path) -> None:
+    """Refuse a cache written by a newer version of the format than this reader's, naming what it added."""
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        added = [f"{FORMAT_FIELDS.get(v, '?')} (version {v})" for v in range(FORMAT_VERSION + 1, version + 1)] \
+            if isinstance(version, int) else []
+        raise CorruptCacheError(
+            f"{where} has format_version {version!r}, newer than this reader's {FORMAT_VERSION}"
+            + (f" (it adds the field(s) {', '.join(added)})" if added else "")
+            + "; upgrade sae-lens-vision-steer to read it")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -161,6 +182,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("shards", []), list):
         raise CorruptCacheError(f"{path} is not an activation-cache metadata file (expected a JSON object with "
                                 "'shards'); use --overwrite to start the cache again")
+    check_format_version(meta, path)
     return meta
 
 

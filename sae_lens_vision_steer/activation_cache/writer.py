@@ -222,8 +222,9 @@ class _Writer:
         # (a batch reaching past `stop_image` is still fed whole; rows past the last shard are not kept)
         grid = [list(range(b * batch_size, min((b + 1) * batch_size, n_total)))
                 for b in range(first_batch, (n_images + batch_size - 1) // batch_size)]
+        on_cuda = model.device.type == "cuda"  # page-locked batches, copied without blocking
         loader = DataLoader(dataset, batch_sampler=grid, num_workers=self.num_workers, collate_fn=collate_images,
-                            prefetch_factor=4 if self.num_workers > 0 else None)
+                            prefetch_factor=4 if self.num_workers > 0 else None, pin_memory=on_cuda)
         buf = ShardBuffer(hooks, request["d_in"], shard_size, torch_dtype)
         pbar = tqdm(total=n_images, initial=grid[0][0] if grid else n_images, desc="Caching activations", unit="img",
                     disable=not self.show_progress)
@@ -236,7 +237,7 @@ class _Writer:
                     continue
                 labels, indices = batch.labels[keep], batch.indices[keep]
                 with torch.inference_mode():
-                    _, act_cache = model.run_with_cache(batch.images.to(model.device), names_filter=hooks,
+                    _, act_cache = model.run_with_cache(batch.images.to(model.device, non_blocking=on_cuda), names_filter=hooks,
                                                         stop_at_layer=stop_at)
                     acts = {h: select_positions(act_cache[h][keep.to(model.device)], positions,
                                                 n_prefix).to("cpu", torch_dtype) for h in hooks}

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     m = cache.metadata
     print(f"cache {cache.root}: {model_label(m['model_name'], m['pretrained'])} on {m['dataset']}/{m['split']}, "
           f"{m['n_images_cached']} images ({m['n_images_skipped']} skipped), {cache.n_rows} rows "
-          f"({m['positions']}, {m['dtype']}) in {cache.n_shards} shards")
+          f"({m['positions']}, stored as {m['dtype']}, computed in {m['request'].get('precision', 'fp32')}) in "
+          f"{cache.n_shards} shards")
     for mem in m["request"].get("members") or []:  # a union (union.py)
         print(f"  member {mem['dataset']}/{mem['split']}: {mem['n_images']} images from image {mem['first_image']}")
     for h in cache.hook_names:

@@ -177,7 +177,18 @@ def add_model_args(p: argparse.ArgumentParser, from_sae: bool = False) -> None:
                    help='JSON of extra open_clip.create_model arguments, e.g. \'{"vision_cfg": {...}}\''
                         + ("; default: the SAE's recorded ones" if from_sae else ""))
     add_device_arg(g)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="the image tower's precision: torch autocast to bf16 or fp16 for its forward passes "
+                        "(fp16 on a CPU runs as bf16, said on a line); caches record it")
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
+
+
+def default_workers() -> int:
+    """Image-decoding workers for a machine: one core left to the model, at least 2, at most 8."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return min(8, max(2, cores - 1))
 
 
 def add_device_arg(g: Any) -> None:
@@ -220,7 +231,8 @@ def add_data_args(p: argparse.ArgumentParser, split: str = "val") -> None:
     g.add_argument("--limit", type=positive_int, default=None,
                    help="use only this many images (evenly spaced); for a union, this many of every member")
     g.add_argument("--batch-size", type=positive_int, default=256)
-    g.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader workers")
+    g.add_argument("--num-workers", type=non_negative_int, default=default_workers(),
+                   help="DataLoader workers (default: from the cores, 2 to 8)")
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing")
 
 
@@ -285,6 +297,7 @@ def load_model(args: argparse.Namespace):
     import torch
 
     from ..core.identity import weights_from_name
+    from ..core.precision import resolve_precision
     from ..data import check_data_available
     from ..models.kwargs import check_kwarg_names
     from ..sae.splice import HookedCLIP
@@ -302,7 +315,11 @@ def load_model(args: argparse.Namespace):
             kwargs["load_weights"] = False  # open_clip loads an hf-hub:/local-dir: model's weights otherwise
     else:
         pretrained = args.pretrained
-    return HookedCLIP.from_pretrained(args.model, pretrained=pretrained, device=args.device, **kwargs)
+    model = HookedCLIP.from_pretrained(args.model, pretrained=pretrained, device=args.device, **kwargs)
+    precision, note = resolve_precision(getattr(args, "precision", "fp32"), model.device)
+    if note:
+        print(f"--precision {args.precision}: {note}")
+    return model.set_precision(precision)
 
 
 def load_data(args: argparse.Namespace, model, split: str | None = None):

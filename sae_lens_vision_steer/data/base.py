@@ -153,6 +153,10 @@ class ImageBatch:
     indices: torch.Tensor  # [B] positions in the data set
     n_skipped: int  # unreadable images dropped from this batch (skip_bad_images=True)
 
+    def pin_memory(self) -> "ImageBatch":
+        """The images in page-locked memory (DataLoader `pin_memory=True`): the copy to a GPU can overlap."""
+        return ImageBatch(self.images.pin_memory(), self.labels, self.indices, self.n_skipped)
+
 
 def collate_images(items: Sequence[tuple[torch.Tensor, int, int] | None]) -> ImageBatch:
     kept = [it for it in items if it is not None]
@@ -166,8 +170,10 @@ def collate_images(items: Sequence[tuple[torch.Tensor, int, int] | None]) -> Ima
     )
 
 
-def make_loader(dataset: ImageDataset, batch_size: int = 256, num_workers: int = 2) -> DataLoader:
-    """An ordered DataLoader with worker processes so that JPEG decoding does not starve the model."""
+def make_loader(dataset: ImageDataset, batch_size: int = 256, num_workers: int = 2,
+                pin_memory: bool = False) -> DataLoader:
+    """An ordered DataLoader with worker processes so that JPEG decoding does not starve the model.
+    `pin_memory=True` (for a CUDA model) hands over page-locked batches: copy them with `non_blocking=True`."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -176,15 +182,16 @@ def make_loader(dataset: ImageDataset, batch_size: int = 256, num_workers: int =
         collate_fn=collate_images,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=pin_memory,
     )
 
 
-def shard_loader(dataset: Any, batch_size: int, num_workers: int):
+def shard_loader(dataset: Any, batch_size: int, num_workers: int, pin_memory: bool = False):
     """A DataLoader over this rank's block of the batch grid, in order (the whole data set in one process)."""
     if not distributed.active():
-        return make_loader(dataset, batch_size, num_workers)
+        return make_loader(dataset, batch_size, num_workers, pin_memory)
     return DataLoader(dataset, batch_sampler=distributed.batch_block(len(dataset), batch_size), num_workers=num_workers,
-                      collate_fn=collate_images, prefetch_factor=4 if num_workers > 0 else None)
+                      collate_fn=collate_images, prefetch_factor=4 if num_workers > 0 else None, pin_memory=pin_memory)
 
 
 # ---------------------------------------------------------------------------------- local folders

@@ -168,7 +168,7 @@ class Evaluator:
         if distributed.active():
             result, coverage_fn = self._distributed_pass(hooks, coverage_fn)
         else:
-            loader = make_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
+            loader = make_loader(self.data, self.ctx.batch_size, self.ctx.num_workers, self.model.device.type == "cuda")
             result = self.classifier.evaluate(self.model, loader, fwd_hooks=hooks, show_progress=self.ctx.show_progress)
         self.n_backbone_passes += 1
         self.n_image_forwards += len(self.labels_N)
@@ -179,13 +179,13 @@ class Evaluator:
         """A hooked pass under torchrun: each rank classifies its block of the batch grid, the logits are
         gathered in order and scored once. Coverage is the image-weighted mean of the ranks' coverages
         (equal to one process's up to float rounding)."""
-        loader = shard_loader(self.data, self.ctx.batch_size, self.ctx.num_workers)
+        loader = shard_loader(self.data, self.ctx.batch_size, self.ctx.num_workers, self.model.device.type == "cuda")
         logits, labels, n_skipped = [], [], 0
         with torch.no_grad(), self.model.hooks(fwd_hooks=list(hooks)):
             for batch in tqdm(loader, desc="zero-shot", disable=not self.ctx.show_progress, unit="batch"):
                 n_skipped += batch.n_skipped
                 if len(batch.labels):
-                    logits.append(self.classifier.logits(self.model.encode_image(batch.images.to(self.model.device))).cpu())
+                    logits.append(self.classifier.logits(self.model.encode_image(batch.images.to(self.model.device, non_blocking=True))).cpu())
                     labels.append(batch.labels)
         n_mine = sum(len(t) for t in labels)
         cov = coverage_fn() if n_mine else 0.0

@@ -60,7 +60,8 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
     stop, start = hook_cut(model, hook_name)
     keep_all = start < model.cfg.n_layers
     # Under torchrun each rank runs its block of the batch grid; the tokens are gathered in order below.
-    loader = data if isinstance(data, DataLoader) else shard_loader(data, batch_size, num_workers)
+    on_cuda = model.device.type == "cuda"  # page-locked batches, copied without blocking
+    loader = data if isinstance(data, DataLoader) else shard_loader(data, batch_size, num_workers, on_cuda)
     cls, resid, labels, n_skipped = [], [], [], 0
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"backbone to {hook_name}", disable=not show_progress, unit="batch"):
@@ -68,12 +69,12 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
         if len(batch.labels) == 0:
             continue
         if hook_name == "hook_pooled":
-            _, acts = model.run_with_cache(batch.images.to(model.device), names_filter=[hook_name],
+            _, acts = model.run_with_cache(batch.images.to(model.device, non_blocking=on_cuda), names_filter=[hook_name],
                                            return_cache_object=False)
-            cls.append(acts[hook_name])
+            cls.append(acts[hook_name].to(model.cfg.dtype))  # (autocast: low precision inside the hook)
             labels.append(batch.labels)
             continue
-        tokens_BTD = model(batch.images.to(model.device), stop_at_layer=stop)
+        tokens_BTD = model(batch.images.to(model.device, non_blocking=on_cuda), stop_at_layer=stop)
         cls.append(tokens_BTD[:, 0].clone())
         if keep_all:
             resid.append(tokens_BTD.cpu())

@@ -16,7 +16,9 @@ The tower is re-run through its own submodules (no weight copies) with TL's hook
                                  mean of the patch tokens
     hook_image_embed [B, E]      after the projection, before normalisation
 
-`run_with_cache` returns a TL `ActivationCache`; `cfg` is a `HookedTransformerConfig`. SAEs are
+`run_with_cache` returns a TL `ActivationCache`; `cfg` is a `HookedTransformerConfig`. `set_precision("bf16")`
+(or `"fp16"`) runs the tower under `torch.autocast` (hooks see low-precision activations; what `forward`,
+`run_blocks` and `head` return is cast back to the weights' dtype); the text tower keeps its dtype. SAEs are
 spliced in by `sae.splice.HookedCLIP`, the subclass users load (`HookedSAETransformer`'s split: this
 module knows nothing of SAEs).
 """
@@ -24,6 +26,7 @@ module knows nothing of SAEs).
 from __future__ import annotations
 
 import difflib
+import functools
 from functools import partial
 from typing import Any, Callable
 
@@ -34,11 +37,28 @@ from transformer_lens.hook_points import HookPoint
 
 from ..core.errors import UnknownNameError, UsageError
 from ..core.positions import POOLED_HOOKS
+from ..core.precision import autocast, check_precision
 from . import registry
 from .components import MLP, Attention, LayerNorm, TransformerBlock
 from .config import HookedCLIPConfig
 from .kwargs import architecture_kwargs, check_user_model_kwargs
 from .tower import Tower
+
+def _in_precision(fn: Callable) -> Callable:
+    """Run a tower method under the model's autocast (once: nested calls run inside the outer one) and give
+    back the weights' dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "HookedViT", *args: Any, **kwargs: Any) -> Any:
+        device_type = self.device.type
+        if self.precision == "fp32" or torch.is_autocast_enabled(device_type):
+            return fn(self, *args, **kwargs)
+        with autocast(self.precision, device_type):
+            out = fn(self, *args, **kwargs)
+        return out.to(self.cfg.dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    return wrapper
+
 
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
@@ -76,8 +96,15 @@ class HookedViT(HookedRootModule):
         setattr(self, pooled, HookPoint())
         self._pooled = getattr(self, pooled)
         self.hook_image_embed = HookPoint()
+        self.precision = "fp32"
         self.init_hooks()
         self.setup()
+
+    def set_precision(self, precision: str) -> "HookedViT":
+        """`fp32` (default), `bf16` or `fp16`: autocast for the tower's forward passes (see the module
+        docstring). `core.precision.resolve_precision` says what a device supports."""
+        self.precision = check_precision(precision)
+        return self
 
     @classmethod
     def from_pretrained(
@@ -231,12 +258,14 @@ class HookedViT(HookedRootModule):
         x = t.add_tokens(self.hook_patch_embed(t.patch_embed(images_BCHW)), images_BCHW)
         return self.hook_embed(self.ln_pre(x) if self.ln_pre is not None else x)
 
+    @_in_precision
     def run_blocks(self, resid_BTD: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run blocks `start .. stop-1` on the residual stream."""
         for block in self.blocks[start:stop]:
             resid_BTD = block(resid_BTD)
         return resid_BTD
 
+    @_in_precision
     def head(self, final_resid: torch.Tensor) -> torch.Tensor:
         """Final norm, pooling and projection: the tower after the last block.
 
@@ -316,6 +345,7 @@ class HookedViT(HookedRootModule):
         """The projection after the pooled token (`hook_ln_post` / `hook_pooled`)."""
         return self.hook_image_embed(self._tower.project(pooled_BD))
 
+    @_in_precision
     def forward(self, images_BCHW: torch.Tensor, stop_at_layer: int | None = None) -> torch.Tensor:
         """Image embeddings `[B, embed_dim]` (unnormalised, as `open_clip.encode_image`).
 

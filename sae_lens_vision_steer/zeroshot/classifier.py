@@ -109,14 +109,15 @@ class ZeroShotClassifier:
     def evaluate(self, model: HookedCLIP, data: ImageDataset | DataLoader, fwd_hooks: Iterable[tuple[str, Callable]] = (),
                  batch_size: int = 256, num_workers: int = 2, show_progress: bool = True) -> ZeroShotResult:
         """Classify every image of `data` (optionally under `fwd_hooks`) and score it."""
-        loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size, num_workers)
+        loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size, num_workers,
+                                                                        model.device.type == "cuda")
         all_logits, all_labels, n_skipped = [], [], 0
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             for batch in tqdm(loader, desc="zero-shot", disable=not show_progress, unit="batch"):
                 n_skipped += batch.n_skipped
                 if len(batch.labels) == 0:
                     continue
-                embeds = model.encode_image(batch.images.to(model.device))
+                embeds = model.encode_image(batch.images.to(model.device, non_blocking=True))
                 all_logits.append(self.logits(embeds).cpu())
                 all_labels.append(batch.labels)
         if not all_logits:

@@ -284,7 +284,8 @@ def test_cli_cache(tmp_path, tiny_imagenet_dir, capsys):
             "blocks.0.hook_resid_post", "--shard-size", "16", "--out", str(tmp_path / "c"), "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "40 images (0 skipped), 40 rows (cls, float16) in 3 shards" in out and "peak RSS" in out
+    assert "40 images (0 skipped), 40 rows (cls, stored as float16, computed in fp32) in 3 shards" in out
+    assert "peak RSS" in out
     c = ActivationStore.open(tmp_path / "c")
     assert c.hook_names == ["blocks.1.hook_resid_post", "blocks.0.hook_resid_post"]
     # Same command again: reused. Another dtype: refused with one clear line.
