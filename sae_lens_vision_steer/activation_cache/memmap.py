@@ -7,8 +7,9 @@ once, when the maps are made: size, sha256 against `metadata.json` and finite va
 hashing and numpy release the GIL). bfloat16 rows are mapped as uint16 and viewed as `torch.bfloat16`
 after the gather (numpy has no bfloat16).
 
-Memory: the mapped pages are file-backed; `release()` drops them from the process (`MADV_DONTNEED`), the
-page cache keeps them, so resident memory stays flat in the store size.
+Memory: the mapped pages are file-backed; `release()` drops them from the process (`MADV_DONTNEED`) after every
+`RELEASE_BYTES` (1 GiB) gathered, the page cache keeps them: resident memory stays flat in the store size.
+Finite values are checked on the stored bits (exponent all ones = inf or NaN), without converting.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from .reader import ActivationStore
 
 # safetensors dtype -> (numpy dtype of the mapped array, torch dtype of the rows)
 _DTYPES = {"F16": (np.float16, torch.float16), "BF16": (np.uint16, torch.bfloat16), "F32": (np.float32, torch.float32)}
+# The exponent bits of each stored type (as an unsigned integer): all set <=> inf or NaN.
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.uint16): (np.uint16, 0x7F80),
+             np.dtype(np.float32): (np.uint32, 0x7F800000)}
 _HASH_CHUNK = 1 << 24
+_CHECK_ROWS = 65536
+# Mapped pages are dropped from the process once this many bytes were gathered since the last drop: the
+# resident size stays bounded (a store smaller than this stays mapped, as a plain memmap would).
+RELEASE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,12 @@ class ShardMaps:
             raise CorruptCacheError(f"the shards of {cache.root} store {self.hook!r} in different dtypes {sorted(kinds)}")
         self.np_dtype, self.torch_dtype = _DTYPES[kinds.pop()]
         self.shards = [s for _, s in mapped]
+        self._gathered = 0
         if verify:
             with ThreadPoolExecutor(threads or max(1, min(4, os.cpu_count() or 1))) as pool:
                 list(pool.map(self._check, range(len(self.shards))))
         self.starts = np.asarray([s.first_row for s in self.shards] + [cache.n_rows], dtype=np.int64)
+        self._row_bytes = self.d_in * np.dtype(self.np_dtype).itemsize
 
     def _map(self, rec: dict) -> tuple[str, _Shard]:
         path = self.cache.root / rec["file"]
@@ -100,12 +110,12 @@ class ShardMaps:
         if h.hexdigest() != rec["sha256"]:
             raise CorruptCacheError(f"{self.cache.root / rec['file']} is corrupt: its sha256 does not match the one "
                                     f"in {METADATA_FILE}")
-        for i in range(0, s.n_rows, 65536):
-            block = torch.from_numpy(s.rows[i:i + 65536].copy()).view(self.torch_dtype)
-            if not bool(torch.isfinite(block).all()):
+        uint, mask = _EXPONENT[s.rows.dtype]
+        for i in range(0, s.n_rows, _CHECK_ROWS):
+            if int(np.bitwise_and(s.rows[i:i + _CHECK_ROWS].view(uint), mask).max(initial=0)) == mask:
                 raise NonFiniteActivationsError(f"non-finite activations at hook {self.hook!r} in shard {index} "
                                                 f"({self.cache.root / rec['file']})")
-        s.mm.madvise(mmap.MADV_DONTNEED)
+        self._gathered += s.rows.nbytes  # (hashing mapped these pages: they count towards the next release)
 
     def empty(self, n: int, pin: bool = False) -> np.ndarray:
         """An uninitialised `[n, d_in]` buffer in the stored dtype (pinned host memory when `pin`)."""
@@ -116,19 +126,22 @@ class ShardMaps:
         """Rows `[len(rows), d_in]` (stored dtype; bfloat16 as uint16) for *sorted* global row indices."""
         out = np.empty((len(rows), self.d_in), self.np_dtype) if out is None else out[:len(rows)]
         bounds = np.searchsorted(rows, self.starts)
-        for s, shard in enumerate(self.shards):
-            lo, hi = int(bounds[s]), int(bounds[s + 1])
-            if hi > lo:
-                # mode="clip": no buffered copy of `out` (indices are in range by construction)
-                np.take(shard.rows, rows[lo:hi] - shard.first_row, axis=0, out=out[lo:hi], mode="clip")
+        for s in np.flatnonzero(bounds[1:] > bounds[:-1]):  # the shards these rows lie in
+            lo, hi, shard = int(bounds[s]), int(bounds[s + 1]), self.shards[s]
+            # mode="clip": no buffered copy of `out` (indices are in range by construction)
+            np.take(shard.rows, rows[lo:hi] - shard.first_row, axis=0, out=out[lo:hi], mode="clip")
+        self._gathered += len(rows) * self._row_bytes
         return out
 
     def as_torch(self, arr: np.ndarray) -> torch.Tensor:
         """A gathered buffer as a torch tensor of the stored dtype (no copy)."""
         return torch.from_numpy(arr).view(self.torch_dtype)
 
-    def release(self) -> None:
-        """Drop the mapped pages from this process (the page cache keeps them)."""
-        for s in self.shards:
-            s.mm.madvise(mmap.MADV_DONTNEED)
+    def release(self, force: bool = False) -> None:
+        """Drop the mapped pages from this process (the page cache keeps them) once `RELEASE_BYTES` were
+        gathered since the last time (or now, with `force`)."""
+        if force or self._gathered >= RELEASE_BYTES:
+            for s in self.shards:
+                s.mm.madvise(mmap.MADV_DONTNEED)
+            self._gathered = 0  # checked: drop the pages from this process until they are gathered
 

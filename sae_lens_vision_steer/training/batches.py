@@ -16,9 +16,10 @@
 
 Batch diversity: a buffer holds `buffer_size / block_rows` blocks from anywhere in the store, so a batch of a
 patch cache holds about as many distinct images as a uniform shuffle's (within 10% with the defaults, for
-any batch size; tested). Memory is flat in the store size: one buffer (default the larger of 65,536 rows and
-80 batches, at most the selected rows) plus per-row index arrays (~10 bytes per row); mapped pages are
-dropped from the process after each buffer (the page cache keeps them).
+any batch size; tested). Memory is flat in the store size: two buffers of `buffer_size` rows in the stored
+dtype (default the larger of 65,536 rows and 80 batches, at most the selected rows) plus per-row index arrays
+(~10 bytes per row); mapped pages are dropped from the process after every 1 GiB read (the page cache keeps
+them). Inside a batch the rows are in ascending order (the order inside a batch does not matter to training).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from ..core.errors import UsageError
 DEFAULT_BLOCK_ROWS = 16
 MIN_BUFFER_ROWS = 65536
 BUFFER_BATCHES = 80  # with 16-row blocks a buffer holds >= 5 batches' worth of distinct blocks
+CALL_SECONDS = 6e-6  # the cost model of `gathers_directly`
+COPY_BYTES_PER_SECOND = 0.6e9
 
 
 class StopRequested(Exception):
@@ -140,28 +143,51 @@ class ShufflePlan:
             epoch, first = epoch + 1, 0
 
 
-def _batches_from_buffers(buffers: Iterator[tuple[Any, np.ndarray, int]], batch_size: int,
-                          take: Callable[[Any, np.ndarray], Any], cat: Callable[[list[Any]], Any]) -> Iterator[Any]:
-    """Cut buffers (each `(data, perm, offset)`) into batches of `batch_size` stream rows; a batch may span
-    two buffers (and two epochs); a last incomplete batch is dropped."""
-    pending: list[Any] = []
+def _batch_sorted(order: np.ndarray, have: int, batch_size: int) -> tuple[np.ndarray, int]:
+    """`order` (a buffer's stream positions) with each batch's part sorted (ascending rows: the pages in order;
+    the order inside a batch does not matter to training), and the length of its first part, which completes
+    a batch of which `have` rows came from the buffer before."""
+    first = min((batch_size - have) % batch_size, len(order))
+    segment = np.zeros(len(order), dtype=np.int64)
+    segment[first:] = 1 + np.arange(len(order) - first) // batch_size
+    return order[np.lexsort((order, segment))], first
+
+
+def _stream(plan: ShufflePlan, batch_size: int, epochs: int | None, skip_batches: int,
+            fill: Callable[[np.ndarray, np.ndarray], tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """Batches of `batch_size` stream rows. `fill(rows, order)` returns the buffer's rows in stream order: a
+    tuple of arrays whose last holds the row indices (arrays that may be reused for the next buffer: a piece
+    kept across buffers is copied). A batch may span two buffers (and two epochs); its rows are then sorted
+    too. A last incomplete batch is dropped."""
+    pending: list[tuple[Any, ...]] = []
     have = 0
-    for data, perm, pos in buffers:
-        n = len(perm)
-        while pos < n:
-            t = min(batch_size - have, n - pos)
-            pending.append(take(data, perm[pos:pos + t]))
-            have, pos = have + t, pos + t
-            if have == batch_size:
-                yield pending[0] if len(pending) == 1 else cat(pending)
+    for rows, perm, offset in plan.buffers(epochs, skip_batches * batch_size):
+        order, first = _batch_sorted(perm[offset:], have, batch_size)
+        data = fill(rows, order)
+        n, pos = len(order), 0
+        if have:  # complete the batch begun in the buffer before
+            pending.append(tuple(a[:first] for a in data))
+            have, pos = have + first, first
+            if have == batch_size:  # (rows ascending, as in every batch: sorted by the row ids, the last array)
+                joined = [np.concatenate([p[k] for p in pending]) for k in range(len(data))]
+                ascending = np.argsort(joined[-1], kind="stable")
+                yield tuple(a[ascending] for a in joined)
                 pending, have = [], 0
+            else:
+                pending[-1] = tuple(np.array(a) for a in pending[-1])  # outlives this buffer
+        while pos + batch_size <= n:
+            yield tuple(a[pos:pos + batch_size] for a in data)
+            pos += batch_size
+        if pos < n:
+            pending.append(tuple(np.array(a[pos:n]) for a in data))
+            have += n - pos
 
 
 def shuffled_rows(plan: ShufflePlan, batch_size: int, epochs: int | None = None,
                   skip_batches: int = 0) -> Iterator[np.ndarray]:
-    """The stream's global row indices, batch by batch: what `activation_batches` gathers."""
-    bufs = plan.buffers(epochs, skip_batches * batch_size)
-    return _batches_from_buffers(bufs, batch_size, lambda rows, p: rows[p], np.concatenate)
+    """The stream's global row indices, batch by batch, in the order `activation_batches` gathers them."""
+    for (rows,) in _stream(plan, batch_size, epochs, skip_batches, lambda rows, order: (rows[order],)):
+        yield rows
 
 
 # ---------------------------------------------------------------------------------- the data
@@ -202,6 +228,7 @@ def activation_batches(
     prefetch: int | None = None,
     stats: LoaderStats | None = None,
     stop: threading.Event | None = None,
+    staged: bool | None = None,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches `[batch_size, d_in]` (`dtype`, on `device`) of cached activations for `SAETrainer` (a
     `DataProvider`), in the global block shuffle of the module docstring.
@@ -213,7 +240,8 @@ def activation_batches(
     CPU, where producing a batch costs next to nothing beside a training step). `stop`: once set, the next
     `next()` raises `StopRequested` (between two trainer steps: a consistent point to save a checkpoint).
     The shards are mapped and checked (sha256, finite values) before the first batch, unless `cache` is the
-    hook's `ShardMaps` already.
+    hook's `ShardMaps` already. `staged`: read each buffer into memory first, or (False) gather each batch
+    straight from the maps; default: the cheaper (`gathers_directly`). The batches are the same either way.
     """
     if batch_size < 1 or block_rows < 1 or skip_batches < 0:
         raise UsageError("batch_size and block_rows must be positive and skip_batches >= 0")
@@ -234,8 +262,9 @@ def activation_batches(
     plan = ShufflePlan.build(mask, [f for f, _ in cache.shard_offsets], seed, block_rows, buffer_rows)
     if stats is not None:
         stats.open_seconds += time.perf_counter() - t0
+    direct = gathers_directly(maps, batch_size) if staged is None else not staged
     gen = _gather(maps, plan, batch_size, epochs, skip_batches, labels, dtype, device, stats, stop,
-                  time_waits=not prefetch)
+                  time_waits=not prefetch, direct=direct)
     if prefetch:
         return _prefetching(gen, prefetch, stats)
     return gen
@@ -259,43 +288,59 @@ def _prefetching(gen: Iterator[Any], depth: int, stats: LoaderStats | None) -> I
     return Timed(gen, prefetch=depth)
 
 
+def gathers_directly(maps: ShardMaps, batch_size: int) -> bool:
+    """Whether to gather each batch straight from the maps (one call per shard the batch touches) rather than
+    stage each buffer in memory first (one call per shard per buffer, and a second copy of every row): the
+    cheaper of the two by a rough cost model (a call ~6 us, a copy ~0.6 GB/s on a small shared CPU)."""
+    touched = min(len(maps.shards), batch_size)
+    row_bytes = maps.d_in * np.dtype(maps.np_dtype).itemsize
+    return touched * CALL_SECONDS < batch_size * row_bytes / COPY_BYTES_PER_SECOND
+
+
 def _gather(maps: ShardMaps, plan: ShufflePlan, batch_size: int, epochs: int | None, skip_batches: int,
             labels: torch.Tensor | None, dtype: torch.dtype, device: torch.device, stats: LoaderStats | None,
-            stop: threading.Event | None, time_waits: bool) -> Iterator[Any]:
+            stop: threading.Event | None, time_waits: bool, direct: bool) -> Iterator[Any]:
     pin = device.type == "cuda"
-    max_rows = int(plan.block_len.max()) * plan.blocks_per_buffer
-    buf_np = maps.empty(min(max_rows, plan.n_rows), pin=pin)
-    buf = maps.as_torch(buf_np)
+    size = min(int(plan.block_len.max()) * plan.blocks_per_buffer, plan.n_rows)
+    # Staged: two buffers in the stored dtype, the buffer's rows in file order (one gather per shard, from the
+    # maps), then in stream order (one gather); each batch is a slice of the second. Direct: each batch is
+    # gathered from the maps into a staging array. On CUDA the arrays copied to the device are page-locked and
+    # the copies do not block; an array is refilled once its copy is done.
+    read = None if direct else maps.empty(size)
+    ordered = maps.empty(batch_size if direct else size, pin=pin)
+    lab_np = labels.numpy() if labels is not None else None
+    copied = None  # CUDA: an event after the last copy out of `ordered`
 
-    def buffers() -> Iterator[tuple[Any, np.ndarray, int]]:
-        for rows, perm, offset in plan.buffers(epochs, skip_batches * batch_size):
-            maps.gather(rows, out=buf_np)
-            maps.release()
-            lab = labels[torch.from_numpy(rows)] if labels is not None else None
-            yield (buf[:len(rows)], lab), torch.from_numpy(perm), offset
+    def fill(rows: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, ...]:
+        if direct:
+            return (rows[order],)
+        if copied is not None:
+            copied.synchronize()
+        maps.gather(rows, out=read)
+        maps.release()
+        np.take(read, order, axis=0, out=ordered[:len(order)], mode="clip")
+        return ordered[:len(order)], rows[order]
 
-    def take(data: tuple[torch.Tensor, torch.Tensor | None], idx: torch.Tensor) -> Any:
-        acts, lab = data
-        part = torch.empty((len(idx), acts.shape[1]), dtype=acts.dtype, pin_memory=pin)
-        torch.index_select(acts, 0, idx, out=part)
-        return part if lab is None else (part, lab[idx])
-
-    def cat(parts: list[Any]) -> Any:
-        if isinstance(parts[0], tuple):
-            return torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
-        return torch.cat(parts)
-
-    def finish(item: Any) -> Any:  # float32 last, on the device
-        acts, lab = item if isinstance(item, tuple) else (item, None)
-        acts = acts.to(device, non_blocking=pin).to(dtype)
-        return acts if lab is None else (acts, lab.to(device, non_blocking=pin))
-
-    batches = _batches_from_buffers(buffers(), batch_size, take, cat)
     t = time.perf_counter()
-    for item in batches:
+    for item in _stream(plan, batch_size, epochs, skip_batches, fill):
         if stop is not None and stop.is_set():
             raise StopRequested("stop requested")
-        out = finish(item)
+        rows = item[-1]
+        if direct:
+            if copied is not None:
+                copied.synchronize()
+            acts = maps.gather(rows, out=ordered)
+            maps.release()
+        else:
+            acts = item[0]
+        x = maps.as_torch(acts)
+        if pin:  # float32 last, on the device
+            x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True).to(dtype)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:  # a copy: `ordered` is refilled
+            x = x.to(dtype, copy=True)
+        out = x if lab_np is None else (x, torch.from_numpy(lab_np[rows]).to(device, non_blocking=pin))
         if stats is not None:
             now = time.perf_counter()
             stats.produce_seconds += now - t

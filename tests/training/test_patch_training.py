@@ -54,6 +54,47 @@ def test_every_row_once_per_epoch_deterministic_and_resumable(patch_cache):
     assert _rows(torch.cat(two)) == sorted(_rows(direct) * 2)
 
 
+def test_batches_are_the_plans_rows(patch_cache):
+    """Batch i holds rows [20 i, 20 i + 20) of the seed's order (the plan's own row stream), labels with them,
+    across buffer and epoch boundaries (buffers of 48 rows: a batch spans two of them now and then), whether
+    batches are gathered from the maps or staged through a buffer."""
+    from sae_lens_vision_steer.training.batches import ShufflePlan, rows_mask, shuffled_rows
+
+    got = list(activation_batches(patch_cache, HOOK, 20, seed=5, epochs=3, buffer_size=48, with_labels=True))
+    direct = list(activation_batches(patch_cache, HOOK, 20, seed=5, epochs=3, buffer_size=48, with_labels=True,
+                                     staged=False))
+    staged = list(activation_batches(patch_cache, HOOK, 20, seed=5, epochs=3, buffer_size=48, with_labels=True,
+                                     staged=True))
+    for (a, y), (b, z), (c, w) in zip(got, direct, staged, strict=True):  # the two ways give the same batches
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(y, z) and torch.equal(y, w)
+    plan = ShufflePlan.build(rows_mask(patch_cache, None), [f for f, _ in patch_cache.shard_offsets], 5,
+                             buffer_rows=48)
+    every = torch.cat([patch_cache.read_shard(s, HOOK)["acts"] for s in range(patch_cache.n_shards)])
+    expected = list(shuffled_rows(plan, 20, epochs=3))
+    assert len(got) == len(expected) == 3 * 192 // 20
+    for rows, (a, y) in zip(expected, got, strict=True):
+        assert torch.equal(a, every[torch.from_numpy(rows)])
+        assert y.tolist() == patch_cache.labels[rows].tolist()
+
+
+def test_batches_hold_as_many_images_as_a_uniform_shuffle(patch_cache):
+    """The block shuffle's batch diversity: distinct images per batch within 10% of a uniform permutation's."""
+    from sae_lens_vision_steer.training.batches import ShufflePlan, rows_mask, shuffled_rows
+
+    img = patch_cache.image_index  # 12 images x 16 patch rows, blocks of 16 rows = one image each
+    plan = ShufflePlan.build(rows_mask(patch_cache, None), [f for f, _ in patch_cache.shard_offsets], 0,
+                             block_rows=4, buffer_rows=192)
+    ours = [len(np.unique(img[r])) for r in shuffled_rows(plan, 16, epochs=20)]
+    rng = np.random.default_rng(0)
+    uniform = [len(np.unique(img[rng.permutation(192)[:16]])) for _ in range(len(ours))]
+    assert np.mean(ours) >= 0.9 * np.mean(uniform)
+    # Blocks as large as an image, in a buffer of three images, cannot do that: the check can fail.
+    narrow = ShufflePlan.build(rows_mask(patch_cache, None), [f for f, _ in patch_cache.shard_offsets], 0,
+                               block_rows=16, buffer_rows=48)
+    few = [len(np.unique(img[r])) for r in shuffled_rows(narrow, 16, epochs=20)]
+    assert np.mean(few) < 0.9 * np.mean(uniform)
+
+
 def test_row_selection_and_labels_through_the_worker(patch_cache):
     rows = np.arange(0, 192, 2)
     batches = list(activation_batches(patch_cache, HOOK, 16, rows=rows, seed=0, epochs=1, buffer_size=32,
