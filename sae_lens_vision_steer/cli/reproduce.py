@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sae-epochs", type=positive_float, default=None, help="SAE epochs (default 10, as `run`)")
     g.add_argument("--sae-samples", type=positive_int, default=None, help="SAE training samples instead of epochs")
     g.add_argument("--sae-buffer", type=positive_int, default=None,
-                   help="rows in the SAE trainer's mixing buffer (default: the library's, >= 32768; small runs "
-                        "train much faster with a buffer near their row count)")
+                   help="rows in the SAE loader's shuffle buffer (default: the library's, the larger of 65536 rows "
+                        "and 80 batches, at most the training rows)")
     g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     g.add_argument("--train-batch-size", type=positive_int, default=256, help="SAE training batch size")
     g.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers")

@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     fvu = m.get("heldout_fvu")
     print(f"held-out FVU {fvu:.4f}" if fvu is not None else "held-out FVU n/a (no held-out images)",
           f" train FVU {_fmt(m.get('train_fvu'))}  mean L0 {meta.get('mean_l0'):.1f}  dead fraction {m['dead_fraction']:.4f}")
+    ev = m.get("evaluation")
+    if ev:  # a run from before the bounded evaluation has none
+        print(f"  (on {ev['train_rows']} of {ev['train_rows_total']} training rows and {ev['heldout_rows']} of "
+              f"{ev['heldout_rows_total']} held-out rows, in {m.get('eval_seconds', 0):.1f} s)")
     sps = m.get("train_samples_per_second")
     print(f"time {time.perf_counter() - t0:.1f} s (fit {m['fit_seconds']:.1f} s"
           + (f", {sps:.0f} samples/s" if sps else "") + f"), peak RSS {peak_rss_mib():.0f} MiB")
