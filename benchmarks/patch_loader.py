@@ -10,12 +10,12 @@ process; with `--cap-mib` (default) that process runs in a cgroup-v1 memory grou
 Figures (side by side in one run):
 
   train    SAETrainer (top-k 768x3072, k=64, batch 256, configured as `train_sae` does) fed by
-           `train_sae`'s loader (`activation_batches(prefetch=8)`) from the 2X cache, under the cap:
+           `train_sae`'s loader (`activation_batches`, as `train_sae` calls it) from the 2X cache, under the cap:
            loader samples/s (its worker's own time) / trainer samples/s; target >= 1.5
   rss      peak RSS of the same training from the X and the 2X cache: 2X / X; target < 1.10 (flat)
   loader   the loader alone over `--loader-rows` of the 2X cache (no cap, cold start): sequential (shards in order,
            checked and converted to float32) and shuffled (`activation_batches`, in-process and
-           prefetched in its worker) samples/s
+           prefetched in SAELens' `PrefetchingIterator`) samples/s
 
 Before each measured run the cache's files are evicted from the page cache (`posix_fadvise(DONTNEED)`
 per file; `/proc/sys/vm/drop_caches` is not writable here), so runs start cold; `/proc/self/io`
@@ -94,7 +94,7 @@ def child_build(args) -> dict:
 
 
 def child_train(args) -> dict:
-    """SAETrainer configured as `train_sae` configures it, fed by `train_sae`'s loader (prefetching worker).
+    """SAETrainer configured as `train_sae` configures it, fed by `train_sae`'s loader.
 
     Not `train_sae` itself: its closing evaluation encodes every training row once (an epoch of SAE
     forwards, minutes on this CPU for a patch cache), which is not what this figure measures."""
@@ -104,7 +104,6 @@ def child_train(args) -> dict:
     from sae_lens.registry import get_sae_training_class
 
     from sae_lens_vision_steer.activation_cache import ActivationStore
-    from sae_lens_vision_steer.training.trainer import LOADER_PREFETCH
     from sae_lens_vision_steer.training.batches import LoaderStats, activation_batches, holdout_split
 
     cache = ActivationStore.open(_cache_dir(args, args.n_images))
@@ -123,8 +122,7 @@ def child_train(args) -> dict:
                            feature_sampling_window=max(n_steps + 1, 2000), n_checkpoints=0, checkpoint_path=None,
                            save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False))
     stats = LoaderStats()
-    batches = activation_batches(cache, HOOK, batch, rows=train_rows, seed=args.seed, prefetch=LOADER_PREFETCH,
-                                 stats=stats)
+    batches = activation_batches(cache, HOOK, batch, rows=train_rows, seed=args.seed, stats=stats)
     t0 = time.perf_counter()
     SAETrainer(cfg=cfg, sae=sae, data_provider=batches).fit()
     fit = time.perf_counter() - t0
@@ -152,7 +150,7 @@ def child_loader(args) -> dict:
         else:
             stats = LoaderStats()
             batches = activation_batches(cache, HOOK, 256, seed=args.seed, epochs=1,
-                                         prefetch=8 if name == "shuffled_prefetch" else 0, stats=stats)
+                                         prefetch=4 if name == "shuffled_prefetch" else 0, stats=stats)
             for batch in batches:
                 n += len(batch)
                 if n >= limit:
