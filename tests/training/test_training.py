@@ -73,6 +73,28 @@ def test_heldout_fvu_well_below_mean_baseline(trained, cache):
     assert 0 <= m["dead_fraction"] < 0.5 and m["n_training_samples"] == m["n_training_steps"] * 64
 
 
+def test_closing_evaluation_on_a_bounded_sample(trained, cache):
+    """`eval_rows` bounds the closing evaluation: the held-out FVU is the formula on the rows drawn, and the
+    metadata says how many rows of how many (the default, 50,000, covers this whole store)."""
+    from sae_lens_vision_steer.training.fvu import evaluate_sae_on_cache, sample_rows
+
+    train_rows, held_rows = holdout_split(cache, 0.1, 0)
+    assert trained.metrics["evaluation"]["train_rows"] == trained.metrics["evaluation"]["train_rows_total"] == 1800
+    assert trained.sae.cfg.metadata.evaluation["heldout_rows"] == 200
+    train_mask, held_mask = (np.isin(np.arange(cache.n_rows), r) for r in (train_rows, held_rows))
+    m = evaluate_sae_on_cache(trained.sae, cache, HOOK, train_mask, held_mask, max_rows=50, seed=3)
+    ev = m["evaluation"]
+    assert (ev["train_rows"], ev["train_rows_total"], ev["heldout_rows"], ev["heldout_rows_total"]) == (50, 1800, 50, 200)
+    assert "50 training rows drawn at random" in ev["dead_fraction_from"]
+    drawn = sample_rows(held_mask, 50, 4)  # held-out rows: seed + 1
+    assert len(drawn) == 50 and set(drawn) <= set(held_rows.tolist())
+    x = cache.load(HOOK, rows=drawn)
+    with torch.no_grad():
+        rec, _ = reconstruct(trained.sae, x)
+    fvu = float(((x - rec) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert m["heldout_fvu"] == pytest.approx(fvu, rel=1e-4)
+
+
 def test_saved_sae_loads_with_sae_lens_alone(trained, cache):
     out = trained.out_dir
     cfg = json.loads((out / "cfg.json").read_text())
