@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="training_throughput_", dir=args.work_dir))
     train_sae_wall: list[float] = []
     train_sae_fits: list[float] = []
+    train_sae_cpu: list[float] = []
     last: dict = {}
 
     def train_sae_fit() -> float:
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                         out_dir=scratch / "sae", n_checkpoints=0, overwrite=True, show_progress=False)
         train_sae_wall.append(time.perf_counter() - t0)
         train_sae_fits.append(res.metrics["fit_seconds"])
+        train_sae_cpu.append(res.metrics["fit_cpu_seconds"])
         last.update(res.metrics)
         return res.metrics["fit_seconds"]
 
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
             # Process CPU time (all threads; the provider runs in this process): less sensitive to other
             # jobs on a shared machine than wall time.
             ("provider_cpu", "SAETrainer fed by activation_batches, process CPU time", t.cpu, "")]
+    # train_sae's own CPU time in its fit (fit_cpu_seconds), against A's process CPU time
+    cpu = dict(t.cpu)
+    cpu["train_sae"] = train_sae_cpu[args.warmup:]
+    rows.append(("train_sae_cpu", "train_sae fit, process CPU time (fit_cpu_seconds)", cpu, ""))
     for name, label, clock, extra in rows:
         a, b = summarize(clock["memory"]), summarize(clock[name.removesuffix("_cpu")])
         report(Figure(f"training_throughput/{name}", a, b, "speed", "SAETrainer fed from one in-memory tensor",

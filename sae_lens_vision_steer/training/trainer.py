@@ -532,7 +532,7 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
         import wandb
 
         wandb.init(project="sae_lens_vision_steer", name=out.name, config=cfg.to_dict())
-    t_fit = time.perf_counter()
+    t_fit, cpu_fit = time.perf_counter(), time.process_time()
     try:
         with _graceful_interrupts(stop), _trainer_progress(show_progress):
             trainer.fit()
@@ -541,7 +541,7 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
         raise KeyboardInterrupt("training interrupted; checkpoint saved, run again with resume to continue") from None
     finally:
         batches.close()  # stops a prefetching thread now, not when the iterator is collected
-    fit_seconds = time.perf_counter() - t_fit
+    fit_seconds, fit_cpu_seconds = time.perf_counter() - t_fit, time.process_time() - cpu_fit
     if log_to_wandb:
         wandb.finish()
 
@@ -577,6 +577,7 @@ def _train_locked(cache: ActivationStore, hook: str, cfg: TrainRunConfig, req: d
         "n_training_steps": n_steps,
         "resumed_from_samples": samples_before if resume_from is not None else None,
         "fit_seconds": fit_seconds,
+        "fit_cpu_seconds": fit_cpu_seconds,  # this process's CPU time in the fit (all its threads)
         "train_samples_per_second": trained_now / fit_seconds if fit_seconds > 0 else None,
         # The loader's own rate and the time the trainer waited for data (without prefetching: all of the
         # loader's time); the one-time mapping and checking of the shards; the closing evaluation.
