@@ -125,9 +125,11 @@ class ShardMaps:
     def gather(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows `[len(rows), d_in]` (stored dtype; bfloat16 as uint16) for *sorted* global row indices."""
         out = np.empty((len(rows), self.d_in), self.np_dtype) if out is None else out[:len(rows)]
-        bounds = np.searchsorted(rows, self.starts)
-        for s in np.flatnonzero(bounds[1:] > bounds[:-1]):  # the shards these rows lie in
-            lo, hi, shard = int(bounds[s]), int(bounds[s + 1]), self.shards[s]
+        bounds = np.searchsorted(rows, self.starts).tolist()
+        for s, shard in enumerate(self.shards):
+            lo, hi = bounds[s], bounds[s + 1]
+            if lo == hi:  # no rows in this shard
+                continue
             # mode="clip": no buffered copy of `out` (indices are in range by construction)
             np.take(shard.rows, rows[lo:hi] - shard.first_row, axis=0, out=out[lo:hi], mode="clip")
         self._gathered += len(rows) * self._row_bytes

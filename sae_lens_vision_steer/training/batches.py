@@ -169,18 +169,27 @@ def _stream(plan: ShufflePlan, batch_size: int, epochs: int | None, skip_batches
             pending.append(tuple(a[:first] for a in data))
             have, pos = have + first, first
             if have == batch_size:  # (rows ascending, as in every batch: sorted by the row ids, the last array)
-                joined = [np.concatenate([p[k] for p in pending]) for k in range(len(data))]
+                joined = [_cat([p[k] for p in pending]) for k in range(len(data))]
                 ascending = np.argsort(joined[-1], kind="stable")
-                yield tuple(a[ascending] for a in joined)
+                yield tuple(a[torch.from_numpy(ascending)] if isinstance(a, torch.Tensor) else a[ascending]
+                            for a in joined)
                 pending, have = [], 0
             else:
-                pending[-1] = tuple(np.array(a) for a in pending[-1])  # outlives this buffer
+                pending[-1] = tuple(_copy(a) for a in pending[-1])  # outlives this buffer
         while pos + batch_size <= n:
             yield tuple(a[pos:pos + batch_size] for a in data)
             pos += batch_size
         if pos < n:
-            pending.append(tuple(np.array(a[pos:n]) for a in data))
+            pending.append(tuple(_copy(a[pos:n]) for a in data))
             have += n - pos
+
+
+def _copy(a: Any) -> Any:
+    return a.clone() if isinstance(a, torch.Tensor) else np.array(a)
+
+
+def _cat(parts: list[Any]) -> Any:
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
 
 
 def shuffled_rows(plan: ShufflePlan, batch_size: int, epochs: int | None = None,
@@ -308,6 +317,7 @@ def _gather(maps: ShardMaps, plan: ShufflePlan, batch_size: int, epochs: int | N
     # the copies do not block; an array is refilled once its copy is done.
     read = None if direct else maps.empty(size)
     ordered = maps.empty(batch_size if direct else size, pin=pin)
+    ordered_t = maps.as_torch(ordered)  # (made once: a torch view of the same memory)
     lab_np = labels.numpy() if labels is not None else None
     copied = None  # CUDA: an event after the last copy out of `ordered`
 
@@ -319,7 +329,7 @@ def _gather(maps: ShardMaps, plan: ShufflePlan, batch_size: int, epochs: int | N
         maps.gather(rows, out=read)
         maps.release()
         np.take(read, order, axis=0, out=ordered[:len(order)], mode="clip")
-        return ordered[:len(order)], rows[order]
+        return ordered_t[:len(order)], rows[order]
 
     t = time.perf_counter()
     for item in _stream(plan, batch_size, epochs, skip_batches, fill):
@@ -329,11 +339,11 @@ def _gather(maps: ShardMaps, plan: ShufflePlan, batch_size: int, epochs: int | N
         if direct:
             if copied is not None:
                 copied.synchronize()
-            acts = maps.gather(rows, out=ordered)
+            maps.gather(rows, out=ordered)
             maps.release()
+            x = ordered_t
         else:
-            acts = item[0]
-        x = maps.as_torch(acts)
+            x = item[0]
         if pin:  # float32 last, on the device
             x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True).to(dtype)
             copied = torch.cuda.Event()
