@@ -57,6 +57,8 @@ def build_store(args, name: str):
     if name == "patch":
         model = HookedCLIP.from_pretrained(f"local-dir:{SMALL_CLIP}").eval().requires_grad_(False)
         n, out = args.n_images, args.work_dir / f"loader_patch_{args.n_images}"
+        if args.shard_size != 8192:
+            out = out.with_name(out.name + f"_shard{args.shard_size}")
     else:
         torch.manual_seed(args.seed)
         model = HookedCLIP.from_pretrained("ViT-B-32", pretrained=None, **WIDE_TOWER).eval().requires_grad_(False)
@@ -66,6 +68,7 @@ def build_store(args, name: str):
     t0 = time.perf_counter()
     with torch.inference_mode():
         cache = cache_activations(model, ds, hook, out, positions="all", batch_size=256,
+                                  shard_size=args.shard_size if name == "patch" else 8192,
                                   num_workers=args.num_workers, show_progress=False)
     print(f"# store {name}: {cache.n_rows} rows x {cache.d_in(hook)} ({cache.metadata['dtype']}, {cache.n_shards} "
           f"shards) ready in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-images", type=int, default=20000, help="images of the patch store (17 rows each)")
     p.add_argument("--wide-images", type=int, default=20000, help="images of the wide store (5 rows each)")
     p.add_argument("--stores", default="patch,wide")
+    p.add_argument("--shard-size", type=int, default=8192, help="rows per shard of the patch store (the default's)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the training rows per timed run")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers when building the stores")
