@@ -17,7 +17,7 @@ FIGURES = ["ViT-B-32/forward_ceiling", "ViT-B-32/cache_decoded", "ViT-B-32/cache
            "sae/train_memory", "sae/train_sae", "sae/train_sae_wall"]
 
 
-@pytest.mark.slow  # ~30 s on 2 shared cores: model builds, two caches, an evaluation and two SAE trainings
+@pytest.mark.slow  # 8-100 s on 2 shared cores: model builds, two caches, an evaluation and two SAE trainings
 def test_device_check_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_TIMEOUT": "600", "TQDM_DISABLE": "1"}
