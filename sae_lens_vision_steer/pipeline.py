@@ -28,9 +28,10 @@ from .core.outputs import prepare_output_dir
 from .data import ImageDataset, load_image_dataset
 from .evaluation import evaluate
 from .evaluation.union import evaluate_members
+from .training.config import TrainConfig
 from .training.fvu import fvu_distribution
 from .training.gate import gate_threshold
-from .training.trainer import TrainConfig, TrainResult, train_sae
+from .training.trainer import TrainResult, train_sae
 
 OBJECTIVES = ("topk", "pass")
 

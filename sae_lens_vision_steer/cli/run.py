@@ -118,7 +118,7 @@ def interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.union import UnionEvaluation
     from ..pipeline import PipelineConfig, run_pipeline
-    from ..training.trainer import TrainConfig, sae_size
+    from ..training.config import TrainConfig, sae_size
 
     if args.reference_cache:
         raise UsageError("run uses its own training cache as the FVU reference; --reference-cache is for eval")

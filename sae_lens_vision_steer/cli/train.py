@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def interrupted(args: argparse.Namespace) -> str:
     from pathlib import Path
 
-    from ..training.trainer import CHECKPOINT_DIR, CHECKPOINT_DONE, latest_checkpoint
+    from ..training.checkpoints import CHECKPOINT_DIR, CHECKPOINT_DONE, latest_checkpoint
 
     ckpt = latest_checkpoint(Path(args.out) / CHECKPOINT_DIR) if Path(args.out).is_dir() else None
     if ckpt is None:

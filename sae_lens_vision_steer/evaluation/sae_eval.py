@@ -259,10 +259,9 @@ def evaluate_saes(model: HookedCLIP, data: ImageDataset, saes: SAE | Sequence[SA
                   text_cache: str | Path | None = None, visaebench: Sequence[str] = ()) -> SAEEvalResult:
     """The yardstick for each SAE on the same images (one row per SAE, i.e. per hook). `visaebench`: names
     of ViSAEBench metrics to run too on each SAE's activations (`evaluation/visaebench.py`)."""
-    from .visaebench import check_visaebench_names, visaebench_metrics
-
     from ..data.ood import dataset_templates
     from ..data.resources import DEFAULT_TEMPLATES
+    from .visaebench import check_visaebench_names, visaebench_metrics
 
     sae_list = [saes] if isinstance(saes, SAE) else list(saes)
     if not sae_list:

@@ -44,6 +44,7 @@ from .config import HookedCLIPConfig
 from .kwargs import architecture_kwargs, check_user_model_kwargs
 from .tower import Tower
 
+
 def _in_precision(fn: Callable) -> Callable:
     """Run a tower method under the model's autocast (once: nested calls run inside the outer one) and give
     back the weights' dtype."""

@@ -134,7 +134,7 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
             if c.method in TPT_LIKE and c not in done:
                 n_tpt += 1
                 add_pass(g.backbone, n, f"{c.method} {g.data}/{g.backbone}", facts()["tpt"]["views"])
-    from ..training.trainer import PAPER_PRESETS
+    from ..training.config import PAPER_PRESETS
 
     sae_s = 0.0
     for j in saes.values():

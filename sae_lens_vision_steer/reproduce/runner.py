@@ -207,7 +207,7 @@ class GridRunner:
         if job.key in self._saes:
             return self._saes[job.key]
         from ..pipeline import train_stage
-        from ..training.trainer import TrainConfig, sae_size
+        from ..training.config import TrainConfig, sae_size
 
         cache = self.cache(job.cache)
         b = self.grid.backbone(job.backbone)

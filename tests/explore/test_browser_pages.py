@@ -15,14 +15,13 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
+from explore_fixtures import HOOK, tiny_kwargs
 
 from sae_lens_vision_steer import ActivationStore, cache_activations, load_image_dataset, train_sae
 from sae_lens_vision_steer.cli import main as cli_main
 from sae_lens_vision_steer.explore import build_feature_browser, gradient_maps
 from sae_lens_vision_steer.sae.loading import load_sae
-
-from conftest import write_image_folder
-from explore_fixtures import HOOK, tiny_kwargs
 
 pytest_plugins = ["explore_fixtures"]
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from explore_fixtures import HOOK
+from explore_fixtures import tiny_kwargs as _tiny_kwargs
 
 from sae_lens_vision_steer import (
     ActivationStore,
@@ -24,8 +26,6 @@ from sae_lens_vision_steer.explore import (
     occlusion_maps,
 )
 from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
-
-from explore_fixtures import HOOK, tiny_kwargs as _tiny_kwargs
 
 pytest_plugins = ["explore_fixtures"]
 

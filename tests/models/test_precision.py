@@ -9,15 +9,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 
-from sae_lens_vision_steer.activation_cache import ActivationStore, CacheMismatchError, CorruptCacheError, \
-    cache_activations
+from sae_lens_vision_steer.activation_cache import (
+    ActivationStore,
+    CacheMismatchError,
+    CorruptCacheError,
+    cache_activations,
+)
 from sae_lens_vision_steer.core.errors import UsageError
 from sae_lens_vision_steer.core.precision import resolve_precision
 from sae_lens_vision_steer.data.base import ImageFolderDataset
 from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
-
-from conftest import write_image_folder
 
 HOOK = "blocks.1.hook_resid_post"
 # Stated tolerances for bf16 against fp32 (bf16 keeps 8 significant bits: ~0.4% per rounding).

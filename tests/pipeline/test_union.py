@@ -13,10 +13,10 @@ import torch
 from conftest import TINY_CLIP_KWARGS, make_tiny_clip, write_image_folder
 
 from sae_lens_vision_steer.activation_cache import CacheMismatchError, cache_activations
+from sae_lens_vision_steer.activation_cache.union import cache_dataset_names, check_caches_agree, member_rows
 from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.cli.common import EXIT_INPUT, EXIT_USAGE
 from sae_lens_vision_steer.data import load_image_dataset
-from sae_lens_vision_steer.activation_cache.union import cache_dataset_names, check_caches_agree, member_rows
 from sae_lens_vision_steer.data.union import UnionMismatchError, load_union_dataset
 from sae_lens_vision_steer.training.gate import fvu_threshold_from_reference, union_fvu_threshold
 from sae_lens_vision_steer.training.trainer import train_sae

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from saes import hostile_model_dir, make_topk_sae, payload_pickle
+from safetensors.torch import load_file, save_file
 
 from sae_lens_vision_steer.cli import main
 from sae_lens_vision_steer.core.errors import InputError

@@ -14,8 +14,8 @@ from sae_lens import (
     StandardSAE,
     StandardSAEConfig,
     TopKSAE,
-    TopKSAEConfig,
 )
+from saes import FINAL, D, K, S, make_topk_sae  # noqa: F401  (shared with other tests)
 
 from sae_lens_vision_steer.steering import (
     SAEReconstruction,
@@ -26,8 +26,6 @@ from sae_lens_vision_steer.steering import (
     vs2_apply,
     vs2_steer,
 )
-
-from saes import D, FINAL, K, S, make_topk_sae  # noqa: F401  (shared with other tests)
 
 
 def topk_code_by_hand(x: torch.Tensor, sae: TopKSAE) -> torch.Tensor:

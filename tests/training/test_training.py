@@ -15,8 +15,8 @@ from sae_lens_vision_steer.activation_cache import ActivationStore, cache_activa
 from sae_lens_vision_steer.cli.common import EXIT_CONFLICT, EXIT_INPUT, EXIT_USAGE  # noqa: F401
 from sae_lens_vision_steer.data import load_image_dataset
 from sae_lens_vision_steer.sae.metadata import VISION_METADATA_KEYS, check_sae_fits_hook
+from sae_lens_vision_steer.training.config import PAPER_PRESETS
 from sae_lens_vision_steer.training.trainer import (
-    PAPER_PRESETS,
     activation_batches,
     fvu_distribution,
     holdout_split,
