@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import MissingInputError, UsageError
+from ..core.errors import MissingInputError, UnknownNameError, UsageError
 from .common import (
     abspath,
     add_data_args,
@@ -58,7 +58,10 @@ def add_steering_args(p: argparse.ArgumentParser, with_sae: bool = True, sae_req
     g.add_argument("--gate-methods", default="vs2",
                    help="comma-separated methods the FVU gate applies to (the paper gates VS2 only)")
     g.add_argument("--templates", default=None,
-                   help="template set: cifar (18), imagenet (80), cub, single; default: the data set's CLIP set")
+                   help="the run's prompt templates (the zero-shot row, vs2 and the other rows without a protocol of "
+                        "their own): cifar (18), imagenet (80), cub, single, or ensemble (the data set's own set, the "
+                        "default); vs2_ens, prompt_ensemble always use the ensemble, zeroshot_single, tpt, ctpt and "
+                        "zero the single prompt")
     add_text_cache_args(g)
 
 
@@ -149,7 +152,13 @@ def split_list(text: str | None, cast: Any = str) -> list[Any]:
 
 
 def check_steering_values(args: argparse.Namespace) -> None:
-    """lam, gamma and the gate settings, before anything is loaded."""
+    """lam, gamma, the gate settings and the template set, before anything is loaded."""
+    from ..evaluation.protocol import check_templates_name
+
+    try:
+        check_templates_name(getattr(args, "templates", None))
+    except UnknownNameError as e:
+        raise UnknownNameError(f"--templates: {e}") from None
     if args.fvu_threshold is not None and args.fvu_quantile is not None:
         raise UsageError("give --fvu-threshold or --fvu-quantile, not both")
     if args.fvu_quantile is not None and not 0 <= args.fvu_quantile <= 1:

@@ -23,57 +23,30 @@ import torch
 from ...baselines.prompt_tuning import text_backend
 from ...baselines.tta import CTPT_LAMBDA, TPTConfig, run_tpt
 from ...core.errors import UsageError
-from ...data.resources import DEFAULT_TEMPLATES, templates_for
-from ...zeroshot.classifier import ZeroShotClassifier
+from ..protocol import ENSEMBLE, SINGLE_TEMPLATE
 from ..registry import MethodContext, MethodOutput, register_method
 
-SINGLE_TEMPLATE = "a photo of a {}."
+def _prompt_output(tokens_ND: torch.Tensor, ctx: MethodContext) -> MethodOutput:
+    """Zero-shot on the shared pass; the runner classifies it with the row's protocol (`ctx.classifier`)."""
+    templates = list(ctx.classifier.templates)
+    run = ctx.run_classifier or ctx.classifier
+    info = {"n_templates": len(templates), "templates": templates,
+            "same_as_zeroshot": list(run.templates) == templates}
+    return MethodOutput(tokens=tokens_ND, coverage=0.0, info=info)
 
 
-def _text_cache_dir(ctx: MethodContext) -> Any:
-    path = getattr(ctx.classifier, "text_cache_path", None)
-    return path.parent if path is not None else None
-
-
-def _classifier_for(ctx: MethodContext, templates: list[str], name: str | None) -> tuple[ZeroShotClassifier, str]:
-    """The runner's classifier when it already uses `templates`, else a new one (text cache shared)."""
-    if list(ctx.classifier.templates) == templates:
-        return ctx.classifier, "shared"
-    clf = ZeroShotClassifier(ctx.model, ctx.classifier.classnames, name if name in ("single", "cifar", "imagenet", "cub")
-                             else templates, show_progress=ctx.show_progress, text_cache=_text_cache_dir(ctx))
-    return clf, clf.text_cache_status
-
-
-def _prompt_output(ctx: MethodContext, templates: list[str], name: str | None) -> MethodOutput:
-    clf, status = _classifier_for(ctx, templates, name)
-    logits = clf.logits(ctx.zeroshot_embeds_NE)
-    info = {"templates_name": name, "n_templates": len(templates), "templates": templates,
-            "same_as_zeroshot": list(ctx.classifier.templates) == templates, "text": status}
-    return MethodOutput(logits=logits, coverage=0.0, info=info)
-
-
-@register_method("zeroshot_single", needs_sae=False, description='zero-shot with the single prompt "a photo of a {}."')
+@register_method("zeroshot_single", needs_sae=False, templates="single",
+                 description='zero-shot with the single prompt "a photo of a {}."')
 def _zeroshot_single(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
-    return _prompt_output(ctx, [SINGLE_TEMPLATE], "single")
+    return _prompt_output(tokens_ND, ctx)
 
 
-def dataset_ensemble(data: Any) -> tuple[list[str], str | None]:
-    """The data set's own template ensemble: `(templates, set name or None)`."""
-    from ...data.ood import dataset_templates
-
-    found = dataset_templates(data, DEFAULT_TEMPLATES.get(getattr(data, "dataset_id", ""), "single"))
-    if isinstance(found, str):
-        return templates_for(found), DEFAULT_TEMPLATES.get(found, found)
-    return list(found), None
-
-
-@register_method("prompt_ensemble", needs_sae=False,
+@register_method("prompt_ensemble", needs_sae=False, templates=ENSEMBLE,
                  description="zero-shot with the data set's prompt-template ensemble (CLIP's prompt ensembling)")
 def _prompt_ensemble(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     if ctx.data is None:
         raise UsageError("prompt_ensemble needs the evaluation data set (its template ensemble)")
-    templates, name = dataset_ensemble(ctx.data)
-    return _prompt_output(ctx, templates, name)
+    return _prompt_output(tokens_ND, ctx)
 
 
 def _check_text(ctx: MethodContext) -> None:
@@ -94,7 +67,7 @@ def _tpt_output(tokens_ND: torch.Tensor, ctx: MethodContext, cfg: TPTConfig, ima
                         info={"cost": run.cost})
 
 
-@register_method("tpt", needs_sae=False, prepare=_check_text,
+@register_method("tpt", needs_sae=False, prepare=_check_text, templates="single",
                  description="TPT: test-time prompt tuning (64 views, 10% most confident, 1 AdamW step, reset)")
 def _tpt(tokens_ND: torch.Tensor, ctx: MethodContext, *, tpt_views: int = 64, tpt_selection_p: float = 0.1,
          tpt_lr: float = 5e-3, tpt_steps: int = 1, tpt_augment: str = "auto", tpt_seed: int = 0,
@@ -104,7 +77,7 @@ def _tpt(tokens_ND: torch.Tensor, ctx: MethodContext, *, tpt_views: int = 64, tp
     return _tpt_output(tokens_ND, ctx, cfg, tpt_images_per_step, "TPT")
 
 
-@register_method("ctpt", needs_sae=False, prepare=_check_text,
+@register_method("ctpt", needs_sae=False, prepare=_check_text, templates="single",
                  description="C-TPT: TPT with the ATFD (text-feature dispersion) regulariser, lambda 50")
 def _ctpt(tokens_ND: torch.Tensor, ctx: MethodContext, *, ctpt_lambda: float = CTPT_LAMBDA, tpt_views: int = 64,
           tpt_selection_p: float = 0.1, tpt_lr: float = 5e-3, tpt_steps: int = 1, tpt_augment: str = "auto",
@@ -114,4 +87,4 @@ def _ctpt(tokens_ND: torch.Tensor, ctx: MethodContext, *, ctpt_lambda: float = C
     return _tpt_output(tokens_ND, ctx, cfg, tpt_images_per_step, "C-TPT")
 
 
-__all__ = ["SINGLE_TEMPLATE", "dataset_ensemble"]
+__all__ = ["SINGLE_TEMPLATE"]
