@@ -56,6 +56,7 @@ from .batches import (  # noqa: F401
     StopRequested,
     activation_batches,
     holdout_split,
+    image_subset,
     mean_of_rows,
     open_store,
     rows_mask,
@@ -163,6 +164,7 @@ class TrainRunConfig:
     sae_cfg_kwargs: dict[str, Any] = field(default_factory=dict)
     hook_name_out: str | None = None  # a transcoder's output hook
     d_out: int | None = None
+    train_fraction: float | None = None  # None: all of the training images
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -298,6 +300,9 @@ class TrainConfig:
       transcoder, whose input and output are different spaces.
     - The closing evaluation (held-out FVU, L0, dead latents) runs on at most `eval_rows` training rows and
       as many held-out rows, drawn at random (None: every row); the metrics say which.
+    - `train_fraction` < 1 trains on that fraction of the other images (nested subsets: 10% lies inside 25%,
+      chosen by `holdout_seed`; the held-out images stay the same), with the number of training samples of
+      the whole split (`epochs` count passes over all of it), so only the amount of data changes.
     - `architecture` names a SAELens-registered training SAE class (`register_sae_training_class`) and
       `sae_cfg_kwargs` its extra config fields (e.g. `w_aux`); `with_labels=True` makes the data provider
       yield `(acts, labels)`, for a `trainer_cls` that uses them.
@@ -325,6 +330,7 @@ class TrainConfig:
     with_labels: bool = False
     log_to_wandb: bool = False
     eval_rows: int | None = DEFAULT_EVAL_ROWS
+    train_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.total_training_samples is not None and self.epochs is not None:
@@ -335,6 +341,8 @@ class TrainConfig:
                                             and math.isfinite(d) and d > 0)):
             raise UsageError(f"decoder_init_norm must be a positive number, None or 'auto', got {d!r}",
                              arguments=("decoder_init_norm",))
+        if not 0 < self.train_fraction <= 1:
+            raise UsageError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         check_training_args(**self.checked())
 
     def checked(self) -> dict[str, Any]:
@@ -402,6 +410,8 @@ def train_sae(
     total_training_samples = c.total_training_samples
     if total_training_samples is None:
         total_training_samples = int((10 if c.epochs is None else c.epochs) * len(train_rows))
+    if c.train_fraction < 1:
+        train_rows = image_subset(cache, train_rows, c.train_fraction, c.holdout_seed)
     n_steps = total_training_samples // c.batch_size
     if n_steps < 1:
         raise UsageError(f"{total_training_samples} training samples make no batch of {c.batch_size}")
@@ -423,6 +433,7 @@ def train_sae(
         aux_loss_coefficient=c.aux_loss_coefficient,
         buffer_size=c.buffer_size, with_labels=c.with_labels, device=c.device,
         sae_cfg_kwargs=dict(c.sae_cfg_kwargs or {}),
+        train_fraction=c.train_fraction if c.train_fraction < 1 else None,
         hook_name_out=hook_out, d_out=cache.d_in(hook_out) if hook_out is not None else None,
     )
     run = RunControl(resume=resume, overwrite=overwrite, log_to_wandb=c.log_to_wandb, trainer_cls=trainer_cls,
