@@ -234,6 +234,13 @@ def resolve_fvu_threshold(args: argparse.Namespace, sae, model=None) -> tuple[fl
     return tau, {"fvu_quantile": args.fvu_quantile, "reference_cache": str(args.reference_cache)}
 
 
+def gate_reference(args: argparse.Namespace) -> dict[str, Any]:
+    """The gate's quantile and reference store, for the FVU-decile analysis's quantiles (one store only)."""
+    ref = getattr(args, "reference_cache", None)
+    return {"fvu_quantile": getattr(args, "fvu_quantile", None),
+            **({"fvu_reference": ref} if ref and "," not in str(ref) else {})}
+
+
 def default_out(args: argparse.Namespace, prefix: str) -> Path:
     """`runs/<prefix>_<dataset>_<split>` (known before any data is loaded)."""
     name = args.dataset.replace("/", "_").replace(":", "_").replace(",", "+")
@@ -296,13 +303,13 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate_members(model, data.members, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                                templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
                                num_workers=args.num_workers, show_progress=not args.no_progress,
-                               options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config,
+                               options={"layer_saes": layer_saes, **gate_reference(args), **retrieval_options(args)}, config=config,
                                gate_methods=gated, text_cache=resolve_text_cache(args))
         return save_members(res, folder, setup_s, plots=not args.no_plots) if distributed.is_main() else 0
     result = evaluate(model, data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                       templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
                       num_workers=args.num_workers, show_progress=not args.no_progress,
-                      options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config,
+                      options={"layer_saes": layer_saes, **gate_reference(args), **retrieval_options(args)}, config=config,
                       gate_methods=gated, text_cache=resolve_text_cache(args))
     if not distributed.is_main():
         return 0  # the other ranks helped with the backbone pass; rank 0 reports and writes

@@ -106,12 +106,18 @@ class EvaluationResult:
         out = folder.path if folder is not None else Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = {"json": write_json_atomic(out / RESULTS_FILE, self.to_json(), indent=2, default=json_default)}
-        written["table"] = write_text_atomic(out / "results.md", self.table("markdown") + "\n")
+        from . import fvu_harm
+
+        harm = {label: s.info["fvu_harm"] for label, s in self.methods.items() if s.info.get("fvu_harm")}
+        text = self.table("markdown") + "".join("\n\n" + fvu_harm.markdown(k, a) for k, a in harm.items())
+        written["table"] = write_text_atomic(out / "results.md", text + "\n")
         if plots:
             for label in self.methods:
                 if label != "zeroshot":
                     path = out / f"per_class_{_safe_name(label)}.png"
                     written[f"plot:{label}"] = plot_per_class_changes(self, label, path, n_classes_plot)
+            for label, a in harm.items():
+                written[f"plot:fvu_deciles_{label}"] = fvu_harm.plot(label, a, out / f"fvu_deciles_{_safe_name(label)}.png")
         if folder is not None:
             for p in written.values():
                 folder.add(p)

@@ -41,6 +41,9 @@ from .results import EvaluationResult, MethodScores, SweepResult
 from .tokens import cache_hook_tokens, hook_cut, make_tower_tail
 
 
+FVU_HARM_METHODS = ("vs2", "vs2_ens")  # rows whose per-image flips are set against FVU (results: fvu_harm)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One row of the results: a registered method with its settings, under a row label."""
@@ -190,8 +193,30 @@ class Evaluator:
             self.ctx.classifier = self.classifier
         if method.uses_labels:
             info = {**info, "uses_labels": method.uses_labels}
+        if spec.method in FVU_HARM_METHODS and self.sae is not None:  # does FVU predict when steering hurts?
+            info = {**info, "fvu_harm": self._fvu_harm(result, protocol, settings)}
         return _scores(result, self.zeroshot, coverage, _json_settings(settings, method), time.perf_counter() - t0, info,
                        protocol, self.zeroshot_under(protocol))
+
+    def _fvu_harm(self, result: ZeroShotResult, protocol: Protocol, settings: dict[str, Any]) -> dict[str, Any]:
+        """Per-image FVU against VS2's flips (vs zero-shot with the same prompts): `fvu_harm.py`."""
+        from ..training.fvu import per_sample_fvu, per_sample_fvu_on_cache
+        from .fvu_harm import fvu_harm
+
+        sae, scratch = self.sae, self.ctx.scratch
+        if "eval_fvu" not in scratch:
+            x = self.cached.cls_ND
+            scratch["eval_fvu"] = torch.cat([per_sample_fvu(c.to(sae.device), sae).double().cpu()
+                                             for c in x.split(self.ctx.batch_size)]).numpy()
+        if "reference_fvu" not in scratch:  # the unlabeled training rows the gate is calibrated on, if given
+            ref = self.ctx.options.get("fvu_reference") or self.ctx.options.get("pool_cache")
+            try:
+                scratch["reference_fvu"] = None if ref is None else per_sample_fvu_on_cache(sae, ref, self.cached.hook_name)
+            except (KeyError, ValueError, OSError):  # another hook or no such store: no reference quantile
+                scratch["reference_fvu"] = None
+        return fvu_harm(scratch["eval_fvu"], self.zeroshot_under(protocol).predictions, result.predictions,
+                        self.labels_N.cpu().numpy(), settings.get("fvu_threshold"), scratch["reference_fvu"],
+                        used_quantile=self.ctx.options.get("fvu_quantile"))
 
     def _score_pass(self, method: Method, settings: dict[str, Any], clf: ZeroShotClassifier,
                     ) -> tuple[ZeroShotResult, float, dict[str, Any]]:
