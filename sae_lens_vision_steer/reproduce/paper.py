@@ -66,7 +66,7 @@ def paper_grid() -> Grid:
             for row in REVIEWER_ROWS:
                 needs_sae = row.startswith("vs2pp")
                 add("reviewers", row, ds, bb, row, sae if needs_sae else None,
-                    templates="none" if row == "linear_probe" else SINGLE)
+                    templates=None if row in ("knn_vote_oracle", "linear_probe") else SINGLE)  # None: no prompts
     for ds in MAIN_DATASETS:  # v3: ViT-L/14
         add("vitl14", "zeroshot", ds, "ViT-L-14", "zeroshot")
         add("vitl14", "vs2", ds, "ViT-L-14", "vs2", sae)
