@@ -200,14 +200,16 @@ class Evaluator:
 
     def _fvu_harm(self, result: ZeroShotResult, protocol: Protocol, settings: dict[str, Any]) -> dict[str, Any]:
         """Per-image FVU against VS2's flips (vs zero-shot with the same prompts): `fvu_harm.py`."""
-        from ..training.fvu import per_sample_fvu, per_sample_fvu_on_cache
+        from ..sae.metadata import activation_mean
+        from ..training.fvu import fvu_of_reconstruction, per_sample_fvu_on_cache
         from .fvu_harm import fvu_harm
+        from .methods.builtin import sae_reconstruction
 
         sae, scratch = self.sae, self.ctx.scratch
-        if "eval_fvu" not in scratch:
-            x = self.cached.cls_ND
-            scratch["eval_fvu"] = torch.cat([per_sample_fvu(c.to(sae.device), sae).double().cpu()
-                                             for c in x.split(self.ctx.batch_size)]).numpy()
+        if "eval_fvu" not in scratch:  # from the reconstruction VS2 already made (no second SAE pass)
+            x = self.cached.cls_ND.to(sae.device, sae.dtype)
+            rec = sae_reconstruction(self.cached.cls_ND, self.ctx, sae)
+            scratch["eval_fvu"] = fvu_of_reconstruction(x, rec.to(x.dtype), activation_mean(sae).to(x)).double().cpu().numpy()
         if "reference_fvu" not in scratch:  # the unlabeled training rows the gate is calibrated on, if given
             ref = self.ctx.options.get("fvu_reference") or self.ctx.options.get("pool_cache")
             try:
