@@ -93,7 +93,8 @@ def markdown(label: str, a: dict[str, Any]) -> str:
                      f"{_f(d['harm_rate'], '.1f')} | {_f(d['help_rate'], '.1f')} | {_f(d['net'], '+.1f')} |")
     sugg = (f"Suggested gate: tau = {s['tau']:.4f} (steer FVU <= tau: {s['net_images']:+d} images, "
             f"{s['net_points']:+.2f} points; the {s['eval_quantile']:.2f} quantile of the evaluation FVU"
-            + (f", the {s['reference_quantile']:.3f} quantile of the reference FVU" if "reference_quantile" in s else "")
+            + (f", the {s['reference_quantile']:.3f} quantile of the reference FVU"
+               if "reference_quantile" in s else "")
             + "). Gate used: " + ("none" if u["tau"] is None else f"tau = {u['tau']:.4f}"
                                   + (f" (quantile {u['quantile']:g})" if u.get("quantile") is not None else "")
                                   + (f", the {u['reference_quantile']:.3f} quantile of the reference FVU"

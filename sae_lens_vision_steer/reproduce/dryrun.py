@@ -161,7 +161,8 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
     out.lines.append(f"  activation caches to compute: {len(caches)}; SAE trainings: {len(saes)}")
     out.lines.append("  backbone passes over a split: " + ", ".join(f"{b} {n}" for b, n in sorted(passes.items()))
                      + f" (total {sum(passes.values())}, {image_passes:,} image forwards"
-                     + (f"; 64-view cells (TPT, C-TPT, ZERO, VS2 + Ens + Aug): {n_tpt}, {facts()['tpt']['views']} views per "
+                     + (f"; 64-view cells (TPT, C-TPT, ZERO, VS2 + Ens + Aug): {n_tpt}, "
+                        f"{facts()['tpt']['views']} views per "
                         "image" if n_tpt else "") + ")")
     views = facts()["tpt"]["views"]
     out.lines.append("  rows to run, by method (prompts; image forwards of their own: 64-view methods count "
@@ -187,7 +188,8 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
     out.summary = {"cells": n_cells, "declared_cells": len(grid.cells), "eval_groups": n_eval_groups,
                    "caches": len(caches), "sae_trainings": len(saes), "backbone_passes": passes,
                    "image_forwards": image_passes, "estimated_seconds": total_s, "sae_seconds": sae_s,
-                   "not_estimated": unknown_s, "rows_by_method": {f"{m} ({p})": len(v) for (m, p), v in by_method.items()},
+                   "not_estimated": unknown_s,
+                   "rows_by_method": {f"{m} ({p})": len(v) for (m, p), v in by_method.items()},
                    "download_mb_known": dl_known, "download_unknown": dl_unknown,
                    "costs": costs.label}
     return out
@@ -221,7 +223,10 @@ def redefined(grid: Grid, root: Path | None, sizes: Sizes, done: set[Any]) -> li
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return json.loads(json.dumps(a, sort_keys=True, default=str)) == json.loads(json.dumps(b, sort_keys=True, default=str))
+    def norm(d: dict[str, Any]) -> Any:
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    return norm(a) == norm(b)
 
 
 def cell_complete(folder: Path) -> bool:

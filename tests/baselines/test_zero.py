@@ -18,7 +18,6 @@ from sae_lens_vision_steer.core.errors import UsageError
 from sae_lens_vision_steer.data.base import ImageFolderDataset
 from sae_lens_vision_steer.evaluation import MethodSpec, evaluate
 from sae_lens_vision_steer.steering import VS2Steering
-from sae_lens_vision_steer.zeroshot.classifier import ZeroShotClassifier
 
 
 def reference_zero(logits_VC: torch.Tensor, n_kept: int) -> int:

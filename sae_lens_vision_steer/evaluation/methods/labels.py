@@ -4,7 +4,7 @@
 |---|---|---|
 | `knn_vote` | the majority pseudo-label of the N neighbours VS2++ retrieves | none (CLIP's pseudo-labels) |
 | `knn_vote_oracle` | the majority TRUE label of those neighbours | the training split's |
-| `linear_probe` | logistic regression on the training split's image embeddings (`baselines/linear_probe.py`) | the training split's |
+| `linear_probe` | logistic regression on the training split's image embeddings | the training split's |
 
 The votes use the run's shared pool and neighbours (`pool.py`: the same index, the same N, the same
 retrieval embedding as VS2++), so they add no retrieval. A tie in counts goes to the label whose first

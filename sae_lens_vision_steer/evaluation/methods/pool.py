@@ -259,7 +259,8 @@ def query_embeds(ctx: MethodContext, n_queries: int) -> tuple[torch.Tensor, torc
     return clip, ctx.scratch["vs2pp_query_retrieval"]
 
 
-def shared_neighbours(ctx: MethodContext, pool: RetrievalPool, n: int, n_queries: int) -> tuple[Neighbours, dict[str, Any]]:
+def shared_neighbours(ctx: MethodContext, pool: RetrievalPool, n: int, n_queries: int,
+                      ) -> tuple[Neighbours, dict[str, Any]]:
     """The evaluation set's neighbours, searched once per (pool, n) and shared by all methods."""
     key = ("vs2pp_neighbours", id(pool.index), n)
     if key not in ctx.scratch:
