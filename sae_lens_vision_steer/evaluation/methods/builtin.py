@@ -1,5 +1,6 @@
-"""The built-in methods: zero-shot, VS2 (and VS2 + Ens, `vs2_ens`), SAE-rec final (+gamma), SAE-rec all, and VS2 at the last n
-blocks (the paper's layer ablation; SAEs in `options["last_n_saes"]`, ordered from block n - len to n - 1)."""
+"""The built-in methods: zero-shot, VS2 (and VS2 + Ens, `vs2_ens`), SAE-rec final (+gamma), SAE-rec all, and
+VS2 at the last n blocks (the paper's layer ablation; SAEs in `options["last_n_saes"]`, ordered from block
+n - len to n - 1)."""
 
 from __future__ import annotations
 

@@ -94,13 +94,15 @@ def _vs2pp(tokens_ND: torch.Tensor, ctx: MethodContext, rule: str, method: str, 
     return MethodOutput(tokens=torch.cat(steered), coverage=mask.float().mean().item(), info=info)
 
 
-@register_method("vs2pp", prepare=check_pool_options, reads_pool=True, description="VS2++: retrieval-guided VS2, S+ = neighbours sharing the query's pseudo-label")
+@register_method("vs2pp", prepare=check_pool_options, reads_pool=True,
+                 description="VS2++: retrieval-guided VS2, S+ = neighbours sharing the query's pseudo-label")
 def _vs2pp_query(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM, gamma: float = PAPER_GAMMA,
                  fvu_threshold: float | None = None, preserve_norm: bool = True, **_: Any) -> MethodOutput:
     return _vs2pp(tokens_ND, ctx, "query", "vs2pp", lam, gamma, fvu_threshold, preserve_norm)
 
 
-@register_method("vs2pp_majority", prepare=check_pool_options, reads_pool=True, description="VS2++ with S+ = neighbours carrying the majority pseudo-label")
+@register_method("vs2pp_majority", prepare=check_pool_options, reads_pool=True,
+                 description="VS2++ with S+ = neighbours carrying the majority pseudo-label")
 def _vs2pp_majority(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM,
                     gamma: float = PAPER_GAMMA, fvu_threshold: float | None = None, preserve_norm: bool = True,
                     **_: Any) -> MethodOutput:
@@ -145,7 +147,8 @@ def _clip_steer_query(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> 
     return _clip_steer(tokens_ND, ctx, "query", "clip_steer")
 
 
-@register_method("clip_steer_oracle", prepare=check_pool_options, reads_pool=True, needs_sae=False, uses_eval_labels=True,
+@register_method("clip_steer_oracle", prepare=check_pool_options, reads_pool=True, needs_sae=False,
+                 uses_eval_labels=True,
                  description="CLIP-steer ORACLE upper bound: S+ = neighbours with the query's TRUE label")
 def _clip_steer_oracle(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     return _clip_steer(tokens_ND, ctx, "oracle", "clip_steer_oracle")
@@ -180,7 +183,8 @@ def _weighted_rag_all(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> 
     return _weighted_rag(tokens_ND, ctx, False, "weighted_rag")
 
 
-@register_method("weighted_rag_oracle", prepare=check_pool_options, reads_pool=True, needs_sae=False, uses_eval_labels=True,
+@register_method("weighted_rag_oracle", prepare=check_pool_options, reads_pool=True, needs_sae=False,
+                 uses_eval_labels=True,
                  description="weighted RAG ORACLE upper bound: only neighbours with the query's TRUE label")
 def _weighted_rag_oracle(tokens_ND: torch.Tensor, ctx: MethodContext, **_: Any) -> MethodOutput:
     return _weighted_rag(tokens_ND, ctx, True, "weighted_rag_oracle")
