@@ -318,7 +318,7 @@ class GridRunner:
 def _labels_note(info: dict[str, Any]) -> str | None:
     """What labels a row read besides none: the evaluation labels (an oracle) or the training split's."""
     if info.get("oracle_upper_bound"):
-        return "evaluation labels (oracle upper bound)"
+        return "evaluation labels: an oracle upper bound"
     return info.get("uses_labels")
 
 

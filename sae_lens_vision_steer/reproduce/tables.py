@@ -28,7 +28,7 @@ TITLES = {
     "lam_gamma": "VS2 lambda x gamma", "layers": "Steering the last 1/2/3 layers", "gate": "FVU gate quantile",
     "pass_waux": "PASS w_aux trade-off", "width_k": "SAE width and k (Table 8)", "vs2pp_n": "VS2++ neighbours N",
     "reviewers": "The reviewers' baselines: the neighbours' label vote and a linear probe, next to VS2++",
-    "data_fraction": "VS2's gain against the amount of SAE training data (ViT-B/32, CIFAR-100)",
+    "data_fraction": "VS2's gain and the SAE's FVU against the amount of SAE training data",
 }
 REFERENCE_ROW = "open_clip zero-shot (reference)"
 PROMPTS = {"single": "single", "ensemble": "ensemble", "none": "none"}
@@ -56,7 +56,7 @@ def declared_labels(cell: Any) -> str | None:
         m = get_method(cell.method)
     except UnknownNameError:
         return None
-    return "evaluation labels (oracle upper bound)" if m.uses_eval_labels else m.uses_labels
+    return "evaluation labels: an oracle upper bound" if m.uses_eval_labels else m.uses_labels
 
 
 @lru_cache(maxsize=1)
