@@ -110,7 +110,7 @@ def build_rows(grid: Grid, states: dict[Any, dict[str, Any] | None]) -> list[Tab
         paper = fact["value"] if fact else None
         diff = ours - paper if isinstance(paper, (int, float)) and ours is not None else None
         prompts = st.get("prompts") if status == "done" and st.get("prompts") else declared_prompts(e.cell)
-        labels = st.get("labels") if status == "done" and "labels" in st else declared_labels(e.cell)
+        labels = declared_labels(e.cell) or st.get("labels")  # the method's registration says what it reads
         rows.append(TableRow(e.table, e.row, e.column, e.metric, status, ours, paper, diff, st.get("error"),
                              fact["paper_table"] if fact else None, prompts, labels))
     seen = set()  # open_clip's reference row under every zero-shot row that has one
