@@ -304,3 +304,17 @@ def test_bad_requests_are_refused_with_the_reason(tmp_path, capsys):
         assert main(["reproduce", "--out", str(tmp_path / "out"), "--dry-run", *extra]) == code
         assert text in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_rows_needing_a_training_split_are_refused_where_there_is_none():
+    from sae_lens_vision_steer.reproduce import make_plan
+
+    bb = Backbone("ViT-B-32", "ViT-B-32", None, random_weights=True, model_kwargs=json.dumps(TINY_CLIP_KWARGS))
+    ood = DataSource("eurosat", "eurosat", train_split=None)
+    cells = [Cell("eurosat", "ViT-B-32", m, templates=t) for m, t in (("linear_probe", None), ("knn_vote", "single"),
+                                                                        ("zeroshot", "single"))]
+    grid = Grid((bb,), (ood,), tuple(Entry("t", c.method, "eurosat/ViT-B-32", c) for c in cells))
+    plan, bad = make_plan(grid, Sizes())
+    assert "linear_probe trains on the training split; 'eurosat' has none" in bad[cells[0]]
+    assert "knn_vote retrieves from the training split; 'eurosat' has none" in bad[cells[1]]
+    assert cells[2] not in bad and [c.method for g in plan.groups for c in g.cells] == ["zeroshot"]
