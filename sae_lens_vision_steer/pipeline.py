@@ -261,7 +261,7 @@ def run_pipeline(cfg: PipelineConfig, model: Any, log: Callable[[str], None] = p
             model, eval_data, sae, list(cfg.methods), **steer, fvu_threshold=tau,
             templates=cfg.templates, hook_name=hook, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
             show_progress=cfg.show_progress, gate_methods=list(cfg.gate_methods), text_cache=cfg.text_cache,
-            options={"pool_cache": str(store.root), **cfg.options},
+            options={"pool_cache": str(store.root), "fvu_quantile": cfg.fvu_quantile, **cfg.options},
             config={"sae_path": str(trained.out_dir), **cfg.record, **gate_cfg})
     stages["eval_s"] = time.perf_counter() - t
     written: dict[str, Path] = {}

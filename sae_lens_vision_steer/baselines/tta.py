@@ -25,22 +25,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.errors import InputError, UsageError
 from .prompt_tuning import DEFAULT_CTX_INIT, PromptContextEncoder, atfd
+from .views import IMAGENET_STYLE, Augment, TPTViews, ViewSet, resolve_augment, view_loader  # noqa: F401 (re-exported)
 
-Augment = Literal["auto", "crop", "augmix"]
-# TPT's rule (`augmix=len(set_id) > 1` in its code): ImageNet and its variants get random resized crops
-# only, the fine-grained / cross-data-set benchmarks get AugMix on top.
-IMAGENET_STYLE = ("tiny-imagenet", "imagenet", "imagenet-1k", "imagenet-a", "imagenet-r", "imagenet-v2",
-                  "imagenet-sketch")
 CTPT_LAMBDA = 50.0  # C-TPT's lambda (its scripts: --lambda_term 50)
 
 
@@ -71,65 +66,6 @@ class TPTConfig:
     @property
     def n_selected(self) -> int:
         return max(1, int(self.n_views * self.selection_p))
-
-
-def resolve_augment(augment: Augment, dataset_id: str | None) -> Literal["crop", "augmix"]:
-    if augment != "auto":
-        return augment
-    return "crop" if (dataset_id or "").lower() in IMAGENET_STYLE else "augmix"
-
-
-class TPTViews:
-    """PIL image -> `[n_views, 3, H, W]`: view 0 is `preprocess(image)` (what zero-shot sees), the rest
-    `preprocess(flip(random_resized_crop(image)))`, with torchvision's AugMix (TPT's nine operations,
-    `all_ops=False`) on the crop for `augment="augmix"`. Built on torchvision's transforms."""
-
-    def __init__(self, preprocess: Callable[[Any], torch.Tensor], image_size: int | Sequence[int], n_views: int,
-                 augment: Literal["crop", "augmix"]):
-        from torchvision import transforms as T
-
-        size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (int(image_size), int(image_size))
-        ops = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
-        if augment == "augmix":
-            ops.append(T.AugMix(all_ops=False))
-        self.preprocess, self.augment, self.n_views, self.image_size = preprocess, T.Compose(ops), n_views, size
-        self.kind = augment
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        views = [self.preprocess(image)] + [self.preprocess(self.augment(image)) for _ in range(self.n_views - 1)]
-        return torch.stack(views)
-
-
-class ViewSet(Dataset):
-    """The evaluation set's images as TPT view stacks, in the data set's order (bad images: None, as
-    `ImageDataset.__getitem__` gives them). Each item's randomness is seeded by its position."""
-
-    def __init__(self, data: Any, views: TPTViews, seed: int):
-        self.data, self.views, self.seed = data, views, seed
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int, int] | None:
-        from ..data.base import BadImageError
-
-        i = int(self.data.indices[idx]) if self.data.indices is not None else idx
-        try:
-            image = self.data.load_image(i)
-        except BadImageError:
-            if self.data.skip_bad_images:
-                return None
-            raise
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + idx)
-            return self.views(image), self.data.label(idx), idx
-
-
-def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    kept = [it for it in items if it is not None]
-    if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), len(items)
-    return torch.stack([it[0] for it in kept]), torch.tensor([it[1] for it in kept]), len(items) - len(kept)
 
 
 # ---------------------------------------------------------------------------------- the TPT step
@@ -210,12 +146,7 @@ def run_tpt(model: Any, data: Any, classnames: Sequence[str], cfg: TPTConfig = T
     scale = float(model.logit_scale)
     per_load = max(1, batch_size // cfg.n_views)
     images_per_step = images_per_step or max(1, 1024 // len(classnames))
-    viewset = ViewSet(data, views, cfg.seed)
-    # Under torchrun each rank tunes its block of the image grid; the logits are gathered in order below.
-    grid = dict(batch_sampler=distributed.batch_block(len(viewset), per_load)) if distributed.active() else \
-        dict(batch_size=per_load, shuffle=False)
-    loader = DataLoader(viewset, num_workers=num_workers, collate_fn=_collate,
-                        prefetch_factor=4 if num_workers > 0 else None, **grid)
+    loader = view_loader(data, views, cfg.seed, per_load, num_workers)  # torchrun: this rank's block
     logits, labels, n_skipped = [], [], 0
     t_image = t_text = 0.0
     entropy_before, atfd_before = [], []
@@ -258,5 +189,5 @@ def run_tpt(model: Any, data: Any, classnames: Sequence[str], cfg: TPTConfig = T
     return TPTRun(logits_NC, labels_N, n_skipped, cost)
 
 
-__all__ = ["CTPT_LAMBDA", "IMAGENET_STYLE", "TPTConfig", "TPTRun", "TPTViews", "avg_entropy", "confident_views",
-           "resolve_augment", "run_tpt", "tpt_adapt", "view_entropy"]
+__all__ = ["CTPT_LAMBDA", "IMAGENET_STYLE", "TPTConfig", "TPTRun", "TPTViews", "ViewSet", "avg_entropy",
+           "confident_views", "resolve_augment", "run_tpt", "tpt_adapt", "view_entropy"]

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import MissingInputError, UsageError
+from ..core.errors import MissingInputError, UnknownNameError, UsageError
 from .common import (
     abspath,
     add_data_args,
@@ -58,7 +58,10 @@ def add_steering_args(p: argparse.ArgumentParser, with_sae: bool = True, sae_req
     g.add_argument("--gate-methods", default="vs2",
                    help="comma-separated methods the FVU gate applies to (the paper gates VS2 only)")
     g.add_argument("--templates", default=None,
-                   help="template set: cifar (18), imagenet (80), cub, single; default: the data set's CLIP set")
+                   help="the run's prompt templates (the zero-shot row, vs2 and the other rows without a protocol of "
+                        "their own): cifar (18), imagenet (80), cub, single, or ensemble (the data set's own set, the "
+                        "default); vs2_ens, prompt_ensemble always use the ensemble, zeroshot_single, tpt, ctpt and "
+                        "zero the single prompt")
     add_text_cache_args(g)
 
 
@@ -149,7 +152,13 @@ def split_list(text: str | None, cast: Any = str) -> list[Any]:
 
 
 def check_steering_values(args: argparse.Namespace) -> None:
-    """lam, gamma and the gate settings, before anything is loaded."""
+    """lam, gamma, the gate settings and the template set, before anything is loaded."""
+    from ..evaluation.protocol import check_templates_name
+
+    try:
+        check_templates_name(getattr(args, "templates", None))
+    except UnknownNameError as e:
+        raise UnknownNameError(f"--templates: {e}") from None
     if args.fvu_threshold is not None and args.fvu_quantile is not None:
         raise UsageError("give --fvu-threshold or --fvu-quantile, not both")
     if args.fvu_quantile is not None and not 0 <= args.fvu_quantile <= 1:
@@ -225,6 +234,13 @@ def resolve_fvu_threshold(args: argparse.Namespace, sae, model=None) -> tuple[fl
     return tau, {"fvu_quantile": args.fvu_quantile, "reference_cache": str(args.reference_cache)}
 
 
+def gate_reference(args: argparse.Namespace) -> dict[str, Any]:
+    """The gate's quantile and reference store, for the FVU-decile analysis's quantiles (one store only)."""
+    ref = getattr(args, "reference_cache", None)
+    return {"fvu_quantile": getattr(args, "fvu_quantile", None),
+            **({"fvu_reference": ref} if ref and "," not in str(ref) else {})}
+
+
 def default_out(args: argparse.Namespace, prefix: str) -> Path:
     """`runs/<prefix>_<dataset>_<split>` (known before any data is loaded)."""
     name = args.dataset.replace("/", "_").replace(":", "_").replace(",", "+")
@@ -287,13 +303,13 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate_members(model, data.members, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                                templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
                                num_workers=args.num_workers, show_progress=not args.no_progress,
-                               options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config,
+                               options={"layer_saes": layer_saes, **gate_reference(args), **retrieval_options(args)}, config=config,
                                gate_methods=gated, text_cache=resolve_text_cache(args))
         return save_members(res, folder, setup_s, plots=not args.no_plots) if distributed.is_main() else 0
     result = evaluate(model, data, sae, methods, lam=args.lam, gamma=args.gamma, fvu_threshold=tau,
                       templates=args.templates, hook_name=args.hook, batch_size=args.batch_size,
                       num_workers=args.num_workers, show_progress=not args.no_progress,
-                      options={"layer_saes": layer_saes, **retrieval_options(args)}, config=config,
+                      options={"layer_saes": layer_saes, **gate_reference(args), **retrieval_options(args)}, config=config,
                       gate_methods=gated, text_cache=resolve_text_cache(args))
     if not distributed.is_main():
         return 0  # the other ranks helped with the backbone pass; rank 0 reports and writes

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sweep")
     g.add_argument("--lams", default="1,1.5,2,2.5,3", help="comma-separated lambda values")
     g.add_argument("--gammas", default="1.25,1.5,1.75,2,2.5", help="comma-separated gamma values")
-    g.add_argument("--sweep-method", default="vs2", choices=["vs2", "vs2pp", "vs2pp_majority", "vs2pp_oracle"],
+    g.add_argument("--sweep-method", default="vs2", choices=["vs2", "vs2_ens", "vs2pp", "vs2pp_majority", "vs2pp_oracle"],
                    help="method swept over the grid (VS2++ ones need --pool-cache; the pool must not be the "
                         "selection split)")
     g.add_argument("--select-on", choices=["eval", "train-holdout"], default="eval",
@@ -81,11 +81,9 @@ ARGUMENT_FLAGS = {"select_on": "--select-on"}
 def run(args: argparse.Namespace) -> int:
     from ..core import distributed
     from ..core.outputs import prepare_output_dir
-    from ..data.ood import dataset_templates
-    from ..data.resources import DEFAULT_TEMPLATES
     from ..evaluation import plot_sweep_heatmap
     from ..evaluation.selection import EVAL_SELECTION_WARNING, SweepConfig, holdout_split, select_steering
-    from ..zeroshot.classifier import ZeroShotClassifier
+    from ..evaluation.protocol import protocol_of, run_classifier
 
     check_steering_values(args)
     retrieval_backbone_options(args)  # --retrieval-* flags without --retrieval-backbone: refused now
@@ -105,9 +103,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     data = load_data(args, model)
     tau, gate_cfg = resolve_fvu_threshold(args, sae, model)
-    templates = args.templates or dataset_templates(data, DEFAULT_TEMPLATES.get(data.dataset_id, "single"))
-    classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show,
-                                    text_cache=resolve_text_cache(args))
+    classifier = run_classifier(model, data, args.templates, show, resolve_text_cache(args))
+    templates = protocol_of(classifier).record()
     select_data = None
     if args.select_on == "train-holdout":
         from ..data import load_image_dataset

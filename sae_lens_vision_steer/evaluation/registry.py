@@ -49,6 +49,9 @@ class MethodContext:
     scratch: dict[str, Any] = field(default_factory=dict)
     zeroshot_embeds_NE: torch.Tensor | None = None  # plain CLIP image embeddings of the evaluation set
     oracle_labels_N: torch.Tensor | None = None
+    # `classifier` is the head of the row being scored (its own prompt protocol); `run_classifier` the
+    # run's (`--templates`), which the zero-shot row uses.
+    run_classifier: ZeroShotClassifier | None = None
 
     def require_sae(self, method: str) -> SAE:
         if self.sae is None:
@@ -65,6 +68,12 @@ class Method:
     uses_eval_labels: bool = False  # oracle methods: read the evaluation labels (never label-free)
     description: str = ""
     prepare: Callable[["MethodContext"], None] | None = None  # checks run before the backbone pass
+    # The prompt protocol the method is defined with (`protocol.py`): None = the run's `--templates`,
+    # "ensemble" = the data set's own ensemble, "single", a set name, or "none" (no text head).
+    templates: str | None = None
+    gate_as: str | None = None  # gated when this method is (`vs2_ens` is gated with `vs2`)
+    uses_labels: str | None = None  # labels it reads besides the evaluation ones, e.g. "training labels"
+    reads_pool: bool = False  # reads `options["pool_cache"]` (the training split's activation cache)
 
 
 METHODS: dict[str, Method] = {}
@@ -72,15 +81,19 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, *, kind: Literal["tokens", "pass"] = "tokens", needs_sae: bool = True,
                     uses_eval_labels: bool = False, description: str = "",
-                    prepare: Callable[["MethodContext"], None] | None = None,
+                    prepare: Callable[["MethodContext"], None] | None = None, templates: str | None = None,
+                    gate_as: str | None = None, uses_labels: str | None = None, reads_pool: bool = False,
                     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: add `fn` to `METHODS` under `name` (replacing an older entry of that name)."""
+    """Decorator: add `fn` to `METHODS` under `name` (replacing an older entry of that name).
+    `templates` is the method's prompt protocol (see `Method`); `uses_labels` names labels it reads
+    other than the evaluation set's (e.g. the training split's, for a linear probe): tables mark it."""
     if kind not in ("tokens", "pass"):
         raise UsageError(f"method kind must be 'tokens' or 'pass', got {kind!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         METHODS[name] = Method(name, fn, kind, needs_sae, uses_eval_labels,
-                               description or (fn.__doc__ or "").strip().split("\n")[0], prepare)
+                               description or (fn.__doc__ or "").strip().split("\n")[0], prepare, templates, gate_as,
+                               uses_labels, reads_pool)
         return fn
 
     return deco

@@ -53,12 +53,27 @@ class MethodScores:
     seconds: float = 0.0
     predictions: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    templates: str | list[str] | None = None  # the row's prompt protocol: a set name, the list, or "none"
+    prompts: str = ""  # its short label for tables ("single", "imagenet (80)", ...)
+    n_templates: int | None = None
+    zeroshot_same_prompts: float | None = None  # zero-shot top-1 of the same pass under the row's prompts
+
+    @property
+    def delta_same_prompts(self) -> float | None:
+        """Top-1 minus zero-shot with the same prompts (None for a row without prompts)."""
+        if self.zeroshot_same_prompts is None or not self.n_templates:
+            return None
+        return self.top1 - self.zeroshot_same_prompts
 
     def to_json(self) -> dict[str, Any]:
+        protocol = {} if self.templates is None else {
+            "templates": self.templates, "prompts": self.prompts, "n_templates": self.n_templates,
+            "zeroshot_same_prompts_top1": self.zeroshot_same_prompts,
+            "delta_top1_same_prompts": self.delta_same_prompts}
         return {"top1": self.top1, "top5": self.top5, "mean_per_class": self.mean_per_class,
                 "delta_top1": self.delta_top1, "coverage": self.coverage,
                 "per_class_acc": _nan_to_none(self.per_class_acc), "settings": self.settings,
-                "seconds": self.seconds, **({"info": self.info} if self.info else {})}
+                "seconds": self.seconds, **protocol, **({"info": self.info} if self.info else {})}
 
 
 @dataclass
@@ -91,24 +106,44 @@ class EvaluationResult:
         out = folder.path if folder is not None else Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = {"json": write_json_atomic(out / RESULTS_FILE, self.to_json(), indent=2, default=json_default)}
-        written["table"] = write_text_atomic(out / "results.md", self.table("markdown") + "\n")
+        from . import fvu_harm
+
+        harm = {label: s.info["fvu_harm"] for label, s in self.methods.items() if s.info.get("fvu_harm")}
+        text = self.table("markdown") + "".join("\n\n" + fvu_harm.markdown(k, a) for k, a in harm.items())
+        written["table"] = write_text_atomic(out / "results.md", text + "\n")
         if plots:
             for label in self.methods:
                 if label != "zeroshot":
                     path = out / f"per_class_{_safe_name(label)}.png"
                     written[f"plot:{label}"] = plot_per_class_changes(self, label, path, n_classes_plot)
+            for label, a in harm.items():
+                written[f"plot:fvu_deciles_{label}"] = fvu_harm.plot(label, a, out / f"fvu_deciles_{_safe_name(label)}.png")
         if folder is not None:
             for p in written.values():
                 folder.add(p)
         return written
 
 
+def row_name(label: str, s: MethodScores) -> str:
+    """The row's name in tables: oracles (evaluation labels) and rows that read training labels are marked."""
+    if s.info.get("oracle_upper_bound"):
+        return f"{label} (oracle upper bound)"
+    if s.info.get("uses_labels"):
+        return f"{label} (uses {s.info['uses_labels']})"
+    return label
+
+
 def format_table(rows: Mapping[str, MethodScores], fmt: Literal["text", "markdown"] = "text") -> str:
-    header = ["method", "top-1", "top-5", "mean/class", "Δtop-1", "coverage"]
-    # Rows that read the evaluation labels (VS2++/CLIP-steer/RAG oracles) are marked as upper bounds.
-    body = [[label + (" (oracle upper bound)" if s.info.get("oracle_upper_bound") else ""), f"{s.top1:.2f}",
-             f"{s.top5:.2f}", f"{s.mean_per_class:.2f}", f"{s.delta_top1:+.2f}", f"{s.coverage:.3f}"]
-            for label, s in rows.items()]
+    """Every row with its prompt protocol; Δtop-1 is against the run's zero-shot row, and when some row
+    uses other prompts than the run's, a column gives the change against zero-shot with its own prompts."""
+    header = ["method", "prompts", "top-1", "top-5", "mean/class", "Δtop-1", "coverage"]
+    body = [[row_name(label, s), s.prompts or "-", f"{s.top1:.2f}", f"{s.top5:.2f}", f"{s.mean_per_class:.2f}",
+             f"{s.delta_top1:+.2f}", f"{s.coverage:.3f}"] for label, s in rows.items()]
+    if len({s.prompts for s in rows.values()}) > 1:
+        header.insert(6, "Δ same prompts")
+        for r, s in zip(body, rows.values()):
+            d = s.delta_same_prompts
+            r.insert(6, "-" if d is None else f"{d:+.2f}")
     if any(s.info.get("image_forwards_per_image") for s in rows.values()):  # methods with their own passes (TPT)
         header.append("img fwd/img")
         for r, s in zip(body, rows.values()):

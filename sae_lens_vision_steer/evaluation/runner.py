@@ -28,6 +28,7 @@ from ..sae.splice import HookedCLIP
 from ..steering.hooks import TokenIntervention
 from ..steering.vs2 import PAPER_GAMMA, PAPER_LAM
 from ..zeroshot.classifier import ZeroShotClassifier, ZeroShotResult, accuracy_metrics
+from .protocol import Protocol, Protocols, check_templates_name, resolve, run_classifier
 from .registry import (
     DEFAULT_GATED_METHODS,
     DEFAULT_METHODS,
@@ -38,6 +39,9 @@ from .registry import (
 )
 from .results import EvaluationResult, MethodScores, SweepResult
 from .tokens import cache_hook_tokens, hook_cut, make_tower_tail
+
+
+FVU_HARM_METHODS = ("vs2", "vs2_ens")  # rows whose per-image flips are set against FVU (results: fvu_harm)
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,19 @@ class MethodSpec:
 
 # ---------------------------------------------------------------------------------- the runner
 def _scores(result: ZeroShotResult, base: ZeroShotResult | None, coverage: float, settings: Mapping[str, Any],
-            seconds: float, info: dict[str, Any]) -> MethodScores:
+            seconds: float, info: dict[str, Any], protocol: Protocol | None = None,
+            same: ZeroShotResult | None = None) -> MethodScores:
+    """A row's scores. `base` is the run's zero-shot row (Δtop-1); `same` zero-shot under the row's own
+    prompt protocol (Δtop-1 against the same prompts)."""
     return MethodScores(
         top1=result.top1, top5=result.top5, mean_per_class=result.mean_per_class,
         delta_top1=result.top1 - (base.top1 if base is not None else result.top1), coverage=coverage,
         per_class_acc=result.per_class_acc, settings=dict(settings), seconds=seconds,
-        predictions=result.predictions, info=info)
+        predictions=result.predictions, info=info,
+        templates=None if protocol is None else protocol.record(),
+        prompts="" if protocol is None else protocol.label,
+        n_templates=None if protocol is None else len(protocol.templates),
+        zeroshot_same_prompts=None if same is None else same.top1)
 
 
 def _as_specs(methods: Iterable[str | MethodSpec]) -> list[MethodSpec]:
@@ -88,10 +99,11 @@ class Evaluator:
         hook_name = hook_name or model.steer_hook
         hook_cut(model, hook_name)  # a hook the runner cannot cache fails before the backbone pass
         self.model, self.data, self.sae, self.classifier = model, data, sae, classifier
+        self.protocols = Protocols(model, data, classifier, show_progress)
         self.default_settings: dict[str, Any] = {"fvu_threshold": fvu_threshold}
         self.gate_methods = tuple(gate_methods)
         self.ctx = MethodContext(model, classifier, sae, hook_name, data, lambda t: t, batch_size, num_workers,
-                                 show_progress, dict(options or {}))
+                                 show_progress, dict(options or {}), run_classifier=classifier)
         for name in dict.fromkeys(prepare):  # each method's own checks, before the backbone pass
             check = get_method(name).prepare
             if check is not None:
@@ -104,6 +116,16 @@ class Evaluator:
         self.ctx.tokens_to_embeds = make_tower_tail(model, self.cached, batch_size)
         self.ctx.zeroshot_embeds_NE = self.ctx.tokens_to_embeds(self.cached.cls_ND)
         self.zeroshot: ZeroShotResult = self._classify_embeds(self.ctx.zeroshot_embeds_NE)
+        self._zeroshot_by_templates = {self.protocols.run.templates: self.zeroshot}
+
+    def zeroshot_under(self, protocol: Protocol) -> ZeroShotResult:
+        """Zero-shot of the shared pass under `protocol`'s prompts (the run's zero-shot for no prompts)."""
+        if not protocol.uses_prompts:
+            return self.zeroshot
+        if protocol.templates not in self._zeroshot_by_templates:
+            clf = self.protocols.classifier(protocol)
+            self._zeroshot_by_templates[protocol.templates] = self._classify_embeds(self.ctx.zeroshot_embeds_NE, clf)
+        return self._zeroshot_by_templates[protocol.templates]
 
     @property
     def labels_N(self) -> torch.Tensor:
@@ -122,43 +144,84 @@ class Evaluator:
         """Image embeddings of (edited) hook tokens: the rest of the tower, as every method uses it."""
         return self.ctx.tokens_to_embeds(tokens_ND)
 
-    def _classify_tokens(self, tokens_ND: torch.Tensor) -> ZeroShotResult:
-        return self._classify_embeds(self.ctx.tokens_to_embeds(tokens_ND))
+    def _classify_tokens(self, tokens_ND: torch.Tensor, classifier: ZeroShotClassifier | None = None) -> ZeroShotResult:
+        return self._classify_embeds(self.ctx.tokens_to_embeds(tokens_ND), classifier)
 
-    def _classify_embeds(self, embeds_NE: torch.Tensor) -> ZeroShotResult:
-        return accuracy_metrics(self.classifier.logits(embeds_NE).cpu(), self.labels_N.cpu(), self.cached.n_skipped)
+    def _classify_embeds(self, embeds_NE: torch.Tensor, classifier: ZeroShotClassifier | None = None) -> ZeroShotResult:
+        clf = classifier or self.classifier
+        return accuracy_metrics(clf.logits(embeds_NE).cpu(), self.labels_N.cpu(), self.cached.n_skipped)
+
+    def protocol_for(self, spec: MethodSpec) -> Protocol:
+        """The row's prompt protocol: `settings["templates"]`, else the method's own, else the run's."""
+        return self.protocols.resolve(spec.settings.get("templates") or get_method(spec.method).templates)
 
     @torch.no_grad()
     def score(self, spec: MethodSpec | str) -> MethodScores:
         spec = _as_specs([spec])[0]
         method = get_method(spec.method)
+        protocol = self.protocol_for(spec)
         settings = {**self.default_settings, **spec.settings}
-        if spec.method not in self.gate_methods and "fvu_threshold" not in spec.settings:
+        settings.pop("templates", None)  # the protocol, resolved above: recorded apart from the settings
+        gated = spec.method in self.gate_methods or (method.gate_as is not None and method.gate_as in self.gate_methods)
+        if not gated and "fvu_threshold" not in spec.settings:
             settings["fvu_threshold"] = None  # the gate is per method (the paper gates VS2 only)
         if method.needs_sae:
             self.ctx.require_sae(spec.method)
+        clf = self.protocols.classifier(protocol)
         t0 = time.perf_counter()
         self.ctx.oracle_labels_N = self.labels_N if method.uses_eval_labels else None
+        self.ctx.classifier = clf  # the method sees its own protocol's head (pseudo-labels, TPT's class names)
         try:
             if method.kind == "pass":
-                result, coverage, info = self._score_pass(method, settings)
+                result, coverage, info = self._score_pass(method, settings, clf)
             else:
                 out = method.fn(self.cached.cls_ND, self.ctx, **settings)
                 if not isinstance(out, MethodOutput) or sum(o is not None for o in (out.tokens, out.embeds, out.logits)) != 1:
                     raise TypeError(f"method {spec.method!r} must return a MethodOutput with tokens, embeds or logits")
                 if out.logits is not None:
                     result = accuracy_metrics(out.logits.cpu(), self.labels_N.cpu(), self.cached.n_skipped)
+                elif out.embeds is None:
+                    result = self._classify_tokens(out.tokens, clf)
                 else:
-                    result = self._classify_tokens(out.tokens) if out.embeds is None else self._classify_embeds(out.embeds)
+                    result = self._classify_embeds(out.embeds, clf)
                 coverage, info = out.coverage, out.info
                 if out.image_forwards:  # a method's own forwards (TPT's views), per image in results.json
                     self.n_image_forwards += out.image_forwards
                     info = {**info, "image_forwards_per_image": out.image_forwards / len(self.labels_N)}
         finally:
             self.ctx.oracle_labels_N = None
-        return _scores(result, self.zeroshot, coverage, _json_settings(settings, method), time.perf_counter() - t0, info)
+            self.ctx.classifier = self.classifier
+        if method.uses_labels:
+            info = {**info, "uses_labels": method.uses_labels}
+        if spec.method in FVU_HARM_METHODS and self.sae is not None:  # does FVU predict when steering hurts?
+            info = {**info, "fvu_harm": self._fvu_harm(result, protocol, settings)}
+        return _scores(result, self.zeroshot, coverage, _json_settings(settings, method), time.perf_counter() - t0, info,
+                       protocol, self.zeroshot_under(protocol))
 
-    def _score_pass(self, method: Method, settings: dict[str, Any]) -> tuple[ZeroShotResult, float, dict[str, Any]]:
+    def _fvu_harm(self, result: ZeroShotResult, protocol: Protocol, settings: dict[str, Any]) -> dict[str, Any]:
+        """Per-image FVU against VS2's flips (vs zero-shot with the same prompts): `fvu_harm.py`."""
+        from ..sae.metadata import activation_mean
+        from ..training.fvu import fvu_of_reconstruction, per_sample_fvu_on_cache
+        from .fvu_harm import fvu_harm
+        from .methods.builtin import sae_reconstruction
+
+        sae, scratch = self.sae, self.ctx.scratch
+        if "eval_fvu" not in scratch:  # from the reconstruction VS2 already made (no second SAE pass)
+            x = self.cached.cls_ND.to(sae.device, sae.dtype)
+            rec = sae_reconstruction(self.cached.cls_ND, self.ctx, sae)
+            scratch["eval_fvu"] = fvu_of_reconstruction(x, rec.to(x.dtype), activation_mean(sae).to(x)).double().cpu().numpy()
+        if "reference_fvu" not in scratch:  # the unlabeled training rows the gate is calibrated on, if given
+            ref = self.ctx.options.get("fvu_reference") or self.ctx.options.get("pool_cache")
+            try:
+                scratch["reference_fvu"] = None if ref is None else per_sample_fvu_on_cache(sae, ref, self.cached.hook_name)
+            except (KeyError, ValueError, OSError):  # another hook or no such store: no reference quantile
+                scratch["reference_fvu"] = None
+        return fvu_harm(scratch["eval_fvu"], self.zeroshot_under(protocol).predictions, result.predictions,
+                        self.labels_N.cpu().numpy(), settings.get("fvu_threshold"), scratch["reference_fvu"],
+                        used_quantile=self.ctx.options.get("fvu_quantile"))
+
+    def _score_pass(self, method: Method, settings: dict[str, Any], clf: ZeroShotClassifier,
+                    ) -> tuple[ZeroShotResult, float, dict[str, Any]]:
         made = method.fn(self.ctx, **settings)
         if isinstance(made, TokenIntervention):
             hooks, coverage_fn = made.fwd_hooks(self.model), lambda: made.total_coverage
@@ -166,16 +229,17 @@ class Evaluator:
         else:
             hooks, coverage_fn = list(made), lambda: float("nan")
         if distributed.active():
-            result, coverage_fn = self._distributed_pass(hooks, coverage_fn)
+            result, coverage_fn = self._distributed_pass(hooks, coverage_fn, clf)
         else:
             loader = make_loader(self.data, self.ctx.batch_size, self.ctx.num_workers, self.model.device.type == "cuda")
-            result = self.classifier.evaluate(self.model, loader, fwd_hooks=hooks, show_progress=self.ctx.show_progress)
+            result = clf.evaluate(self.model, loader, fwd_hooks=hooks, show_progress=self.ctx.show_progress)
         self.n_backbone_passes += 1
         self.n_image_forwards += len(self.labels_N)
         return result, coverage_fn(), {"hooks": [h for h, _ in hooks]}
 
 
-    def _distributed_pass(self, hooks: list, coverage_fn: Callable[[], float]) -> tuple[ZeroShotResult, Callable[[], float]]:
+    def _distributed_pass(self, hooks: list, coverage_fn: Callable[[], float], clf: ZeroShotClassifier,
+                          ) -> tuple[ZeroShotResult, Callable[[], float]]:
         """A hooked pass under torchrun: each rank classifies its block of the batch grid, the logits are
         gathered in order and scored once. Coverage is the image-weighted mean of the ranks' coverages
         (equal to one process's up to float rounding)."""
@@ -185,7 +249,7 @@ class Evaluator:
             for batch in tqdm(loader, desc="zero-shot", disable=not self.ctx.show_progress, unit="batch"):
                 n_skipped += batch.n_skipped
                 if len(batch.labels):
-                    logits.append(self.classifier.logits(self.model.encode_image(batch.images.to(self.model.device, non_blocking=True))).cpu())
+                    logits.append(clf.logits(self.model.encode_image(batch.images.to(self.model.device, non_blocking=True))).cpu())
                     labels.append(batch.labels)
         n_mine = sum(len(t) for t in labels)
         cov = coverage_fn() if n_mine else 0.0
@@ -234,20 +298,17 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
     writes `results.json`, `results.md` and per-class plots there. `text_cache`: a folder for the
     class-prompt embeddings (`text_cache.py`), used when no `classifier` is given.
     """
-    from ..data.ood import dataset_templates
-    from ..data.resources import DEFAULT_TEMPLATES
-
     specs = _as_specs(methods)
+    check_templates_name(templates)
     for spec in specs:  # fail before the backbone runs
         if sae is None and get_method(spec.method).needs_sae:
             raise UsageError(f"method {spec.method!r} needs an SAE; give one as sae", arguments=("sae",))
+        resolve(spec.settings.get("templates") or get_method(spec.method).templates, data, Protocol(()))
     if "zeroshot" not in [s.label for s in specs]:
         specs.insert(0, MethodSpec("zeroshot", "zeroshot"))
     t_start = time.perf_counter()
     if classifier is None:
-        templates = templates or dataset_templates(data, DEFAULT_TEMPLATES.get(data.dataset_id, "single"))
-        classifier = ZeroShotClassifier(model, data.classnames, templates, show_progress=show_progress,
-                                        text_cache=text_cache)
+        classifier = run_classifier(model, data, templates, show_progress, text_cache)
     t_text = time.perf_counter() - t_start
     ev = Evaluator(model, data, sae, classifier, hook_name, batch_size, num_workers, show_progress, options,
                    fvu_threshold, gate_methods, prepare=[s.method for s in specs])
@@ -257,7 +318,8 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
         rows[spec.label] = ev.score(spec)
     # Put zero-shot first whatever the order asked for.
     rows = {"zeroshot": rows["zeroshot"], **{k: v for k, v in rows.items() if k != "zeroshot"}}
-    timing = {"text_s": t_text, "text_cache": getattr(classifier, "text_cache_status", "off"), "backbone_s": ev.cached.seconds, "n_backbone_passes": ev.n_backbone_passes,
+    timing = {"text_s": t_text, "text_cache": getattr(classifier, "text_cache_status", "off"),
+              **({"text_cache_protocols": ev.protocols.status} if ev.protocols.status else {}), "backbone_s": ev.cached.seconds, "n_backbone_passes": ev.n_backbone_passes,
               "n_image_forwards": ev.n_image_forwards,
               "methods_s": {k: v.seconds for k, v in rows.items()}, "total_s": time.perf_counter() - t_start,
               "n_images": len(ev.labels_N)}
@@ -268,7 +330,7 @@ def evaluate(model: HookedCLIP, data: ImageDataset, sae: SAE | None,
         "split": data.split, "n_images": len(ev.labels_N), "n_skipped": ev.cached.n_skipped,
         "hook_name": ev.cached.hook_name, "lam": lam, "gamma": gamma, "fvu_threshold": fvu_threshold,
         "gated_methods": gated,
-        "templates": templates if isinstance(templates, (str, type(None))) else list(templates),
+        "templates": ev.protocols.run.record(), "n_templates": len(ev.protocols.run.templates),
         "methods": [s.label for s in specs], **_sae_summary(sae), **(config or {}),
     }
     result = EvaluationResult(cfg, list(data.classnames), rows, timing, ev.labels_N.cpu().numpy())

@@ -162,8 +162,7 @@ def _check_pool(methods: Sequence[Any], pool_cache: Any) -> None:
     from .registry import get_method
 
     names = [getattr(m, "method", m) for m in methods]
-    # The pool methods are the ones registered by evaluation/methods/vs2pp.py (they all read options["pool_cache"]).
-    readers = [n for n in names if get_method(n).fn.__module__.endswith("methods.vs2pp")]
+    readers = [n for n in names if get_method(n).reads_pool]  # VS2++, its baselines, knn_vote, linear_probe
     if readers:
         raise UsageError(f"{', '.join(readers)} retrieve from the pool cache {pool_cache}, a union of data sets "
                          f"({req.get('dataset')}) whose images and labels belong to different data sets; evaluate "

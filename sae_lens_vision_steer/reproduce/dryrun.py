@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .costs import Costs, architecture_profile, facts
+from .grid import Grid, Sizes, definition
+from .tables import declared_prompts
 from .plan import TPT_LIKE, CacheJob, Plan
 
 
@@ -124,6 +126,7 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
     for j in caches.values():
         add_pass(j.backbone, _images(grid.data(j.data).dataset, j.split, sizes.train_limit), f"cache {j.folder}")
     n_eval_groups, n_tpt = 0, 0
+    by_method: dict[tuple[str, str], list[int | None]] = {}  # (method, prompts) -> images per cell to run
     for g in groups:
         src = grid.data(g.data)
         n = _images(src.dataset, src.eval_split, sizes.eval_limit)
@@ -131,6 +134,8 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
         extra = 1 if g.last_n > 1 else 0
         add_pass(g.backbone, n, f"evaluate {g.data}/{g.backbone}", 1 + extra)
         for c in g.cells:
+            if c not in done:
+                by_method.setdefault((c.method, declared_prompts(c)), []).append(n)
             if c.method in TPT_LIKE and c not in done:
                 n_tpt += 1
                 add_pass(g.backbone, n, f"{c.method} {g.data}/{g.backbone}", facts()["tpt"]["views"])
@@ -156,21 +161,72 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
     out.lines.append(f"  activation caches to compute: {len(caches)}; SAE trainings: {len(saes)}")
     out.lines.append("  backbone passes over a split: " + ", ".join(f"{b} {n}" for b, n in sorted(passes.items()))
                      + f" (total {sum(passes.values())}, {image_passes:,} image forwards"
-                     + (f"; TPT/C-TPT cells: {n_tpt}, {facts()['tpt']['views']} views per image" if n_tpt else "") + ")")
+                     + (f"; 64-view cells (TPT, C-TPT, ZERO, VS2 + Ens + Aug): {n_tpt}, "
+                        f"{facts()['tpt']['views']} views per "
+                        "image" if n_tpt else "") + ")")
+    views = facts()["tpt"]["views"]
+    out.lines.append("  rows to run, by method (prompts; image forwards of their own: 64-view methods count "
+                     f"{views} per image, the others share their group's pass):")
+    for (method, prompts), ns in sorted(by_method.items()):
+        own = views if method in TPT_LIKE else 0
+        images = sum(x for x in ns if x is not None)
+        out.lines.append(f"    {method:<16} {prompts:<9} {len(ns):>3} cell(s)"
+                         + (f", {own * images:,} image forwards ({own} per image)" if own else ""))
+    changed = redefined(grid, root, sizes, done)
+    if changed:
+        out.lines.append(f"  rows whose definition changed since their cells finished (recomputed; {len(changed)}):")
+        out.lines += changed
     out.lines.append(f"Estimated time ({costs.where}): {_hms(total_s)} (backbone {_hms(total_s - sae_s)}, SAE training "
                      f"{_hms(sae_s)})" + (f"; not counted (unknown image counts): {len(unknown_s)} item(s)"
                                           if unknown_s else ""))
     out.lines.append(f"  seconds per image: {costs.label}")
     out.lines.append("  text encoding is not counted (cached after the first run; small next to the image passes); "
-                     "TPT's prompt-tuning steps through the text tower are not counted either")
+                     "TPT's prompt-tuning steps through the text tower are not counted either, nor is fitting a linear "
+                     "probe (L-BFGS on the cached training embeddings)")
     out.lines.append(f"Download total: {dl_known:,.0f} MB known" + (f" + unknown size for {', '.join(dl_unknown)}"
                                                                    if dl_unknown else ""))
     out.summary = {"cells": n_cells, "declared_cells": len(grid.cells), "eval_groups": n_eval_groups,
                    "caches": len(caches), "sae_trainings": len(saes), "backbone_passes": passes,
                    "image_forwards": image_passes, "estimated_seconds": total_s, "sae_seconds": sae_s,
-                   "not_estimated": unknown_s, "download_mb_known": dl_known, "download_unknown": dl_unknown,
+                   "not_estimated": unknown_s,
+                   "rows_by_method": {f"{m} ({p})": len(v) for (m, p), v in by_method.items()},
+                   "download_mb_known": dl_known, "download_unknown": dl_unknown,
                    "costs": costs.label}
     return out
+
+
+def redefined(grid: Grid, root: Path | None, sizes: Sizes, done: set[Any]) -> list[str]:
+    """Entries whose cell is to run while a finished cell in `root` is the same computation but for its
+    prompt protocol (`templates`): their definition changed, so they are recomputed. One line each."""
+    if root is None or not (root / "cells").is_dir():
+        return []
+    old = []
+    for p in (root / "cells").glob("*.json"):
+        try:
+            st = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if st.get("status") == "done" and isinstance(st.get("cell"), dict):
+            old.append(st)
+    lines = []
+    for e in grid.entries:
+        if e.cell in done:
+            continue
+        mine = {k: v for k, v in definition(e.cell).items() if k != "templates"}
+        for st in old:
+            theirs = {k: v for k, v in definition(st["cell"]).items() if k != "templates"}
+            if _same(mine, theirs) and st["cell"].get("templates") != e.cell.templates:
+                was = st.get("prompts") or st["cell"].get("templates") or "the data set's ensemble"
+                lines.append(f"    {e.table}/{e.row} {e.column}: prompts {was} -> {declared_prompts(e.cell)}")
+                break
+    return lines
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def norm(d: dict[str, Any]) -> Any:
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    return norm(a) == norm(b)
 
 
 def cell_complete(folder: Path) -> bool:
@@ -185,4 +241,4 @@ def _hms(s: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s"
 
 
-__all__ = ["DryRun", "dry_run"]
+__all__ = ["DryRun", "dry_run", "redefined"]

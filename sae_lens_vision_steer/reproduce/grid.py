@@ -8,7 +8,7 @@ of the layers table) share one cell, so it is computed once. A cell's `key` is a
 decides its numbers (its fields, the backbone's and data set's definitions and the run sizes), so a
 result is reused only for the same request.
 
-`paper_grid()` is the paper's evaluation; `Grid.from_json` reads a custom grid (the test's tiny one).
+`paper.paper_grid()` is the paper's evaluation; `Grid.from_json` reads a custom grid (the test's tiny one).
 """
 
 from __future__ import annotations
@@ -24,24 +24,24 @@ from ..core.fileio import read_json_file
 from ..core.names import safe_component
 from ..models.kwargs import check_file_model_kwargs, parse_model_kwargs
 
-MAIN_DATASETS = ("cifar100", "cub200", "tiny-imagenet")
-OOD = ("aircraft", "food101", "flowers102", "caltech101", "sun397", "eurosat")
-UNION = ",".join(MAIN_DATASETS)  # the paper's "generalized" SAE is trained on this union
-UNION_GATE = "cifar100,tiny-imagenet"  # v3: its FVU gate is calibrated on this union
-TTA_METHODS = ("zeroshot_single", "prompt_ensemble", "tpt", "ctpt")
-LAMS = (1.0, 1.5, 2.0, 2.1, 2.5, 3.0)
-GAMMAS = (1.25, 1.5, 1.75, 2.0, 2.5)
-QUANTILES = (0.90, 0.95, 0.99, 0.995)
-W_AUX = (0.1, 0.5, 1.0, 2.0)
-EXPANSIONS = (4, 8, 16)
-KS = (64, 128, 256, 512)
-NEIGHBOURS = (10, 25, 50, 100)
-PAPER_W_AUX = 0.8
 OBJECTIVES = ("topk", "pass")
+# Fields added after grids were run: left out of a key while unset, so every finished cell, SAE and cache
+# keeps its key (a definition that did not change is reused).
+LATER_FIELDS = ("templates", "train_fraction")
 
 
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def definition(obj: Any) -> Any:
+    """`asdict(obj)` without the later fields that are unset (recursively): what a key is computed from."""
+    d = asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    if isinstance(d, dict):
+        return {k: definition(v) for k, v in d.items() if not (k in LATER_FIELDS and v is None)}
+    if isinstance(d, (list, tuple)):
+        return type(d)(definition(v) for v in d)
+    return d
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,14 @@ class SAESpec:
     w_aux: float | None = None
     train_on: str | None = None
     layer_from_end: int = 0
+    train_fraction: float | None = None  # train on this fraction of the training images (None: all)
+
+    def __post_init__(self) -> None:
+        f = self.train_fraction
+        if f is not None and not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise UsageError(f"train_fraction must be in (0, 1], got {f!r}")
+        if f == 1:  # all of the data is the plain SAE: one definition, one key
+            object.__setattr__(self, "train_fraction", None)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,9 @@ class Cell:
     gate_on: str | None = None
     n_neighbours: int = 50
     last_n: int = 1
+    # The prompt protocol (evaluation/protocol.py): None = the method's own, else the data set's ensemble
+    # (what every cell used before protocols existed); "single", a set name, or "ensemble".
+    templates: str | None = None
 
     def setting(self, name: str, default: Any = None) -> Any:
         return dict(self.settings).get(name, default)
@@ -160,7 +171,7 @@ class Grid:
     def cell_key(self, cell: Cell, sizes: Sizes) -> str:
         """What decides the cell's numbers: the cell, its backbone's and data sets' definitions, the sizes."""
         names = {cell.dataset, *(n for n in (cell.gate_on, cell.sae and cell.sae.train_on) if n)}
-        return digest({"cell": asdict(cell), "backbone": asdict(self.backbone(cell.backbone)),
+        return digest({"cell": definition(cell), "backbone": asdict(self.backbone(cell.backbone)),
                        "data": [asdict(self.data(n)) for n in sorted(names)], "sizes": asdict(sizes)})
 
     # ------------------------------------------------------------------ selection
@@ -252,67 +263,4 @@ def _entry(e: dict[str, Any]) -> Entry:
     return Entry(e["table"], e["row"], e["column"], Cell(**c), e.get("metric", "top1"))
 
 
-# ---------------------------------------------------------------------------------- the paper's grid
-def paper_grid() -> Grid:
-    """The paper's evaluation (see docs/reproduce.md for the table-by-table list and our choices)."""
-    backbones = tuple(Backbone(n, n) for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14"))
-    datasets = (*(DataSource(d, d) for d in MAIN_DATASETS), *(DataSource(d, d, train_split=None) for d in OOD),
-                DataSource("union", UNION), DataSource("union-gate", UNION_GATE))
-    sae = SAESpec()
-    pass_sae = SAESpec("pass", w_aux=PAPER_W_AUX)
-    union_sae = SAESpec(train_on="union")
-    vs2 = (("gamma", 1.5), ("lam", 2.1))
-    e: list[Entry] = []
-
-    def add(table: str, row: str, ds: str, bb: str, method: str, sae_: SAESpec | None = None, metric: str = "top1",
-            column: str | None = None, **kw: Any) -> None:
-        settings = kw.pop("settings", vs2 if sae_ is not None else ())
-        e.append(Entry(table, row, column or f"{ds}/{bb}",
-                       Cell(ds, bb, method, sae_, tuple(sorted(settings)), **kw), metric))
-
-    for bb in ("ViT-B-32", "ViT-B-16"):  # Table 1, and the SAEs' FVU
-        for ds in MAIN_DATASETS:
-            add("headline", "zeroshot", ds, bb, "zeroshot")
-            for row in ("rec_final", "rec_final_gamma", "vs2", "vs2pp", "vs2pp_oracle"):
-                add("headline", row, ds, bb, row, sae)
-            add("headline", "vs2_pass", ds, bb, "vs2", pass_sae)
-            add("sae_fvu", "fvu", ds, bb, "vs2", sae, metric="fvu")
-    for ds in MAIN_DATASETS:  # v3: ViT-L/14
-        add("vitl14", "zeroshot", ds, "ViT-L-14", "zeroshot")
-        add("vitl14", "vs2", ds, "ViT-L-14", "vs2", sae)
-        add("vitl14", "vs2_gain", ds, "ViT-L-14", "vs2", sae, metric="gain")
-    for bb in ("ViT-B-32", "ViT-B-16", "ViT-L-14"):  # v3: OOD data sets, steered with the generalized SAE
-        for ds in OOD:
-            add("ood", "zeroshot", ds, bb, "zeroshot")
-            add("ood", "vs2", ds, bb, "vs2", union_sae, fvu_quantile=0.99, gate_on="union-gate")
-    for ds in MAIN_DATASETS:  # v3: the generalized SAE on each training set's own test split
-        add("generalized", "vs2", ds, "ViT-B-32", "vs2", union_sae, fvu_quantile=0.99, gate_on="union-gate")
-        add("generalized", "fvu", ds, "ViT-B-32", "vs2", union_sae, metric="fvu", fvu_quantile=0.99,
-            gate_on="union-gate")
-    for m in (*TTA_METHODS, "zeroshot"):  # v3: test-time adaptation baselines
-        add("tta", m, "cifar100", "ViT-B-32", m)
-    add("tta", "vs2", "cifar100", "ViT-B-32", "vs2", sae)
-    for lam in LAMS:  # ablations on CIFAR-100
-        for gamma in GAMMAS:
-            add("lam_gamma", f"lam={lam:g},gamma={gamma:g}", "cifar100", "ViT-B-32", "vs2", sae,
-                settings=(("gamma", gamma), ("lam", lam)))
-    for n in (1, 2, 3):
-        add("layers", f"last{n}", "cifar100", "ViT-B-16", "vs2" if n == 1 else "vs2_last_n", sae, last_n=n)
-    for ds in MAIN_DATASETS:
-        for q in QUANTILES:
-            add("gate", f"q={q:g}", ds, "ViT-B-32", "vs2", sae, fvu_quantile=q)
-    for w in W_AUX:
-        spec = SAESpec("pass", w_aux=w)
-        add("pass_waux", f"w_aux={w:g}", "cifar100", "ViT-B-16", "vs2", spec)
-        add("pass_waux", f"w_aux={w:g}", "cifar100", "ViT-B-16", "vs2", spec, metric="fvu",
-            column="cifar100/ViT-B-16 fvu")
-    for x in EXPANSIONS:
-        for k in KS:
-            add("width_k", f"x{x},k={k}", "cifar100", "ViT-B-32", "vs2", SAESpec(k=k, expansion=x))
-    for n in NEIGHBOURS:
-        add("vs2pp_n", f"N={n}", "cifar100", "ViT-B-32", "vs2pp", sae, n_neighbours=n)
-    return Grid(backbones, datasets, tuple(e))
-
-
-__all__ = ["Backbone", "Cell", "DataSource", "Entry", "Grid", "MAIN_DATASETS", "OOD", "SAESpec", "Sizes",
-           "TTA_METHODS", "UNION", "digest", "paper_grid"]
+__all__ = ["LATER_FIELDS", "Backbone", "Cell", "DataSource", "Entry", "Grid", "SAESpec", "Sizes", "definition", "digest"]

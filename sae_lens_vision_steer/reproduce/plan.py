@@ -15,9 +15,13 @@ from typing import Any
 
 from ..core.errors import UsageError
 from ..core.names import safe_component
-from .grid import Cell, Grid, SAESpec, Sizes, digest
+from .grid import Cell, Grid, SAESpec, Sizes, definition, digest
 
-TPT_LIKE = ("tpt", "ctpt")
+# Methods that run their own image forwards over augmented views (64 per image, TPT's setting).
+VIEW_METHODS = ("tpt", "ctpt", "zero", "vs2_ens_aug")
+TPT_LIKE = VIEW_METHODS  # the earlier name
+# Methods that read the training split's activation cache (VS2++'s retrieval pool, the label baselines).
+POOL_METHODS = ("vs2pp", "clip_steer", "weighted_rag", "knn_vote", "linear_probe")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class SAEJob:
 
     @property
     def key(self) -> str:
-        return digest(asdict(self))
+        return digest(definition(self))
 
     @property
     def folder(self) -> str:
@@ -144,12 +148,14 @@ def gate_in_union(grid: Grid, group: EvalGroup, cell: Cell) -> bool:
 
 
 def pool_cache(plan: Plan, group: EvalGroup, cell: Cell) -> CacheJob | None:
-    """VS2++'s retrieval pool: the evaluated data set's own unlabeled training split (final block)."""
-    if not cell.method.startswith(("vs2pp", "clip_steer", "weighted_rag")):
+    """VS2++'s retrieval pool (and the label baselines' training split): the evaluated data set's own training
+split (final block)."""
+    if not _retrieves(cell):
         return None
     src = plan.grid.data(cell.dataset)
     if src.train_split is None:
-        raise UsageError(f"{cell.method} retrieves from the training split; {cell.dataset!r} has none")
+        what = "trains on" if cell.method == "linear_probe" else "retrieves from"
+        raise UsageError(f"{cell.method} {what} the training split; {cell.dataset!r} has none")
     return CacheJob(cell.backbone, cell.dataset, src.train_split, 0, plan.sizes.train_limit)
 
 
@@ -171,8 +177,9 @@ def make_plan(grid: Grid, sizes: Sizes) -> tuple[Plan, dict[Cell, str]]:
     # Cells without an SAE (zero-shot, TTA) join a group of the same backbone and data set when one exists.
     for key in [k for k, g in groups.items() if g.sae is None]:
         g = groups[key]
-        host = next((h for h in groups.values() if h.sae is not None and h.last_n == 1 and h.n_neighbours == 50
-                     and (h.backbone, h.data) == (g.backbone, g.data)), None)
+        # (a retrieving cell, e.g. knn_vote, only with its own N: it then shares the host's neighbours)
+        host = next((h for h in groups.values() if h.sae is not None and h.last_n == 1
+                     and h.n_neighbours == g.n_neighbours and (h.backbone, h.data) == (g.backbone, g.data)), None)
         if host is not None:
             cells_of[host.key].extend(cells_of.pop(key))
             del groups[key]
@@ -193,7 +200,7 @@ def make_plan(grid: Grid, sizes: Sizes) -> tuple[Plan, dict[Cell, str]]:
 
 
 def _retrieves(cell: Cell) -> bool:
-    return cell.method.startswith(("vs2pp", "clip_steer", "weighted_rag"))
+    return cell.method.startswith(POOL_METHODS)
 
 
 def _text(e: BaseException) -> str:
@@ -201,4 +208,4 @@ def _text(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-__all__ = ["CacheJob", "EvalGroup", "Plan", "SAEJob", "gate_cache", "gate_in_union", "make_plan", "pool_cache", "sae_job"]
+__all__ = ["POOL_METHODS", "VIEW_METHODS", "CacheJob", "EvalGroup", "Plan", "SAEJob", "gate_cache", "gate_in_union", "make_plan", "pool_cache", "sae_job"]

@@ -216,7 +216,7 @@ class GridRunner:
         epochs = 10 if sizes["epochs"] is None and sizes["samples"] is None else sizes["epochs"]  # as `run`
         config = TrainConfig(k=k, expansion_factor=x, batch_size=sizes["batch"], epochs=epochs,
                              total_training_samples=sizes["samples"], buffer_size=sizes.get("buffer"), seed=b.seed,
-                             device=self.device)
+                             device=self.device, train_fraction=job.spec.train_fraction or 1.0)
         hook = self.hook(self.model(job.backbone), job.spec.layer_from_end)
         trained, reused = train_stage(cache, hook, config, self.ws.at(job.folder), objective=job.spec.objective,
                                       w_aux=job.spec.w_aux if job.spec.objective == "pass" else None,
@@ -247,6 +247,8 @@ class GridRunner:
                 options["pool_cache"] = str(self.cache(pool).root)
             if c.fvu_quantile is not None:
                 settings["fvu_threshold"] = taus[c] = self._tau(plan, group, c, sae, model)
+            if c.templates is not None:  # the row's prompt protocol (None: the method's own, or the ensemble)
+                settings["templates"] = c.templates
             specs.append(MethodSpec(keys[c], c.method, settings))
         src = self.grid.data(group.data)
         data = load_image_dataset(src.dataset, src.eval_split, src.data_dir, model.preprocess, self.sizes.eval_limit)
@@ -261,10 +263,17 @@ class GridRunner:
         out = {}
         for c in cells:
             row = result.methods[keys[c]]
-            rec = {"top1": row.top1, "top5": row.top5, "mean_per_class": row.mean_per_class, "zeroshot_top1": zs,
-                   "gain": row.top1 - zs, "coverage": row.coverage, "settings": row.settings,
+            # the gain is against zero-shot with the row's own prompts (the same pass, no extra forward)
+            same = row.zeroshot_same_prompts if row.zeroshot_same_prompts is not None else zs
+            rec = {"top1": row.top1, "top5": row.top5, "mean_per_class": row.mean_per_class, "zeroshot_top1": same,
+                   "gain": row.top1 - same, "run_zeroshot_top1": zs, "templates": row.templates,
+                   "prompts": row.prompts, "coverage": row.coverage, "settings": row.settings,
                    "fvu_threshold": taus.get(c), "n_images": result.config["n_images"], "group": group.key,
-                   "backbone_passes": result.timing["n_backbone_passes"], "text_cache": text}
+                   "backbone_passes": result.timing["n_backbone_passes"], "text_cache": text,
+                   "seconds": row.seconds, "labels": _labels_note(row.info),
+                   "image_forwards_per_image": row.info.get("image_forwards_per_image", 1)}
+            if "fvu_harm" in row.info:
+                rec["fvu_harm"] = row.info["fvu_harm"]
             if sae is not None:
                 rec["sae"] = str(self.ws.at(group.sae.folder))
                 rec["sae_heldout_fvu"] = metrics.get("heldout_fvu")
@@ -304,6 +313,13 @@ class GridRunner:
         mask = np.ones(own.n_rows, dtype=bool)
         return evaluate_sae_on_cache(sae, own, self.hook(self.model(cell.backbone), group.sae.spec.layer_from_end),
                                      mask, mask)["heldout_fvu"]
+
+
+def _labels_note(info: dict[str, Any]) -> str | None:
+    """What labels a row read besides none: the evaluation labels (an oracle) or the training split's."""
+    if info.get("oracle_upper_bound"):
+        return "evaluation labels: an oracle upper bound"
+    return info.get("uses_labels")
 
 
 def cell_states(grid: Grid, root: str | Path, sizes: Sizes) -> dict[Cell, dict[str, Any] | None]:

@@ -24,10 +24,39 @@ TITLES = {
     "sae_fvu": "SAE FVU (held-out images)", "vitl14": "ViT-L/14 (v3): zero-shot, VS2 and the gain",
     "ood": "Out-of-distribution data sets (v3), VS2 with the generalized SAE",
     "generalized": "The generalized SAE (v3): trained on the union, gate on CIFAR-100 + Tiny-ImageNet",
-    "tta": "Test-time-adaptation baselines (v3), ViT-B/32, CIFAR-100", "lam_gamma": "VS2 lambda x gamma",
-    "layers": "Steering the last 1/2/3 layers", "gate": "FVU gate quantile", "pass_waux": "PASS w_aux trade-off",
-    "width_k": "SAE width and k (Table 8)", "vs2pp_n": "VS2++ neighbours N",
+    "tta": "Table 1(b) (v3): test-time adaptation, ViT-B/32, each row with the paper's prompt protocol",
+    "lam_gamma": "VS2 lambda x gamma", "layers": "Steering the last 1/2/3 layers", "gate": "FVU gate quantile",
+    "pass_waux": "PASS w_aux trade-off", "width_k": "SAE width and k (Table 8)", "vs2pp_n": "VS2++ neighbours N",
+    "reviewers": "The reviewers' baselines: the neighbours' label vote and a linear probe, next to VS2++",
+    "data_fraction": "VS2's gain and the SAE's FVU against the amount of SAE training data",
 }
+REFERENCE_ROW = "open_clip zero-shot (reference)"
+PROMPTS = {"single": "single", "ensemble": "ensemble", "none": "none"}
+
+
+def declared_prompts(cell: Any) -> str:
+    """A cell's prompt protocol before it has run: its own `templates`, else its method's, else the ensemble."""
+    spec = cell.templates
+    if spec is None:
+        from ..core.errors import UnknownNameError
+        from ..evaluation import get_method
+
+        try:
+            spec = get_method(cell.method).templates
+        except UnknownNameError:
+            spec = None
+    return PROMPTS.get(spec or "ensemble", spec or "ensemble")
+
+
+def declared_labels(cell: Any) -> str | None:
+    from ..core.errors import UnknownNameError
+    from ..evaluation import get_method
+
+    try:
+        m = get_method(cell.method)
+    except UnknownNameError:
+        return None
+    return "evaluation labels: an oracle upper bound" if m.uses_eval_labels else m.uses_labels
 
 
 @lru_cache(maxsize=1)
@@ -58,6 +87,15 @@ class TableRow:
     diff: float | None
     error: str | None
     paper_table: str | None
+    prompts: str = ""  # the row's prompt protocol ("single", "imagenet (80)", "ensemble", "none")
+    labels: str | None = None  # labels the row reads besides none (an oracle's, a probe's training labels)
+    source: str | None = None  # a reference row's source
+
+
+def reference_value(dataset: str, backbone: str) -> dict[str, Any] | None:
+    """open_clip's published zero-shot top-1 for the same weights and data set (CLIP-benchmark protocol)."""
+    return next((f for f in paper_numbers() if f["table"] == "reference" and f["dataset"] == dataset
+                 and f["backbone"] == backbone), None)
 
 
 def build_rows(grid: Grid, states: dict[Any, dict[str, Any] | None]) -> list[TableRow]:
@@ -71,8 +109,17 @@ def build_rows(grid: Grid, states: dict[Any, dict[str, Any] | None]) -> list[Tab
         fact = paper_value(e)
         paper = fact["value"] if fact else None
         diff = ours - paper if isinstance(paper, (int, float)) and ours is not None else None
+        prompts = st.get("prompts") if status == "done" and st.get("prompts") else declared_prompts(e.cell)
+        labels = declared_labels(e.cell) or st.get("labels")  # the method's registration says what it reads
         rows.append(TableRow(e.table, e.row, e.column, e.metric, status, ours, paper, diff, st.get("error"),
-                             fact["paper_table"] if fact else None))
+                             fact["paper_table"] if fact else None, prompts, labels))
+    seen = set()  # open_clip's reference row under every zero-shot row that has one
+    for e in grid.entries:
+        ref = reference_value(e.cell.dataset, e.cell.backbone) if e.cell.method == "zeroshot" else None
+        if ref is not None and (e.table, e.column) not in seen:
+            seen.add((e.table, e.column))
+            rows.append(TableRow(e.table, REFERENCE_ROW, e.column, "top1", "reference", None, ref["value"], None, None,
+                                 None, ref["protocol"], None, ref["source"]))
     for table in {r.table for r in rows}:  # Table 8: the spread over the whole width x k grid
         if table == "width_k":
             done = [r.ours for r in rows if r.table == table and r.ours is not None]
@@ -107,14 +154,19 @@ def markdown(rows: list[TableRow]) -> str:
         src = next((r.paper_table for r in sel if r.paper_table), None)
         if src:
             out += [f"Paper: {src}.", ""]
-        out += ["| row | column | metric | ours | paper | ours - paper |", "|---|---|---|---|---|---|"]
+        out += ["| row | column | prompts | metric | ours | paper | ours - paper |", "|---|---|---|---|---|---|---|"]
         for r in sel:
             ours = _fmt(r.ours, r.metric) if r.status == "done" else (
                 f"failed: {r.error}" if r.status == "failed" else "-")
             diff = _fmt(r.diff, "gain" if r.metric in ("top1", "gain") else r.metric) if r.diff is not None else (
                 _inside(r) if r.metric == "gain" else "")
-            out.append(f"| {r.row} | {r.column} | {r.metric} | {ours.replace('|', '/')} | {_fmt(r.paper, r.metric)} "
-                       f"| {diff} |")
+            name = r.row + (f" (uses {r.labels})" if r.labels else "")
+            out.append(f"| {name} | {r.column} | {r.prompts or '-'} | {r.metric} | {ours.replace('|', '/')} | "
+                       f"{_fmt(r.paper, r.metric)} | {diff} |")
+        refs = sorted({r.source for r in sel if r.source})
+        if refs:
+            out += ["", f"`{REFERENCE_ROW}`: a published number, not computed here: "
+                    + "; ".join(refs) + ". The gap to our single-prompt zero-shot row is the prompt protocol."]
         out.append("")
     return "\n".join(out)
 
@@ -138,9 +190,13 @@ def plot_tables(rows: list[TableRow], out_dir: Path) -> list[Path]:
     written = []
     for table in dict.fromkeys(r.table for r in rows):
         sel = [r for r in rows if r.table == table and r.metric == "top1" and r.ours is not None]
+        if table == "data_fraction":
+            sel = [r for r in rows if r.table == table and r.ours is not None]
         if not sel:
             continue
-        if table == "lam_gamma":
+        if table == "data_fraction":
+            fig = _fraction_plot(plt, sel)
+        elif table == "lam_gamma":
             fig = _heatmap(plt, sel)
         else:
             fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(sel) + 2), 3.5))
@@ -179,6 +235,21 @@ def _heatmap(plt, sel: list[TableRow]):
     return fig
 
 
+def _fraction_plot(plt, sel: list[TableRow]):
+    """VS2's gain (left axis) and the SAE's FVU (right axis) against the fraction of training data."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for metric, axis, style in (("gain", ax, "o-"), ("fvu", ax.twinx(), "s--")):
+        pts = sorted((float(r.row.rstrip("%")), r.ours) for r in sel if r.metric == metric)
+        if pts:
+            axis.plot([p[0] for p in pts], [p[1] for p in pts], style, color="C0" if metric == "gain" else "C1",
+                      label=metric)
+        axis.set_ylabel("VS2 top-1 minus zero-shot (points)" if metric == "gain" else "SAE held-out FVU")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("SAE training data (% of the training split)")
+    ax.set_title(TITLES["data_fraction"], fontsize=8)
+    return fig
+
+
 def write_tables(grid: Grid, states: dict[Any, dict[str, Any] | None], out_dir: str | Path,
                  plots: bool = True) -> dict[str, Path]:
     out = Path(out_dir)
@@ -192,4 +263,5 @@ def write_tables(grid: Grid, states: dict[Any, dict[str, Any] | None], out_dir: 
     return written
 
 
-__all__ = ["TableRow", "build_rows", "markdown", "paper_numbers", "paper_value", "write_tables"]
+__all__ = ["REFERENCE_ROW", "TableRow", "build_rows", "declared_labels", "declared_prompts", "markdown",
+           "paper_numbers", "paper_value", "reference_value", "write_tables"]

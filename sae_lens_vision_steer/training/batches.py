@@ -67,6 +67,18 @@ def holdout_split(cache: str | Path | ActivationStore, fraction: float = 0.1,
     return np.nonzero(~held)[0], np.nonzero(held)[0]
 
 
+def image_subset(cache: str | Path | ActivationStore, rows: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """The rows of `round(fraction * n)` (at least one) of the images of `rows`, whole images, in row order.
+    Nested: the images come from one seeded order, so a smaller fraction's images are among a larger one's."""
+    cache = open_store(cache)
+    if not 0 < fraction <= 1:
+        raise UsageError(f"fraction must be in (0, 1], got {fraction}")
+    images = np.unique(cache.image_index[rows])
+    order = np.random.default_rng([seed, 1]).permutation(images)
+    kept = order[:max(1, int(round(len(images) * fraction)))]
+    return rows[np.isin(cache.image_index[rows], kept)]
+
+
 def rows_mask(cache: ActivationStore, rows: np.ndarray | Sequence[int] | None) -> np.ndarray:
     """A boolean `[n_rows]` mask of the selected rows (all of them when `rows` is None)."""
     if rows is None:

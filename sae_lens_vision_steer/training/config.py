@@ -109,6 +109,7 @@ class TrainRunConfig:
     sae_cfg_kwargs: dict[str, Any] = field(default_factory=dict)
     hook_name_out: str | None = None  # a transcoder's output hook
     d_out: int | None = None
+    train_fraction: float | None = None  # None: all of the training images
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +136,9 @@ class TrainConfig:
       transcoder, whose input and output are different spaces.
     - The closing evaluation (held-out FVU, L0, dead latents) runs on at most `eval_rows` training rows and
       as many held-out rows, drawn at random (None: every row); the metrics say which.
+    - `train_fraction` < 1 trains on that fraction of the other images (nested subsets: 10% lies inside 25%,
+      chosen by `holdout_seed`; the held-out images stay the same), with the number of training samples of
+      the whole split (`epochs` count passes over all of it), so only the amount of data changes.
     - `architecture` names a SAELens-registered training SAE class (`register_sae_training_class`) and
       `sae_cfg_kwargs` its extra config fields (e.g. `w_aux`); `with_labels=True` makes the data provider
       yield `(acts, labels)`, for a `trainer_cls` that uses them.
@@ -162,6 +166,7 @@ class TrainConfig:
     with_labels: bool = False
     log_to_wandb: bool = False
     eval_rows: int | None = DEFAULT_EVAL_ROWS
+    train_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.total_training_samples is not None and self.epochs is not None:
@@ -172,6 +177,9 @@ class TrainConfig:
                                             and math.isfinite(d) and d > 0)):
             raise UsageError(f"decoder_init_norm must be a positive number, None or 'auto', got {d!r}",
                              arguments=("decoder_init_norm",))
+        if not 0 < self.train_fraction <= 1:
+            raise UsageError(f"train_fraction must be in (0, 1], got {self.train_fraction}",
+                             arguments=("train_fraction",))
         check_training_args(**self.checked())
 
     def checked(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from .batches import (  # noqa: F401
     StopRequested,
     activation_batches,
     holdout_split,
+    image_subset,
     mean_of_rows,
     open_store,
     rows_mask,
@@ -195,6 +196,8 @@ def train_sae(
     total_training_samples = c.total_training_samples
     if total_training_samples is None:
         total_training_samples = int((10 if c.epochs is None else c.epochs) * len(train_rows))
+    if c.train_fraction < 1:
+        train_rows = image_subset(cache, train_rows, c.train_fraction, c.holdout_seed)
     n_steps = total_training_samples // c.batch_size
     if n_steps < 1:
         raise UsageError(f"{total_training_samples} training samples make no batch of {c.batch_size}")
@@ -216,6 +219,7 @@ def train_sae(
         aux_loss_coefficient=c.aux_loss_coefficient,
         buffer_size=c.buffer_size, with_labels=c.with_labels, device=c.device,
         sae_cfg_kwargs=dict(c.sae_cfg_kwargs or {}),
+        train_fraction=c.train_fraction if c.train_fraction < 1 else None,
         hook_name_out=hook_out, d_out=cache.d_in(hook_out) if hook_out is not None else None,
     )
     run = RunControl(resume=resume, overwrite=overwrite, log_to_wandb=c.log_to_wandb, trainer_cls=trainer_cls,

@@ -261,3 +261,26 @@ def test_cli_train_and_resume(cache, tmp_path, capsys):
     assert main(argv) == EXIT_CONFLICT  # a second run into the same folder needs --resume or --overwrite
     assert "--resume" in capsys.readouterr().err
     assert main(argv + ["--resume"]) == 0
+
+
+def test_train_fraction_is_nested_whole_images_with_the_full_sample_count(cache, tmp_path):
+    from sae_lens_vision_steer.sae.metadata import activation_mean
+    from sae_lens_vision_steer.training.batches import image_subset
+
+    train_rows, held_rows = holdout_split(cache, 0.1, 0)
+    subsets = {f: image_subset(cache, train_rows, f, 0) for f in (0.1, 0.25, 0.5)}
+    images = {f: set(cache.image_index[r].tolist()) for f, r in subsets.items()}
+    n_images = len(set(cache.image_index[train_rows].tolist()))
+    for f, r in subsets.items():
+        assert len(images[f]) == round(f * n_images)
+        assert set(r.tolist()) == {i for i in train_rows.tolist() if cache.image_index[i] in images[f]}  # whole images
+    assert images[0.1] <= images[0.25] <= images[0.5]  # nested
+    part = train_sae(cache.root, epochs=1, train_fraction=0.25, out_dir=tmp_path / "part", n_checkpoints=0, **SMALL)
+    full = train_sae(cache.root, epochs=1, out_dir=tmp_path / "full", n_checkpoints=0, **SMALL)
+    cfg_part = json.loads((part.out_dir / "training_run.json").read_text())["config"]
+    cfg_full = json.loads((full.out_dir / "training_run.json").read_text())["config"]
+    assert cfg_part["train_fraction"] == 0.25 and cfg_full.get("train_fraction") is None  # old runs still match
+    assert cfg_part["total_training_samples"] == cfg_full["total_training_samples"]  # only the data shrinks
+    x = cache.load(HOOK).double()
+    torch.testing.assert_close(activation_mean(part.sae).double(), x[subsets[0.25]].mean(0), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(activation_mean(part.sae).double(), x[train_rows].mean(0), atol=1e-4)

@@ -1,5 +1,6 @@
-"""The built-in methods: zero-shot, VS2, SAE-rec final (+gamma), SAE-rec all, and VS2 at the last n
-blocks (the paper's layer ablation; SAEs in `options["last_n_saes"]`, ordered from block n - len to n - 1)."""
+"""The built-in methods: zero-shot, VS2 (and VS2 + Ens, `vs2_ens`), SAE-rec final (+gamma), SAE-rec all, and
+VS2 at the last n blocks (the paper's layer ablation; SAEs in `options["last_n_saes"]`, ordered from block
+n - len to n - 1)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ def _vs2(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM,
     rec = sae_reconstruction(tokens_ND, ctx, sae)
     out = vs2_from_reconstruction(tokens_ND.to(sae.device), rec, sae, lam, gamma, fvu_threshold, mean_D, preserve_norm)
     return MethodOutput(tokens=out.steered, coverage=out.coverage)
+
+
+@register_method("vs2_ens", templates="ensemble", gate_as="vs2",
+                 description="VS2 scored with the data set's template ensemble (the paper's VS2 + Ens)")
+def _vs2_ens(tokens_ND: torch.Tensor, ctx: MethodContext, *, lam: float = PAPER_LAM, gamma: float = PAPER_GAMMA,
+             fvu_threshold: float | None = None, preserve_norm: bool = True, **_: Any) -> MethodOutput:
+    """The same steered tokens as `vs2` (the same pass and SAE reconstruction), classified with the data
+    set's ensemble; `vs2` uses the run's templates (`--templates`)."""
+    return _vs2(tokens_ND, ctx, lam=lam, gamma=gamma, fvu_threshold=fvu_threshold, preserve_norm=preserve_norm)
 
 
 @register_method("rec_final", description="SAE-rec final: the CLS token replaced by decode(encode(x))")
