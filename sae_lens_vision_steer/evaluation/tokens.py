@@ -19,6 +19,8 @@ from ..data.base import ImageDataset
 from ..sae.splice import HookedCLIP
 
 RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+EMBED_HOOK = "hook_image_embed"  # after the projection, before normalisation: the other reading of VS2's site
+VECTOR_HOOKS = ("hook_pooled", EMBED_HOOK)  # one vector per image
 
 
 @dataclass
@@ -38,7 +40,7 @@ def hook_cut(model: HookedCLIP, hook_name: str) -> tuple[int, int]:
     """`(stop_at_layer, start_block)` for a residual hook: the forward that ends at the hook, and the
     first block the rest of the tower has to run."""
     model.check_hook_name(hook_name)
-    if hook_name == "hook_pooled":  # families without a CLS token: the pooled token, after every block
+    if hook_name in VECTOR_HOOKS:  # one vector per image, after every block
         return model.cfg.n_layers, model.cfg.n_layers
     m = RESID_HOOK.match(hook_name)
     if not m:
@@ -68,7 +70,7 @@ def cache_hook_tokens(model: HookedCLIP, data: ImageDataset | DataLoader, hook_n
         n_skipped += batch.n_skipped
         if len(batch.labels) == 0:
             continue
-        if hook_name == "hook_pooled":
+        if hook_name in VECTOR_HOOKS:
             _, acts = model.run_with_cache(batch.images.to(model.device, non_blocking=on_cuda), names_filter=[hook_name],
                                            return_cache_object=False)
             cls.append(acts[hook_name].to(model.cfg.dtype))  # (autocast: low precision inside the hook)
@@ -106,7 +108,9 @@ def make_tower_tail(model: HookedCLIP, cached: HookTokens, batch_size: int = 256
             range(0, len(cls_ND), batch_size)
         for i in starts:
             c = cls_ND[i:i + batch_size].to(model.device, model.cfg.dtype)
-            if cached.resid_NTD is None:
+            if cached.hook_name == EMBED_HOOK:  # the image embedding itself: nothing left of the tower
+                out.append(c)
+            elif cached.resid_NTD is None:
                 out.append(model.head(c))
             else:
                 r = cached.resid_NTD[i:i + batch_size].to(model.device).clone()
