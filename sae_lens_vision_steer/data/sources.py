@@ -32,18 +32,7 @@ def load_single_dataset(
     skip_bad_images: bool = False,
     stream: bool = False,
 ) -> ImageDataset:
-    """One data set (not a union) from any supported source: see `load_image_dataset`.
-
-    - `dataset="tiny-imagenet", data_dir=".../tiny-imagenet-200"`: the local Tiny-ImageNet layout;
-    - `dataset="cifar100", data_dir=".../cifar-100-python"`: the CIFAR-100 pickle release;
-    - `dataset="imagefolder", data_dir=...`: `<class>/<image>` folders; `split` names a subfolder
-      (`train`, `val`, ...); `None` or `"all"` is the whole folder;
-    - `dataset in {"cifar100", "tiny-imagenet", "cub200"}` or any `owner/repo`, no `data_dir`: the Hub.
-    `split=None` means `"val"` (the whole folder for `imagefolder`). `limit` keeps that many images,
-    evenly spaced so that all classes appear. `stream=True`: `streaming.load_streamed_dataset` (WebDataset
-    tar shards or a `datasets` stream; `limit` = the first `limit` samples). Several names
-    (`"cifar100,cub200"` or a list) give a `union.UnionImageDataset` (`limit` per member; `data_dir` per member, see `union.member_data_dirs`).
-    """
+    """One data set (not a union) from any supported source; the arguments are `data.load_image_dataset`'s."""
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be a positive number of images, got {limit}")
     name = DATASET_ALIASES.get(dataset.lower(), dataset.lower()) if "/" not in dataset else dataset

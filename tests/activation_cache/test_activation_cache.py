@@ -31,15 +31,6 @@ from sae_lens_vision_steer.data import load_image_dataset
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_resid_mid"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: on 2 shared cores, one thread avoids OpenMP spin contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def train2000(tiny_clip, tiny_imagenet_dir):
     return load_image_dataset("tiny-imagenet", "train", tiny_imagenet_dir, transform=tiny_clip.preprocess, limit=2000)

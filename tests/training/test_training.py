@@ -28,15 +28,6 @@ HOOK = "blocks.1.hook_resid_post"
 SMALL = dict(k=16, expansion_factor=4, batch_size=64, show_progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny SAEs: on 2 shared cores, one thread avoids OpenMP spin contention (10x faster here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cache(tiny_clip, tiny_imagenet_dir, tmp_path_factory) -> ActivationStore:
     ds = load_image_dataset("tiny-imagenet", "train", tiny_imagenet_dir, transform=tiny_clip.preprocess, limit=2000)

@@ -62,6 +62,16 @@ def _rule_info(rule: str, counter: SplitCounter | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- VS2++
+def oracle_labels(ctx: MethodContext, rule: str, method: str) -> torch.Tensor | None:
+    """The evaluation labels for an oracle rule (None for the others); an oracle method registered without
+    `uses_eval_labels=True` gets none, which is a bug in its registration."""
+    if rule not in ORACLE_RULES:
+        return None
+    if ctx.oracle_labels_N is None:
+        raise RuntimeError(f"method {method!r} needs the evaluation labels (register it with uses_eval_labels=True)")
+    return ctx.oracle_labels_N
+
+
 def _vs2pp(tokens_ND: torch.Tensor, ctx: MethodContext, rule: str, method: str, lam: float, gamma: float,
            fvu_threshold: float | None, preserve_norm: bool) -> MethodOutput:
     sae = ctx.require_sae(method)
@@ -69,9 +79,7 @@ def _vs2pp(tokens_ND: torch.Tensor, ctx: MethodContext, rule: str, method: str, 
     n, _, fallback = retrieval_settings(ctx)
     nb, nb_info = shared_neighbours(ctx, pool, n, len(tokens_ND))
     clip, retrieval = query_embeds(ctx, len(tokens_ND))
-    labels = ctx.oracle_labels_N if rule in ORACLE_RULES else None
-    if rule in ORACLE_RULES and labels is None:
-        raise RuntimeError(f"method {method!r} needs the evaluation labels (register it with uses_eval_labels=True)")
+    labels = oracle_labels(ctx, rule, method)
     engine = VS2PP(sae, pool, ctx.classifier, VS2PPConfig(n, rule, lam, gamma, fallback, preserve_norm))  # type: ignore[arg-type]
     mean_D = activation_mean(sae) if fvu_threshold is not None else None
     steered, changed = [], []
@@ -122,9 +130,7 @@ def _clip_steer(tokens_ND: torch.Tensor, ctx: MethodContext, rule: str, method: 
     n, _, _ = retrieval_settings(ctx)
     nb, nb_info = shared_neighbours(ctx, pool, n, len(tokens_ND))
     clip, _ = query_embeds(ctx, len(tokens_ND))
-    labels = ctx.oracle_labels_N if rule in ORACLE_RULES else None
-    if rule in ORACLE_RULES and labels is None:
-        raise RuntimeError(f"method {method!r} needs the evaluation labels")
+    labels = oracle_labels(ctx, rule, method)
     query_pseudo = torch.cat([ctx.classifier.predict(c).cpu() for c in clip.split(ctx.batch_size)])
     split = split_neighbours(pool, nb, rule, query_pseudo, None if labels is None else labels.cpu())
     counter = SplitCounter()
@@ -162,9 +168,7 @@ def _weighted_rag(tokens_ND: torch.Tensor, ctx: MethodContext, oracle: bool, met
     member = None
     counter = None
     if oracle:
-        if ctx.oracle_labels_N is None:
-            raise RuntimeError(f"method {method!r} needs the evaluation labels")
-        split = split_neighbours(pool, nb, "oracle", None, ctx.oracle_labels_N.cpu())
+        split = split_neighbours(pool, nb, "oracle", None, oracle_labels(ctx, "oracle", method).cpu())
         member = split.positive_QN
         counter = SplitCounter()
         counter.add(split)
