@@ -68,7 +68,9 @@ def dry_run(plan: Plan, costs: Costs, root: Path | None = None, done: set[str] |
             for job in (gate_cache(plan, g, c), pool_cache(plan, g, c)):
                 if job is not None:
                     caches.setdefault(job.key, job)
-    caches = {k: j for k, j in caches.items() if not (root and cell_complete(root / j.folder))}
+    from ..pipeline import store_complete  # the pipeline's own test of a finished store
+
+    caches = {k: j for k, j in caches.items() if not (root and store_complete(root / j.folder))}
 
     # downloads
     backbones = sorted({g.backbone for g in groups} | {j.backbone for j in caches.values()})
@@ -227,13 +229,6 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 
     return norm(a) == norm(b)
-
-
-def cell_complete(folder: Path) -> bool:
-    try:
-        return bool(json.loads((folder / "metadata.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
 
 
 def _hms(s: float) -> str:
